@@ -1,0 +1,120 @@
+"""Attention backends: how a layer's new q/k/v rows attend.
+
+- `DenseAttention`: [B, L] sequences, an explicit boolean mask (or plain causal), no cache. Training.
+- `PagedAttention`: rows of several sequences flattened to [T]; k/v are written into the paged pool at
+  their slots, then each sequence's queries attend to its cached prefix and to the earlier new rows of
+  the same step (key position <= query position). Serving (AR and ISD blocks alike).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class AttentionBackend(Protocol):
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [..., H, D], k/v: [..., Hkv, D] -> [..., H, D]."""
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """q: [B, H, Q, D], k/v: [B, Hkv, S, D]; grouped-query heads share kv heads."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@dataclass
+class DenseAttention:
+    """Whole sequences without a cache. mask: bool [B or 1, 1, L, L] (True = may attend) or None = causal."""
+
+    mask: torch.Tensor | None = None
+
+    def attend(self, layer_idx: int, q, k, v):  # noqa: ARG002
+        out = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.mask)
+        return out.transpose(1, 2)
+
+
+@dataclass
+class PagedAttention:
+    """One batched step over the paged KV pool (see engine.kv_cache.KVCache).
+
+    k_pool/v_pool: per layer [num_blocks, block_size, Hkv, D].
+    slot_mapping: [T] flat slot (block * block_size + offset) where each new row's k/v is written.
+    block_tables: [B, nb] block ids of each sequence (padded with any valid id; masked out).
+    q_index: [B, Qmax] index of each sequence's rows in [0, T] (T = padding row), or None when B == 1.
+    out_index: [T] positions of the real rows in the flattened [B * Qmax] output, or None when B == 1.
+    mask: [B, 1, Qmax, nb * block_size] bool, key position <= query position.
+    """
+
+    k_pool: list[torch.Tensor]
+    v_pool: list[torch.Tensor]
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    q_index: torch.Tensor | None
+    out_index: torch.Tensor | None
+    mask: torch.Tensor
+
+    def attend(self, layer_idx: int, q, k, v):
+        kp, vp = self.k_pool[layer_idx], self.v_pool[layer_idx]
+        nblocks, bs, hkv, d = kp.shape
+        kp.view(-1, hkv, d).index_copy_(0, self.slot_mapping, k.to(kp.dtype))
+        vp.view(-1, hkv, d).index_copy_(0, self.slot_mapping, v.to(vp.dtype))
+        b, nb = self.block_tables.shape
+        keys = kp[self.block_tables].view(b, nb * bs, hkv, d).transpose(1, 2)
+        vals = vp[self.block_tables].view(b, nb * bs, hkv, d).transpose(1, 2)
+        if self.q_index is None:
+            qb = q.unsqueeze(0)
+        else:
+            qb = torch.cat([q, q.new_zeros(1, *q.shape[1:])])[self.q_index]
+        out = _sdpa(qb.transpose(1, 2), keys, vals, self.mask).transpose(1, 2)  # [B, Qmax, H, D]
+        if self.out_index is None:
+            return out[0]
+        return out.reshape(-1, *out.shape[2:])[self.out_index]
+
+    @classmethod
+    def build(
+        cls,
+        k_pool: list[torch.Tensor],
+        v_pool: list[torch.Tensor],
+        block_size: int,
+        block_tables: list[list[int]],
+        start_positions: list[int],
+        query_lens: list[int],
+        device: torch.device,
+    ) -> "PagedAttention":
+        """Metadata for sequences whose new rows sit at positions start .. start + qlen - 1."""
+        b = len(query_lens)
+        qmax = max(query_lens)
+        nb = max(len(t) for t in block_tables)
+        tables = torch.tensor([t + [t[0]] * (nb - len(t)) for t in block_tables], dtype=torch.long)
+        slots, q_index, out_index = [], [], []
+        total = sum(query_lens)
+        row = 0
+        qpos = torch.zeros((b, qmax), dtype=torch.long)  # padding rows see key 0 only (no NaN)
+        for i, (table, start, n) in enumerate(zip(block_tables, start_positions, query_lens)):
+            pos = torch.arange(start, start + n)
+            tt = torch.tensor(table, dtype=torch.long)
+            slots.append(tt[pos // block_size] * block_size + pos % block_size)
+            q_index.append(list(range(row, row + n)) + [total] * (qmax - n))
+            out_index.extend(range(i * qmax, i * qmax + n))
+            qpos[i, :n] = pos
+            row += n
+        keypos = torch.arange(nb * block_size)
+        mask = (keypos[None, None, :] <= qpos[:, :, None]).unsqueeze(1)
+        single = b == 1
+        return cls(
+            k_pool=k_pool,
+            v_pool=v_pool,
+            slot_mapping=torch.cat(slots).to(device),
+            block_tables=tables.to(device),
+            q_index=None if single else torch.tensor(q_index, dtype=torch.long, device=device),
+            out_index=None if single else torch.tensor(out_index, dtype=torch.long, device=device),
+            mask=mask.to(device),
+        )

@@ -1,0 +1,223 @@
+"""Native decoder for the Llama family: Llama, Qwen2 (qkv bias), Qwen3 (q/k RMSNorm), SmolLM2.
+
+One forward serves both worlds:
+- serving: token rows flattened to [T], attending through a paged KV cache (`attention.PagedAttention`);
+- training: [B, L] sequences with an explicit boolean mask and no cache (`attention.DenseAttention`).
+
+Every projection takes an optional per-row `lora_gate` so that a (gated) LoRA adapter can act on
+chosen rows only (see `models/lora.py`); the base projections ignore it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from idlm.config import ModelConfig
+from idlm.models.attention import AttentionBackend
+
+
+class Proj(nn.Linear):
+    """nn.Linear whose forward accepts (and ignores) a LoRA gate; LoRA wrappers replace it."""
+
+    def forward(self, x: torch.Tensor, lora_gate: torch.Tensor | None = None) -> torch.Tensor:  # noqa: ARG002
+        return F.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse RoPE frequencies, with llama3-style scaling when the config asks for it."""
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim))
+    sc = cfg.rope_scaling
+    if sc:
+        factor = float(sc["factor"])
+        low = float(sc.get("low_freq_factor", 1.0))
+        high = float(sc.get("high_freq_factor", 4.0))
+        old_ctx = float(sc.get("original_max_position_embeddings", 8192))
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv = torch.where(medium, smoothed, scaled)
+    return inv.float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (HF layout). x: [..., heads, head_dim]; cos/sin: [..., head_dim]."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = Proj(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.k_proj = Proj(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.v_proj = Proj(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.o_proj = Proj(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x, cos, sin, attn: AttentionBackend, lora_gate):
+        lead = x.shape[:-1]
+        q = self.q_proj(x, lora_gate).view(*lead, self.n_heads, self.head_dim)
+        k = self.k_proj(x, lora_gate).view(*lead, self.n_kv, self.head_dim)
+        v = self.v_proj(x, lora_gate).view(*lead, self.n_kv, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attn.attend(self.layer_idx, q, k, v)  # [..., heads, head_dim]
+        return self.o_proj(out.reshape(*lead, self.n_heads * self.head_dim), lora_gate)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = Proj(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Proj(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Proj(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x, lora_gate):
+        return self.down_proj(F.silu(self.gate_proj(x, lora_gate)) * self.up_proj(x, lora_gate), lora_gate)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, attn, lora_gate):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, lora_gate)
+        return x + self.mlp(self.post_attention_layernorm(x), lora_gate)
+
+
+class Backbone(nn.Module):
+    """`model.*` of an HF checkpoint: embeddings, layers, final norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """Decoder-only LM with HF parameter names (`model.layers.N.self_attn.q_proj.weight`, `lm_head.weight`).
+
+    MASK handling: when the checkpoint has no `mask_token_id`, the MASK id is `vocab_size` and its input
+    embedding is the extra parameter `mask_embedding`; the output head keeps `vocab_size` rows, so MASK is
+    never produced as output.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.mask_embedding: nn.Parameter | None = None
+        self._inv_freq = rope_inv_freq(cfg)  # float32 always; not a buffer so dtype casts leave it alone
+
+    # ---- MASK token -------------------------------------------------------------------------
+    @property
+    def mask_token_id(self) -> int:
+        """The checkpoint's MASK id, else `vocab_size` (an extra input-only embedding)."""
+        return self.config.mask_token_id if self.config.mask_token_id is not None else self.config.vocab_size
+
+    def init_mask_embedding(self, value: torch.Tensor | None = None) -> None:
+        """Create the extra MASK input embedding (default: the mean token embedding)."""
+        if self.config.mask_token_id is not None:
+            return
+        w = self.model.embed_tokens.weight
+        init = w.detach().float().mean(0) if value is None else value.detach().float()
+        self.mask_embedding = nn.Parameter(init.to(device=w.device, dtype=w.dtype))
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        w = self.model.embed_tokens.weight
+        if self.mask_embedding is None:
+            return F.embedding(input_ids, w)
+        is_mask = input_ids == self.config.vocab_size
+        emb = F.embedding(input_ids.masked_fill(is_mask, 0), w)
+        return torch.where(is_mask.unsqueeze(-1), self.mask_embedding.to(emb.dtype), emb)
+
+    # ---- forward ------------------------------------------------------------------------------
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._inv_freq.device != positions.device:
+            self._inv_freq = self._inv_freq.to(positions.device)
+        freqs = positions.float().unsqueeze(-1) * self._inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionBackend,
+        lora_gate: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states, same leading shape as `input_ids` ([T] paged or [B, L] dense).
+
+        `lora_gate` (same leading shape, float 0/1) scales LoRA deltas per row; None = adapters fully on.
+        """
+        x = self.embed(input_ids)
+        cos, sin = self.rope(positions, x.dtype)
+        gate = None if lora_gate is None else lora_gate.to(x.dtype).unsqueeze(-1)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, attn, gate)
+        return self.model.norm(x)
+
+    def output_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over the real vocabulary (never MASK) for the given hidden rows."""
+        return F.linear(hidden, self.output_weight())
+
+    # ---- weights ------------------------------------------------------------------------------
+    def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load HF-named weights, checking that every parameter is present with the right shape."""
+        own = dict(self.named_parameters())
+        own.pop("mask_embedding", None)
+        missing = [k for k in own if k not in state]
+        if missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
+        with torch.no_grad():
+            for name, p in own.items():
+                t = state[name]
+                if tuple(t.shape) != tuple(p.shape):
+                    raise ValueError(f"weight {name} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+                p.copy_(t.to(p.dtype))
+
+
+def build_model(
+    cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype, device: str | torch.device
+) -> CausalLM:
+    """Instantiate without random init, load weights, switch to eval."""
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    model.load_hf_state_dict(state)
+    return model.eval().requires_grad_(False)
