@@ -19,6 +19,10 @@ from idlm.config import ModelConfig
 from idlm.models.attention import AttentionBackend
 
 
+LORA_OFF = object()
+"""Pass as `lora_gate` to run the base model alone (adapter deltas skipped, not computed)."""
+
+
 class Proj(nn.Linear):
     """nn.Linear whose forward accepts (and ignores) a LoRA gate; LoRA wrappers replace it."""
 
@@ -176,15 +180,18 @@ class CausalLM(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         attn: AttentionBackend,
-        lora_gate: torch.Tensor | None = None,
+        lora_gate: torch.Tensor | None | object = None,
     ) -> torch.Tensor:
         """Final-norm hidden states, same leading shape as `input_ids` ([T] paged or [B, L] dense).
 
-        `lora_gate` (same leading shape, float 0/1) scales LoRA deltas per row; None = adapters fully on.
+        `lora_gate` (same leading shape, float 0/1) scales LoRA deltas per row; None = adapters on every row;
+        LORA_OFF = base model only.
         """
         x = self.embed(input_ids)
         cos, sin = self.rope(positions, x.dtype)
-        gate = None if lora_gate is None else lora_gate.to(x.dtype).unsqueeze(-1)
+        gate = lora_gate
+        if isinstance(lora_gate, torch.Tensor):
+            gate = lora_gate.to(x.dtype).unsqueeze(-1)
         for layer in self.model.layers:
             x = layer(x, cos, sin, attn, gate)
         return self.model.norm(x)

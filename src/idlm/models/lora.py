@@ -1,0 +1,171 @@
+"""LoRA and gated LoRA for the native model, stored in the PEFT adapter layout.
+
+y = W x + g * (alpha / r) * B (A x), with g per row: 1 everywhere for a plain adapter, 1 only at MASK
+rows for a gated (R-ISD) adapter. The gate is chosen by the caller (training: MASK positions; serving:
+the decoding policy), so what is trained is what is served.
+
+Files: `adapter_config.json` (PEFT fields + idlm fields `gated`, `mask_token_id`, `block_size`,
+`trained_stride`) and `adapter_model.safetensors` (PEFT key names, plus `idlm.mask_embedding` when the
+MASK token is an extra input embedding).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from idlm.models.llama import LORA_OFF, CausalLM, Proj
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PEFT_PREFIX = "base_model.model."
+MASK_KEY = "idlm.mask_embedding"
+
+
+class LoRAProj(Proj):
+    """A projection with a low-rank delta; shares the frozen base weight of the Proj it wraps."""
+
+    def __init__(self, base: Proj, rank: int, alpha: float):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=w.device, dtype=w.dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scaling = alpha / rank
+
+    def forward(self, x: torch.Tensor, lora_gate=None) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if lora_gate is LORA_OFF:
+            return y
+        delta = F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+        if lora_gate is not None:
+            delta = delta * lora_gate
+        return y + delta
+
+
+@dataclass
+class AdapterConfig:
+    r: int = 32
+    lora_alpha: float = 64.0
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    gated: bool = True
+    mask_token_id: int | None = None
+    block_size: int | None = None  # b = N - 1 used in training
+    trained_stride: int | None = None
+    base_model_name_or_path: str | None = None
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        d.update(peft_type="LORA", task_type="CAUSAL_LM", lora_dropout=0.0, bias="none", fan_in_fan_out=False)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "AdapterConfig":
+        targets = d.get("target_modules") or DEFAULT_TARGETS
+        if isinstance(targets, str):  # PEFT allows a regex / "all-linear"
+            targets = DEFAULT_TARGETS
+        return cls(
+            r=int(d["r"]),
+            lora_alpha=float(d.get("lora_alpha", d["r"])),
+            target_modules=tuple(targets),
+            gated=bool(d.get("gated", False)),
+            mask_token_id=d.get("mask_token_id"),
+            block_size=d.get("block_size"),
+            trained_stride=d.get("trained_stride"),
+            base_model_name_or_path=d.get("base_model_name_or_path"),
+        )
+
+    @property
+    def has_idlm_fields(self) -> bool:
+        return self.block_size is not None or self.trained_stride is not None
+
+
+def add_lora(model: CausalLM, cfg: AdapterConfig) -> list[LoRAProj]:
+    """Wrap every targeted projection of every layer; returns the new modules."""
+    added = []
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if name in cfg.target_modules and isinstance(child, Proj) and not isinstance(child, LoRAProj):
+                    wrapped = LoRAProj(child, cfg.r, cfg.lora_alpha)
+                    setattr(parent, name, wrapped)
+                    added.append(wrapped)
+    if not added:
+        raise ValueError(f"no projection matches target_modules {cfg.target_modules}")
+    model.init_mask_embedding()
+    return added
+
+
+def lora_state_dict(model: CausalLM) -> dict[str, torch.Tensor]:
+    """Adapter tensors under PEFT names (+ the MASK embedding when it is an extra vector)."""
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoRAProj):
+            out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = mod.lora_A.detach()
+            out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = mod.lora_B.detach()
+    if model.mask_embedding is not None:
+        out[MASK_KEY] = model.mask_embedding.detach()
+    return out
+
+
+def save_adapter(model: CausalLM, cfg: AdapterConfig, path: str | Path, dtype: torch.dtype | None = None) -> None:
+    """Write the adapter directory atomically (temp dir + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tensors = {k: v.to(dtype or v.dtype).contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (tmp / "adapter_config.json").write_text(json.dumps(cfg.to_json(), indent=2))
+    if path.exists():
+        old = path.with_name(path.name + ".old")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+    else:
+        os.replace(tmp, path)
+
+
+def read_adapter_config(path: str | Path) -> AdapterConfig:
+    f = Path(path) / "adapter_config.json"
+    if not f.is_file():
+        raise FileNotFoundError(f"no adapter_config.json in {path}")
+    d = json.loads(f.read_text())
+    if d.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"adapter {path} is {d.get('peft_type')}, only LORA is supported")
+    return AdapterConfig.from_json(d)
+
+
+def load_adapter(model: CausalLM, path: str | Path) -> AdapterConfig:
+    """Attach the adapter at `path` to `model` (frozen, inference)."""
+    cfg = read_adapter_config(path)
+    wfile = Path(path) / "adapter_model.safetensors"
+    if not wfile.is_file():
+        raise FileNotFoundError(f"no adapter_model.safetensors in {path}")
+    state = load_file(str(wfile))
+    add_lora(model, cfg)
+    modules = {n: m for n, m in model.named_modules() if isinstance(m, LoRAProj)}
+    with torch.no_grad():
+        for name, mod in modules.items():
+            for part in ("lora_A", "lora_B"):
+                key = f"{PEFT_PREFIX}{name}.{part}.weight"
+                alt = f"{PEFT_PREFIX}{name}.{part}.default.weight"
+                t = state.get(key, state.get(alt))
+                if t is None:
+                    raise KeyError(f"adapter {path} lacks {key}")
+                getattr(mod, part).copy_(t)
+        if MASK_KEY in state and model.mask_embedding is not None:
+            model.mask_embedding.copy_(state[MASK_KEY])
+    model.requires_grad_(False)
+    return cfg
