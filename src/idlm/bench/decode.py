@@ -1,0 +1,180 @@
+"""Decode benchmark: our AR / ISD / R-ISD against transformers `generate`, same prompts, one run.
+
+Batch 1, greedy, every request forced to `max_tokens` new tokens (EOS ignored) so all rows time the
+same amount of work. Prints a table and writes JSON + markdown under the output directory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+            "device": device}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def bench_prompts(n: int) -> list[str]:
+    prompts = json.loads(resources.files("idlm.data").joinpath("bench_prompts.json").read_text())
+    return prompts[:n]
+
+
+def _median_row(name: str, dtype: str, runs: list[dict[str, float]]) -> dict[str, Any]:
+    return {
+        "engine": name,
+        "dtype": dtype,
+        "tok_per_s": round(statistics.median(r["tok_per_s"] for r in runs), 2),
+        "tokens_per_forward": round(statistics.median(r["tpf"] for r in runs), 3),
+        "generated_tokens": int(sum(r["tokens"] for r in runs)),
+        "runs": runs,
+    }
+
+
+def run_ours(llm, prompts: list[str], max_tokens: int, decoding: str, stride: int | None) -> list[dict[str, float]]:
+    from idlm.decoding.sampling import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    llm.chat([{"role": "user", "content": prompts[0]}], SamplingParams(temperature=0.0, max_tokens=8),
+             decoding=decoding, stride=stride)  # warm-up
+    runs = []
+    for p in prompts:
+        out = llm.chat([{"role": "user", "content": p}], params, decoding=decoding, stride=stride)[0]
+        s = out.stats
+        runs.append({"tok_per_s": s.tokens_per_second, "tpf": s.tokens_per_forward, "tokens": s.generated_tokens,
+                     "seconds": s.seconds})
+    return runs
+
+
+def run_transformers(hf_dir: Path, tokenizer, prompts: list[str], max_tokens: int, dtype: torch.dtype,
+                     device: str) -> list[dict[str, float]]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype, local_files_only=True).to(device).eval()
+    runs = []
+
+    def gen(ids: torch.Tensor, n: int) -> torch.Tensor:
+        with torch.inference_mode():
+            return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                                  min_new_tokens=n, pad_token_id=tokenizer.eos_token_id)
+
+    enc = [torch.tensor([tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                       tokenize=True, return_dict=True)["input_ids"]], device=device)
+           for p in prompts]
+    gen(enc[0], 8)  # warm-up
+    for ids in enc:
+        t0 = time.perf_counter()
+        out = gen(ids, max_tokens)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        n = out.shape[1] - ids.shape[1]
+        runs.append({"tok_per_s": n / dt, "tpf": 1.0, "tokens": n, "seconds": dt})
+    del model
+    return runs
+
+
+def run_decode_bench(args: argparse.Namespace) -> dict[str, Any]:
+    from idlm import LLM
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    decodings = [d.strip() for d in args.decoding.split(",") if d.strip()]
+    strides = [int(s) for s in str(args.stride).split(",") if s.strip()]
+    prompts = bench_prompts(args.prompts)
+    dtypes = ["float32"] + (["bfloat16"] if args.bf16 else [])
+    if device == "cuda" and not args.bf16:
+        dtypes = ["bfloat16"]
+    rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+    for dtype in dtypes:
+        llm = LLM(args.model, adapter=args.adapter, dtype=dtype, device=device)
+        ar_speed = None
+        for decoding in decodings:
+            if decoding == "risd" and llm.adapter is None:
+                notes.append(f"risd skipped: {args.model} has no adapter")
+                continue
+            for stride in ([None] if decoding == "ar" else strides):
+                runs = run_ours(llm, prompts, args.max_tokens, decoding, stride)
+                row = _median_row(f"idlm {decoding}" + (f" N={stride}" if stride else ""), dtype, runs)
+                row.update(decoding=decoding, stride=stride or 1)
+                if decoding == "ar":
+                    ar_speed = row["tok_per_s"]
+                rows.append(row)
+                print(f"{row['engine']:>18} {dtype:>8}: {row['tok_per_s']:7.2f} tok/s, "
+                      f"TPF {row['tokens_per_forward']:.3f}", file=sys.stderr)
+        if ar_speed:
+            for r in rows:
+                if r["dtype"] == dtype and r["engine"].startswith("idlm"):
+                    r["speedup_vs_idlm_ar"] = round(r["tok_per_s"] / ar_speed, 3)
+        if args.transformers:
+            runs = run_transformers(llm.checkpoint.path, llm.tokenizer, prompts, args.max_tokens,
+                                    getattr(torch, dtype), device)
+            row = _median_row("transformers generate", dtype, runs)
+            rows.append(row)
+            print(f"{row['engine']:>18} {dtype:>8}: {row['tok_per_s']:7.2f} tok/s", file=sys.stderr)
+            if ar_speed:
+                for r in rows:
+                    if r["dtype"] == dtype and r["engine"].startswith("idlm"):
+                        r["ratio_vs_transformers"] = round(r["tok_per_s"] / row["tok_per_s"], 3)
+        del llm
+    result = {
+        "benchmark": "decode",
+        "command": "idlm " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("idlm") else None,
+        "model": args.model,
+        "batch_size": 1,
+        "greedy": True,
+        "max_tokens": args.max_tokens,
+        "prompts": prompts,
+        "machine": machine_info(device),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "rows": rows,
+        "notes": notes,
+    }
+    write_results(result, Path(args.out))
+    return result
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    lines = ["| engine | dtype | tok/s | tokens/forward | speedup vs idlm AR | ratio vs transformers |",
+             "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['engine']} | {r['dtype']} | {r['tok_per_s']} | {r['tokens_per_forward']} | "
+                     f"{r.get('speedup_vs_idlm_ar', '')} | {r.get('ratio_vs_transformers', '')} |")
+    m = result["machine"]
+    lines.append("")
+    lines.append(f"{m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads), torch {m['torch']}, "
+                 f"batch 1, greedy, {result['max_tokens']} new tokens, median over {len(result['prompts'])} prompts.")
+    lines.extend(f"Note: {n}" for n in result["notes"])
+    return "\n".join(lines) + "\n"
+
+
+def write_results(result: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    base = out / f"decode-{result['machine']['device']}-{stamp}"
+    base.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    table = markdown_table(result)
+    base.with_suffix(".md").write_text(table)
+    print(table)
+    print(f"wrote {base}.json and .md", file=sys.stderr)

@@ -1,0 +1,202 @@
+"""Command line: `idlm generate | chat | models | bench | acceptance | train | distill`."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+EXIT_USAGE = 2
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="known name, HF/official I-DLM dir, or .gguf file")
+    p.add_argument("--adapter", default=None, help="adapter dir (default: the model's shipped adapter; 'none': off)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default float32 on cpu, bfloat16 on cuda")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default cuda when available")
+    p.add_argument("--kv-cache-tokens", type=int, default=32768, help="KV pool size in tokens")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+
+
+def add_decoding_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--decoding", choices=["ar", "isd", "risd"], default=None,
+                   help="default: risd when the model has an adapter, else ar")
+    p.add_argument("--stride", type=int, default=None, help="N tokens per step (default: from the adapter, else 4)")
+    p.add_argument("--drafting", choices=["exact", "argmax"], default=None)
+    p.add_argument("--verify-alpha", type=float, default=None)
+    p.add_argument("--fast-verify", action="store_true", default=None)
+    p.add_argument("--fast-verify-topk", type=int, default=None)
+    p.add_argument("--confidence-accept-threshold", type=float, default=None)
+    p.add_argument("--verify-num-specs", type=int, default=None)
+
+
+def sampling_params(args: argparse.Namespace):
+    from idlm.decoding.sampling import SamplingParams
+
+    return SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, seed=args.seed, stop=args.stop,
+        max_tokens=args.max_tokens, ignore_eos=args.ignore_eos,
+    )
+
+
+def decoding_options(args: argparse.Namespace) -> dict[str, Any]:
+    names = ["drafting", "verify_alpha", "fast_verify", "fast_verify_topk", "confidence_accept_threshold",
+             "verify_num_specs"]
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def load_llm(args: argparse.Namespace):
+    from idlm import LLM
+
+    return LLM(args.model, adapter=args.adapter, dtype=args.dtype, device=args.device,
+               kv_cache_tokens=args.kv_cache_tokens)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    params = sampling_params(args)
+    llm = load_llm(args)
+    kw = dict(decoding=args.decoding, stride=args.stride, **decoding_options(args))
+    if args.chat:
+        out = llm.chat([{"role": "user", "content": args.prompt}], params, **kw)[0]
+    else:
+        out = llm.generate([args.prompt], params, **kw)[0]
+    stats = out.stats.to_dict()
+    if args.stats_jsonl:
+        with open(args.stats_jsonl, "a") as f:
+            f.write(json.dumps({"finish_reason": out.finish_reason, **stats}) + "\n")
+    if args.json:
+        print(json.dumps({"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
+                          "stats": stats}, ensure_ascii=False))
+        return 0
+    print(out.text)
+    line = (f"[{stats['decoding']} stride={stats['stride']}] prompt {stats['prompt_tokens']} tok, "
+            f"generated {stats['generated_tokens']} tok in {stats['forwards']} forwards "
+            f"({stats['tokens_per_forward']:.2f} tok/forward), {stats['seconds']:.2f} s, "
+            f"{stats['tokens_per_second']:.1f} tok/s")
+    if "acceptance_by_position" in stats:
+        line += f", acceptance by position {stats['acceptance_by_position']}, rounds {stats['rounds']}"
+    print(line, file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    params = sampling_params(args)
+    llm = load_llm(args)
+    kw = dict(decoding=args.decoding, stride=args.stride, **decoding_options(args))
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    print("idlm chat: empty line or Ctrl-D to quit, /reset to clear the conversation", file=sys.stderr)
+    while True:
+        try:
+            user = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if not user.strip():
+            return 0
+        if user.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": user})
+        out = None
+        for delta, final in llm.stream_chat(messages, params, **kw):
+            if delta:
+                print(delta, end="", flush=True)
+            out = final or out
+        print()
+        if out is not None:
+            s = out.stats
+            print(f"[{s.generated_tokens} tok, {s.tokens_per_forward:.2f} tok/forward, "
+                  f"{s.tokens_per_second:.1f} tok/s]", file=sys.stderr)
+            messages.append({"role": "assistant", "content": out.text})
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from idlm.loading import cached_models, known_models
+
+    print("known models:")
+    for name in known_models():
+        print(f"  {name}")
+    print("cached:")
+    for name, path in cached_models():
+        print(f"  {name}\t{path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="idlm", description="Introspective Diffusion Language Models")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text for one prompt and print stats")
+    g.add_argument("prompt")
+    add_model_args(g)
+    add_sampling_args(g)
+    add_decoding_args(g)
+    g.add_argument("--chat", dest="chat", action="store_true", default=True, help="apply the chat template (default)")
+    g.add_argument("--no-chat", dest="chat", action="store_false", help="raw text prompt")
+    g.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    g.add_argument("--stats-jsonl", default=None, help="append one JSON line of stats per request")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive chat with streaming output")
+    add_model_args(c)
+    add_sampling_args(c)
+    add_decoding_args(c)
+    c.add_argument("--system", default=None, help="system prompt")
+    c.set_defaults(func=cmd_chat)
+
+    m = sub.add_parser("models", help="list known and cached models")
+    m.set_defaults(func=cmd_models)
+
+    from idlm.bench import commands as bench_commands
+
+    bench_commands.register(sub)
+    try:
+        from idlm.training import commands as training_commands
+    except ImportError:
+        training_commands = None
+    if training_commands is not None:
+        training_commands.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from idlm.errors import USER_ERRORS
+
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""The Python API users know from vLLM: `LLM(model).generate(prompts, params)` and `.chat(messages, params)`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence as Seq
+
+import torch
+
+from idlm.decoding.ar import ARDecoding
+from idlm.decoding.isd import ISDDecoding
+from idlm.decoding.policy import DecodingPolicy
+from idlm.decoding.sampling import SamplingParams
+from idlm.decoding.stats import RequestStats
+from idlm.engine.llm_engine import EngineConfig, LLMEngine
+from idlm.engine.sequence import Sequence
+from idlm.loading import load_checkpoint
+from idlm.models.lora import AdapterConfig, load_adapter
+
+DECODINGS = ("ar", "isd", "risd")
+
+
+@dataclass
+class RequestOutput:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    stats: RequestStats = field(default_factory=RequestStats)
+
+
+def _output(prompt: str | None, seq: Sequence) -> RequestOutput:
+    return RequestOutput(prompt, seq.prompt_ids, seq.text, list(seq.output_ids), seq.finish_reason, seq.stats)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """float32 on CPU (bf16 greedy text drifts from fp32 within a few dozen tokens), bfloat16 on GPU."""
+    return torch.float32 if str(device).startswith("cpu") else torch.bfloat16
+
+
+def parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    if dtype is None:
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise ValueError(f"unsupported dtype {dtype!r}; choose float32 or bfloat16")
+    return table[dtype]
+
+
+class LLM:
+    """Load a model once, then generate for batches of prompts."""
+
+    def __init__(
+        self,
+        model: str = "smollm2-135m",
+        *,
+        dtype: str | torch.dtype | None = None,
+        device: str | None = None,
+        kv_cache_tokens: int = 32768,
+        max_num_seqs: int = 64,
+        max_model_len: int | None = None,
+        adapter: str | None = None,
+    ):
+        """adapter: a PEFT/idlm adapter dir; None = the model's default adapter if it ships one; "none" = no adapter."""
+        device = device or default_device()
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("device cuda requested but torch sees no CUDA device")
+        self.device = device
+        self.dtype = parse_dtype(dtype, device)
+        self.checkpoint = load_checkpoint(model, self.dtype, device)
+        self.tokenizer = self.checkpoint.tokenizer
+        self.adapter: AdapterConfig | None = None
+        self.adapter_path = self.checkpoint.default_adapter if adapter is None else (None if adapter == "none" else adapter)
+        if self.adapter_path is not None:
+            try:
+                self.adapter = load_adapter(self.checkpoint.model, self.adapter_path)
+            except (OSError, KeyError, ValueError) as e:
+                raise ValueError(f"cannot load adapter {self.adapter_path}: {e}") from e
+        self.engine = LLMEngine(
+            self.checkpoint.model,
+            self.tokenizer,
+            self.checkpoint.eos_token_ids,
+            EngineConfig(kv_cache_tokens=kv_cache_tokens, max_num_seqs=max_num_seqs, max_model_len=max_model_len),
+        )
+
+    # ---- prompts -------------------------------------------------------------------------------
+    def encode(self, prompt: str) -> list[int]:
+        """Raw text to ids (no chat template; special tokens as the tokenizer adds them)."""
+        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    # ---- decoding -----------------------------------------------------------------------------
+    @property
+    def default_decoding(self) -> str:
+        """R-ISD when an adapter is loaded (the default adapter of the embedded model), else AR."""
+        return "risd" if self.adapter is not None else "ar"
+
+    @property
+    def default_stride(self) -> int:
+        """From the adapter (trained stride, or block_size + 1), an official checkpoint's block_size + 1, else 4."""
+        a = self.adapter
+        if a is not None and a.trained_stride:
+            return int(a.trained_stride)
+        if a is not None and a.block_size:
+            return int(a.block_size) + 1
+        if self.checkpoint.config.block_size:
+            return int(self.checkpoint.config.block_size) + 1
+        return 4
+
+    def make_policy(self, decoding: str | None = None, stride: int | None = None, **options: Any) -> DecodingPolicy:
+        """ar | isd (the model, or base + adapter on every row) | risd (base + gated adapter on MASK rows)."""
+        decoding = decoding or self.default_decoding
+        if decoding not in DECODINGS:
+            raise ValueError(f"unknown decoding {decoding!r}; choose one of {', '.join(DECODINGS)}")
+        gated_adapter = self.adapter is not None and self.adapter.gated
+        if decoding == "ar":
+            if options:
+                raise ValueError(f"options {sorted(options)} apply to isd/risd only")
+            return ARDecoding(base_only=gated_adapter)
+        if decoding == "risd" and self.adapter is None:
+            raise ValueError(
+                f"risd needs a gated adapter: pass adapter=PATH (model {self.checkpoint.name!r} ships no default adapter)"
+            )
+        model = self.checkpoint.model
+        if model.config.mask_token_id is None and model.mask_embedding is None:
+            model.init_mask_embedding()  # untrained MASK: the mean embedding
+        if self.adapter is None:
+            lora = "none"
+        else:
+            lora = "gated" if (decoding == "risd" or gated_adapter) else "all"
+        return ISDDecoding(stride or self.default_stride, model.mask_token_id, lora=lora, **options)
+
+    def _run(
+        self,
+        prompts: list[tuple[str | None, list[int]]],
+        params: SamplingParams | list[SamplingParams] | None,
+        policy: DecodingPolicy,
+    ) -> list[RequestOutput]:
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(plist)} sampling params for {len(prompts)} prompts")
+        seqs: list[Sequence] = [self.engine.add_request(ids, p, policy) for (_, ids), p in zip(prompts, plist)]
+        try:
+            self.engine.run_to_completion(seqs)
+        finally:
+            for s in seqs:
+                if not s.finished:
+                    self.engine.abort(s)
+        return [_output(text_in, s) for (text_in, _), s in zip(prompts, seqs)]
+
+    def stream_chat(
+        self,
+        messages: list[dict[str, str]],
+        params: SamplingParams | None = None,
+        *,
+        decoding: str | None = None,
+        stride: int | None = None,
+        **options: Any,
+    ) -> Iterator[tuple[str, RequestOutput | None]]:
+        """Yield (text delta, None) as tokens commit, then ("", final output). Closing early aborts the request."""
+        policy = self.make_policy(decoding, stride, **options)
+        seq = self.engine.add_request(self.apply_chat_template(messages), params or SamplingParams(), policy)
+        try:
+            while not seq.finished:
+                self.engine.step()
+                delta = seq.read_text_delta()
+                if delta:
+                    yield delta, None
+            yield seq.read_text_delta(), _output(None, seq)
+        finally:
+            if not seq.finished:
+                self.engine.abort(seq)
+
+    def generate(
+        self,
+        prompts: str | list[str] | list[list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        *,
+        decoding: str | None = None,
+        stride: int | None = None,
+        **options: Any,
+    ) -> list[RequestOutput]:
+        """Raw-text (or token-id) prompts, no chat template."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        items = [(p, self.encode(p)) if isinstance(p, str) else (None, list(p)) for p in prompts]
+        return self._run(items, params, self.make_policy(decoding, stride, **options))
+
+    def chat(
+        self,
+        messages: list[dict[str, str]] | list[list[dict[str, str]]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        *,
+        decoding: str | None = None,
+        stride: int | None = None,
+        **options: Any,
+    ) -> list[RequestOutput]:
+        """One conversation (a list of messages) or a batch of them, with the model's chat template."""
+        convs: Seq[list[dict[str, str]]] = [messages] if messages and isinstance(messages[0], dict) else messages  # type: ignore
+        items = [(None, self.apply_chat_template(list(c))) for c in convs]
+        return self._run(items, params, self.make_policy(decoding, stride, **options))
