@@ -1,0 +1,640 @@
+"""`idlm train`: AR -> I-DLM conversion with the all-masked objective (full fine-tune, LoRA, gated LoRA).
+
+One loop, readable top to bottom (`Trainer.train`):
+  data order (a pure function of the global sample index)  ->  `[x_t | x_0]` batches  ->  loss  ->
+  gradient accumulation  ->  clip, AdamW, warmup + cosine  ->  log / evaluate (ISD) / checkpoint.
+
+Runs on one CPU or GPU, or under `torchrun` / `accelerate launch` (DDP over torch.distributed: gloo on CPU,
+nccl on GPU); every rank takes its slice of each step's global batch, so the loss curve does not depend on
+how the global batch is split. Checkpoints are written atomically (temp dir + rename) with the trainable
+weights, optimizer, scheduler, RNG states and step; `--resume` continues exactly. SIGINT / SIGTERM finish
+the current optimizer step, save a checkpoint and return.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from torch import nn
+
+from idlm.config import ModelConfig
+from idlm.models.llama import CausalLM
+from idlm.models.lora import AdapterConfig, LoRAProj, add_lora, save_adapter
+from idlm.training.config import TrainConfig
+from idlm.training.data import SampleOrder, TokenizedExample, load_examples, step_indices
+from idlm.training.objective import AllMaskedLoss, LossConfig, build_example, collate
+
+log = logging.getLogger("idlm.train")
+
+CKPT_DIR = "checkpoints"
+LATEST = "latest"
+INTERRUPTED = 130
+
+
+class TrainingError(ValueError):
+    """A run that cannot start or continue (shown as one line by the CLI)."""
+
+
+# ---- distributed --------------------------------------------------------------------------------
+class Dist:
+    """Rank / world size from the launcher's environment (torchrun and accelerate set RANK, WORLD_SIZE)."""
+
+    def __init__(self, device_pref: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", str(self.rank)))
+        want_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
+        if want_cuda and not torch.cuda.is_available():
+            raise TrainingError("device cuda requested but torch sees no CUDA device")
+        if want_cuda:
+            torch.cuda.set_device(self.local_rank % torch.cuda.device_count())
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            self.device = torch.device("cpu")
+        self.owns_group = False
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if want_cuda else "gloo")
+            self.owns_group = True
+        self.enabled = self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def mean(self, values: list[float]) -> list[float]:
+        if not self.enabled:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return (t / self.world).tolist()
+
+    def any(self, flag: bool) -> bool:
+        if not self.enabled:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t)
+        return bool(t.item() > 0)
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ---- model ----------------------------------------------------------------------------------------
+def random_model(hf_config: dict[str, Any], seed: int) -> CausalLM:
+    """A randomly initialised native model (tests, toy languages): normal(0, 0.02) weights, unit norms."""
+    cfg = ModelConfig.from_hf(hf_config)
+    torch.manual_seed(seed)
+    model = CausalLM(cfg)
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            nn.init.normal_(p, std=0.02)
+    return model
+
+
+class _IdTokenizer:
+    """Stand-in for models without a tokenizer: the engine's detokenizer only calls decode()."""
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:  # noqa: ARG002
+        return " ".join(str(int(i)) for i in ids)
+
+
+def load_base(cfg: TrainConfig, device: torch.device) -> tuple[CausalLM, Any, list[int], dict[str, Any]]:
+    """(model in fp32, tokenizer or None, eos ids, HF config dict) for the configured base model."""
+    if cfg.model == "random":
+        hf = dict(cfg.model_config or {})
+        model = random_model(hf, cfg.seed).to(device)
+        eos = hf.get("eos_token_id")
+        eos_ids = [] if eos is None else (list(eos) if isinstance(eos, list) else [int(eos)])
+        return model, None, eos_ids, hf
+    from idlm.loading import load_checkpoint
+
+    ckpt = load_checkpoint(cfg.model, torch.float32, device)
+    hf = json.loads((Path(ckpt.path) / "config.json").read_text())
+    return ckpt.model, ckpt.tokenizer, list(ckpt.eos_token_ids), hf
+
+
+def prepare_model(model: CausalLM, cfg: TrainConfig) -> tuple[AdapterConfig | None, str]:
+    """Freeze / wrap the model for the configured mode; returns (adapter config, lora gate mode)."""
+    torch.manual_seed(cfg.seed + 1)
+    if cfg.mode == "full":
+        model.init_mask_embedding()
+        model.requires_grad_(True)
+        return None, "none"
+    model.requires_grad_(False)
+    acfg = AdapterConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        target_modules=tuple(cfg.lora.targets),
+        gated=cfg.mode == "gated_lora",
+        mask_token_id=model.mask_token_id,
+        block_size=cfg.block_size,
+        trained_stride=cfg.stride,
+        base_model_name_or_path=cfg.model if cfg.model != "random" else None,
+    )
+    add_lora(model, acfg)
+    for mod in model.modules():
+        if isinstance(mod, LoRAProj):
+            mod.lora_A.requires_grad_(True)
+            mod.lora_B.requires_grad_(True)
+    if model.mask_embedding is not None:
+        model.mask_embedding.requires_grad_(True)
+    else:  # the checkpoint's MASK id is a row of the embedding: train that row only
+        w = model.model.embed_tokens.weight
+        w.requires_grad_(True)
+        row = torch.zeros(w.shape[0], 1, dtype=w.dtype, device=w.device)
+        row[model.mask_token_id] = 1
+        w.register_hook(lambda g: g * row)
+    return acfg, "gated" if acfg.gated else "all"
+
+
+def trainable_state(model: CausalLM) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# ---- schedule -----------------------------------------------------------------------------------
+def lr_lambda(total: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+# ---- RNG ------------------------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(s: dict[str, Any]) -> None:
+    import numpy as np
+
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# ---- export ---------------------------------------------------------------------------------------
+def export_full_model(
+    model: CausalLM, hf_config: dict[str, Any], tokenizer: Any, block_size: int, path: Path, dtype: torch.dtype
+) -> None:
+    """Write an HF-layout model dir (config.json with mask_token_id / block_size, model.safetensors,
+    tokenizer files). An extra MASK embedding becomes one more vocabulary row (id = old vocab size);
+    its output row is the tied embedding or zeros, and decoders never sample MASK."""
+    state = {n: p.detach().to(dtype).cpu().contiguous() for n, p in model.named_parameters() if n != "mask_embedding"}
+    cfg = dict(hf_config)
+    mask_id = model.mask_token_id
+    if model.mask_embedding is not None:
+        extra = model.mask_embedding.detach().to(dtype).cpu()[None]
+        state["model.embed_tokens.weight"] = torch.cat([state["model.embed_tokens.weight"], extra])
+        if "lm_head.weight" in state:
+            state["lm_head.weight"] = torch.cat([state["lm_head.weight"], torch.zeros_like(extra)])
+        cfg["vocab_size"] = model.config.vocab_size + 1
+    cfg["mask_token_id"] = mask_id
+    cfg["block_size"] = block_size
+    cfg["torch_dtype"] = cfg["dtype"] = str(dtype).replace("torch.", "")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(path.parent / f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    if tokenizer is not None:
+        import copy
+
+        tok = copy.deepcopy(tokenizer)
+        if len(tok) == mask_id:
+            tok.add_special_tokens({"additional_special_tokens": ["<|MASK|>"]})
+        tok.save_pretrained(str(tmp))
+    _replace_dir(tmp, path)
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+# ---- held-out evaluation --------------------------------------------------------------------------
+def load_eval_prompts(path: str | None, tokenizer: Any, limit: int) -> list[list[int]]:
+    """Prompt ids from a JSONL of `{"messages": [...]}` (chat template applied) or `{"prompt_ids": [...]}`."""
+    from idlm.training.data import _ids, read_jsonl
+
+    if path is None:
+        path = str(Path(__file__).resolve().parent.parent / "data" / "heldout_prompts.jsonl")
+    out = []
+    for _, rec in read_jsonl(path):
+        if "prompt_ids" in rec:
+            out.append([int(t) for t in rec["prompt_ids"]])
+        elif tokenizer is not None and "messages" in rec:
+            out.append(_ids(tokenizer.apply_chat_template(rec["messages"], add_generation_prompt=True, tokenize=True)))
+        elif tokenizer is not None and "prompt" in rec:
+            msgs = [{"role": "user", "content": rec["prompt"]}]
+            out.append(_ids(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)))
+        if len(out) >= limit:
+            break
+    return out
+
+
+def evaluate_isd(
+    model: CausalLM,
+    tokenizer: Any,
+    eos_token_ids: list[int],
+    prompts: list[list[int]],
+    stride: int,
+    max_tokens: int,
+    lora: str,
+) -> dict[str, Any]:
+    """Greedy ISD over the prompts through the engine: aggregate TPF and acceptance by draft position.
+
+    Raises ImportError when the ISD policy is not available."""
+    from idlm.decoding.isd import ISDDecoding
+    from idlm.decoding.sampling import SamplingParams
+    from idlm.decoding.stats import RequestStats
+    from idlm.engine.llm_engine import EngineConfig, LLMEngine
+
+    need = sum(len(p) + max_tokens + 4 * stride + 32 for p in prompts)
+    engine = LLMEngine(
+        model,
+        tokenizer if tokenizer is not None else _IdTokenizer(),
+        eos_token_ids,
+        EngineConfig(kv_cache_tokens=need, block_size=16, max_num_seqs=max(1, len(prompts))),
+    )
+    policy = ISDDecoding(stride=stride, mask_token_id=model.mask_token_id, lora=lora)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    try:
+        seqs = [engine.add_request(p, params, policy) for p in prompts]
+        engine.run_to_completion(seqs)
+    finally:
+        model.train(was_training)
+    total = RequestStats(decoding=policy.name, stride=stride)
+    for s in seqs:
+        total.merge(s.stats)
+    return {
+        "stride": stride,
+        "prompts": len(prompts),
+        "tokens_per_forward": round(total.tokens_per_forward, 4),
+        "acceptance_by_position": [round(x, 4) for x in total.acceptance_by_position],
+        "introspective_acceptance": round(total.introspective_acceptance, 4),
+        "rounds": dict(total.rounds),
+        "generated_tokens": total.generated_tokens,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+# ---- the trainer ----------------------------------------------------------------------------------
+class Trainer:
+    """Build everything from a TrainConfig; `train()` runs (or resumes) the loop and exports the result."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, on_step: Callable[[int, dict], None] | None = None):
+        cfg.validate()
+        self.cfg = cfg
+        self.resume = resume
+        self.on_step = on_step
+        self.out = Path(cfg.output_dir)
+        self.dist = Dist(cfg.device)
+        self.device = self.dist.device
+        self._stop = False
+        self._signals = 0
+
+    # -- setup
+    def _setup(self) -> None:
+        cfg, device = self.cfg, self.device
+        torch.manual_seed(cfg.seed)
+        model, self.tokenizer, self.eos_ids, self.hf_config = load_base(cfg, device)
+        self.model = model.float()
+        self.adapter_cfg, lora_mode = prepare_model(self.model, cfg)
+        self.model.to(device).train()
+        gated = cfg.mode == "gated_lora"
+        self.loss_mod = AllMaskedLoss(
+            self.model, LossConfig(cfg.alpha, cfg.loss_auto_balance, gated=gated), lora_mode=lora_mode
+        )
+        self.lora_mode = lora_mode
+        self.ddp = None
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [device.index] if device.type == "cuda" else None
+            self.ddp = DDP(self.loss_mod, device_ids=ids)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if not self.params:
+            raise TrainingError("nothing to train: no parameter requires a gradient")
+        self.examples: list[TokenizedExample] = load_examples(
+            cfg.data.train, self.tokenizer, self.eos_ids, cfg.data.max_len, cfg.data.min_response
+        )
+        self.order = SampleOrder(len(self.examples), cfg.seed, cfg.data.shuffle)
+        self.global_batch = cfg.micro_batch_size * cfg.grad_accum * self.dist.world
+        if cfg.max_steps > 0:
+            self.total_steps = cfg.max_steps
+        else:
+            self.total_steps = max(1, math.ceil(cfg.epochs * len(self.examples) / self.global_batch))
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * self.total_steps)
+        fused = device.type == "cuda"
+        self.opt = torch.optim.AdamW(
+            self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, foreach=not fused, fused=fused
+        )
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(self.total_steps, warmup, cfg.min_lr_ratio))
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+        self.autocast = (
+            (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+        )
+        self.step = 0
+        self.tokens_seen = 0
+        if self.resume:
+            self._load_checkpoint()
+
+    # -- checkpoints
+    def _ckpt_root(self) -> Path:
+        return self.out / CKPT_DIR
+
+    def latest_checkpoint(self) -> Path | None:
+        f = self._ckpt_root() / LATEST
+        if not f.is_file():
+            return None
+        p = self._ckpt_root() / f.read_text().strip()
+        return p if (p / "state.pt").is_file() else None
+
+    def save_checkpoint(self) -> Path:
+        """Atomic: everything goes into a temp dir that is renamed into place, then `latest` is updated."""
+        root = self._ckpt_root()
+        name = f"step-{self.step:07d}"
+        tmp = root / f".tmp-{name}"
+        if self.dist.main:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        self.dist.barrier()
+        torch.save(rng_state(), tmp / f"rng-{self.dist.rank}.pt")
+        self.dist.barrier()
+        final = root / name
+        if self.dist.main:
+            torch.save(
+                {
+                    "step": self.step,
+                    "tokens_seen": self.tokens_seen,
+                    "samples_consumed": self.step * self.global_batch,
+                    "world_size": self.dist.world,
+                    "global_batch": self.global_batch,
+                    "trainable": {k: v.cpu() for k, v in trainable_state(self.model).items()},
+                    "optimizer": self.opt.state_dict(),
+                    "scheduler": self.sched.state_dict(),
+                    "config": self.cfg.to_dict(),
+                },
+                tmp / "state.pt",
+            )
+            _replace_dir(tmp, final)
+            lt = root / f".{LATEST}.tmp"
+            lt.write_text(name)
+            os.replace(lt, root / LATEST)
+            keep = max(1, self.cfg.keep_checkpoints)
+            old = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name != name)
+            for p in old[: max(0, len(old) - (keep - 1))]:
+                shutil.rmtree(p, ignore_errors=True)
+        self.dist.barrier()
+        return final
+
+    def _load_checkpoint(self) -> None:
+        path = self.latest_checkpoint()
+        if path is None:
+            raise TrainingError(f"--resume: no checkpoint under {self._ckpt_root()}")
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        if state["global_batch"] != self.global_batch:
+            raise TrainingError(
+                f"--resume: checkpoint has global batch {state['global_batch']}, this run {self.global_batch} "
+                "(micro_batch_size x grad_accum x processes must match to continue the same data order)"
+            )
+        own = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for k, v in state["trainable"].items():
+                if k not in own:
+                    raise TrainingError(f"--resume: checkpoint weight {k} does not exist in this model")
+                own[k].copy_(v.to(own[k].device))
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        rng = path / f"rng-{self.dist.rank}.pt"
+        if rng.is_file():
+            set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
+        if self.dist.main:
+            self._truncate_metrics(self.step)
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # -- logs
+    def _metrics_file(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    def _truncate_metrics(self, step: int) -> None:
+        f = self._metrics_file()
+        if not f.is_file():
+            return
+        keep = [l for l in f.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+        f.write_text("".join(l + "\n" for l in keep))
+
+    def _write_metrics(self, rec: dict[str, Any]) -> None:
+        if self.dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with self._metrics_file().open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    # -- signals
+    def _handle_signal(self, signum, frame) -> None:  # noqa: ARG002
+        self._signals += 1
+        if self._signals > 1:
+            raise KeyboardInterrupt
+        self._stop = True
+        print(f"\nsignal {signum}: finishing this step, saving a checkpoint (again to abort)", file=sys.stderr)
+
+    @contextlib.contextmanager
+    def _signal_handlers(self):
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        old = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    # -- evaluation
+    def evaluate(self) -> dict[str, Any] | None:
+        e = self.cfg.eval
+        if not self.dist.main:
+            return None
+        try:
+            import idlm.decoding.isd  # noqa: F401
+        except ImportError as ex:
+            log.warning("held-out ISD evaluation skipped: %s", ex)
+            return None
+        prompts = load_eval_prompts(e.prompts, self.tokenizer, e.num_prompts)
+        if not prompts:
+            log.warning("held-out ISD evaluation skipped: no usable prompts")
+            return None
+        return evaluate_isd(
+            self.model, self.tokenizer, self.eos_ids, prompts, e.stride or self.cfg.stride, e.max_tokens, self.lora_mode
+        )
+
+    # -- the loop
+    def _micro_batch(self, micro: int):
+        cfg = self.cfg
+        idx = step_indices(self.step, micro, self.dist.rank, self.dist.world, cfg.micro_batch_size, cfg.grad_accum)
+        mask_id = self.model.mask_token_id
+        exs = [self.examples[self.order[i]] for i in idx]
+        pad = self.eos_ids[0] if self.eos_ids else 0
+        return collate([build_example(e.ids, e.prompt_len, mask_id, cfg.block_size) for e in exs], pad_id=pad)
+
+    def train(self) -> dict[str, Any]:
+        """Run to the last step (or until a signal); returns a summary dict. Exported weights on completion."""
+        try:
+            with self._signal_handlers():
+                self._setup()
+                return self._loop()
+        finally:
+            self.dist.close()
+
+    def _loop(self) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        module = self.ddp if self.ddp is not None else self.loss_mod
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            file=sys.stderr,
+            disable=not (self.dist.main and cfg.progress),
+            dynamic_ncols=True,
+            desc=f"train {cfg.mode}",
+            unit="step",
+        )
+        evals: list[dict[str, Any]] = []
+        started = time.perf_counter()
+        tokens_at_start = self.tokens_seen
+        interrupted = False
+        last: dict[str, Any] = {}
+        while self.step < self.total_steps:
+            sums = {"loss": 0.0, "task": 0.0, "clean": 0.0}
+            ntok = 0
+            for micro in range(cfg.grad_accum):
+                batch = self._micro_batch(micro).to(self.device)
+                ntok += batch.num_tokens // 2
+                sync = self.ddp is None or micro == cfg.grad_accum - 1
+                ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
+                with ctx:
+                    with self.autocast():
+                        out = module(batch)
+                    (out["loss"] / cfg.grad_accum).backward()
+                for k in sums:
+                    if k in out:
+                        sums[k] += float(out[k].detach()) / cfg.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            lr = self.sched.get_last_lr()[0]
+            self.opt.step()
+            self.sched.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.step += 1
+            loss, task, clean, tok = self.dist.mean([sums["loss"], sums["task"], sums["clean"], float(ntok)])
+            self.tokens_seen += int(round(tok * self.dist.world))
+            elapsed = time.perf_counter() - started
+            tps = (self.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
+            last = {"step": self.step, "loss": loss, "task": task, "lr": lr, "grad_norm": float(grad_norm),
+                    "tokens": self.tokens_seen, "tokens_per_s": round(tps, 1)}
+            if cfg.mode != "gated_lora":
+                last["clean"] = clean
+            if cfg.log_every and self.step % cfg.log_every == 0:
+                self._write_metrics(last)
+            bar.set_postfix(loss=f"{loss:.3f}", task=f"{task:.3f}", tok_s=f"{tps:.0f}", lr=f"{lr:.2e}")
+            bar.update(1)
+            if self.on_step is not None:
+                self.on_step(self.step, last)
+            stop = self.dist.any(self._stop)
+            if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < self.total_steps and not stop:
+                ev = self.evaluate()
+                self.dist.barrier()
+                if ev is not None:
+                    ev["step"] = self.step
+                    evals.append(ev)
+                    self._write_metrics({"step": self.step, "eval": ev})
+                    bar.write(f"step {self.step}: held-out ISD TPF {ev['tokens_per_forward']:.3f}, "
+                              f"acceptance by position {ev['acceptance_by_position']}", file=sys.stderr)
+            if stop:
+                self.save_checkpoint()
+                interrupted = True
+                break
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                self.save_checkpoint()
+        bar.close()
+        summary: dict[str, Any] = {
+            "steps": self.step,
+            "total_steps": self.total_steps,
+            "tokens": self.tokens_seen,
+            "wall_s": round(time.perf_counter() - started, 1),
+            "interrupted": interrupted,
+            "last": last,
+            "evals": evals,
+        }
+        if interrupted:
+            return summary
+        self.save_checkpoint()
+        if cfg.eval.at_end:
+            ev = self.evaluate()
+            if ev is not None:
+                ev["step"] = self.step
+                summary["final_eval"] = ev
+                self._write_metrics({"step": self.step, "eval": ev})
+        self.dist.barrier()
+        if self.dist.main:
+            summary["output"] = str(self.export())
+            (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def export(self) -> Path:
+        dtype = torch.bfloat16 if self.cfg.save_dtype == "bfloat16" else torch.float32
+        if self.cfg.mode == "full":
+            path = self.out / "model"
+            export_full_model(self.model, self.hf_config, self.tokenizer, self.cfg.block_size, path, dtype)
+        else:
+            path = self.out / "adapter"
+            save_adapter(self.model, self.adapter_cfg, path, dtype=dtype)
+        return path
+
+
+def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+    return Trainer(cfg, resume=resume, on_step=on_step).train()
