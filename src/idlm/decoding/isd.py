@@ -144,8 +144,9 @@ class ISDDecoding:
         self, seq: Sequence, st: ISDState, rows: torch.Tensor, p: torch.Tensor
     ) -> tuple[int | None, int | None]:
         """Test drafts left to right; returns (first rejected index, correction token) or (None, None)."""
+        budget = seq.params.max_tokens - len(seq.output_ids)  # drafts past it can never be emitted
         for j, x in enumerate(st.drafts):
-            if j >= self.verify_num_specs:
+            if j >= self.verify_num_specs or j >= budget:
                 break  # drafts past verify_num_specs are accepted untested
             pj, qj = p[j], st.q[j]
             ratio = float(pj[x] / qj[x]) if qj[x] > 0 else 0.0

@@ -20,7 +20,7 @@ class Scheduler:
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return any(not s.finished for s in self.waiting) or any(not s.finished for s in self.running)
 
     def schedule(self, step_rows: dict[int, int]) -> list[Sequence]:
         """Admit waiting sequences that fit, then return the running batch.
@@ -52,3 +52,5 @@ class Scheduler:
         seq.finish("abort")
         if seq in self.waiting:
             self.waiting.remove(seq)
+        if seq in self.running:
+            self.running.remove(seq)

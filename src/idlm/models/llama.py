@@ -152,8 +152,8 @@ class CausalLM(nn.Module):
         return self.config.mask_token_id if self.config.mask_token_id is not None else self.config.vocab_size
 
     def init_mask_embedding(self, value: torch.Tensor | None = None) -> None:
-        """Create the extra MASK input embedding (default: the mean token embedding)."""
-        if self.config.mask_token_id is not None:
+        """Create the extra MASK input embedding (default: the mean token embedding) if MASK is outside the vocab."""
+        if self.mask_token_id < self.config.vocab_size:
             return
         w = self.model.embed_tokens.weight
         init = w.detach().float().mean(0) if value is None else value.detach().float()
@@ -163,7 +163,7 @@ class CausalLM(nn.Module):
         w = self.model.embed_tokens.weight
         if self.mask_embedding is None:
             return F.embedding(input_ids, w)
-        is_mask = input_ids == self.config.vocab_size
+        is_mask = input_ids == self.mask_token_id
         emb = F.embedding(input_ids.masked_fill(is_mask, 0), w)
         return torch.where(is_mask.unsqueeze(-1), self.mask_embedding.to(emb.dtype), emb)
 
@@ -200,14 +200,20 @@ class CausalLM(nn.Module):
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits over the real vocabulary (never MASK) for the given hidden rows."""
-        return F.linear(hidden, self.output_weight())
+        """Logits over the real vocabulary for the given hidden rows; MASK can never be produced."""
+        out = F.linear(hidden, self.output_weight())
+        if self.mask_token_id < self.config.vocab_size:  # MASK inside the vocab (official checkpoints)
+            out = out.index_fill(-1, torch.tensor([self.mask_token_id], device=out.device), float("-inf"))
+        return out
 
     # ---- weights ------------------------------------------------------------------------------
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load HF-named weights, checking that every parameter is present with the right shape."""
+        if "mask_embedding" in state and self.mask_embedding is None:
+            self.init_mask_embedding(state["mask_embedding"])  # a full conversion with MASK outside the vocab
         own = dict(self.named_parameters())
-        own.pop("mask_embedding", None)
+        if "mask_embedding" not in state:
+            own.pop("mask_embedding", None)
         missing = [k for k in own if k not in state]
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
