@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from training_helpers import read_metrics, tiny_config
+from training_helpers import one_thread, read_metrics, tiny_config
 
 STEPS = 4
 
@@ -49,7 +49,8 @@ def test_ddp_two_processes_match_one_process(tmp_path, mode):
 
     from idlm.training.trainer import train
 
-    train(one)
+    with one_thread():
+        train(one)
     ctx = mp.get_context("spawn")
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, 2, port, _as_dict(two), str(Path(__file__).parent)))

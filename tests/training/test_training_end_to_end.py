@@ -9,14 +9,19 @@ import pytest
 pytest.importorskip("idlm.decoding.isd", reason="needs the ISD decoding policy (idlm.decoding.isd)")
 
 from idlm.training.trainer import evaluate_isd, load_eval_prompts, prepare_model, random_model, train  # noqa: E402
-from training_helpers import TINY_MODEL, counting_records, tiny_config, write_jsonl  # noqa: E402
+from training_helpers import TINY_MODEL, counting_records, one_thread, tiny_config, write_jsonl  # noqa: E402
 
 
 def test_counting_language_reaches_tpf_2_5_at_stride_4(tmp_path):
+    with one_thread():
+        _run(tmp_path)
+
+
+def _run(tmp_path):
     t0 = time.perf_counter()
     prompts = write_jsonl(tmp_path / "heldout.jsonl",
                           [{"prompt_ids": r["prompt_ids"]} for r in counting_records(8, seed=123)])
-    write_jsonl(tmp_path / "train.jsonl", counting_records(1000, seed=0))
+    write_jsonl(tmp_path / "train.jsonl", counting_records(1000, seed=0, resp_len=(12, 28)))
     cfg = tiny_config(
         tmp_path, mode="full", micro_batch_size=16, max_steps=80, lr=3e-3, warmup_steps=10, alpha=1.0,
         eval={"at_end": True, "prompts": str(prompts), "num_prompts": 8, "max_tokens": 32},
@@ -32,7 +37,6 @@ def test_counting_language_reaches_tpf_2_5_at_stride_4(tmp_path):
 
     summary = train(cfg)
     after = summary["final_eval"]
-    print("TPF before", before, "after", after)
     assert after["stride"] == 4
     assert after["tokens_per_forward"] >= 2.5, (before, after)
     assert min(after["acceptance_by_position"]) > 0.5, after

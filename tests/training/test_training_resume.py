@@ -9,13 +9,18 @@ import torch
 from safetensors.torch import load_file
 
 from idlm.training.trainer import Trainer, train
-from training_helpers import read_metrics, tiny_config
+from training_helpers import one_thread, read_metrics, tiny_config
 
 N = 6
 
 
 @pytest.mark.parametrize("mode", ["gated_lora", "full"])
 def test_resume_after_sigterm_continues_exactly(tmp_path, mode):
+    with one_thread():
+        _run(tmp_path, mode)
+
+
+def _run(tmp_path, mode):
     extra = {"mode": mode, "grad_accum": 2, "micro_batch_size": 2, "max_steps": N, "lora": {"r": 4, "alpha": 8},
              "save_dtype": "float32"}
     (tmp_path / "a").mkdir()

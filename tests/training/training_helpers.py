@@ -1,14 +1,19 @@
 """Shared helpers for the training tests: a tiny random Llama and a counting language (token ids, no tokenizer)."""
 from __future__ import annotations
 
+import contextlib
 import json
-import random
 from pathlib import Path
+
+import torch
+
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 from idlm.training.config import config_from_dict
 
-NUMBERS = 40  # tokens 0..39 are numbers; counting wraps around
-BOS, EOS = 40, 41
+from idlm.training.toy import BOS, EOS, NUMBERS, counting_records  # noqa: F401
+
 TINY_MODEL = {
     "architectures": ["LlamaForCausalLM"],
     "vocab_size": 48,
@@ -22,17 +27,6 @@ TINY_MODEL = {
     "tie_word_embeddings": False,
     "eos_token_id": EOS,
 }
-
-
-def counting_records(n: int, seed: int, resp_len=(16, 40)) -> list[dict]:
-    """Prompt: BOS a a+k a+2k (k = 1 or 2); response: the count continued, then EOS."""
-    r = random.Random(seed)
-    out = []
-    for _ in range(n):
-        a, k = r.randrange(NUMBERS), r.choice([1, 2])
-        seq = [(a + i * k) % NUMBERS for i in range(3 + r.randint(*resp_len))]
-        out.append({"prompt_ids": [BOS] + seq[:3], "response_ids": seq[3:] + [EOS]})
-    return out
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -68,3 +62,28 @@ def read_metrics(run_dir: Path) -> list[dict]:
     f = Path(run_dir) / "metrics.jsonl"
     return [json.loads(l) for l in f.read_text().splitlines() if l.strip() and "loss" in json.loads(l)]
 
+
+WORDS = ["<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant", "system", "hi", "there", "hello", "how",
+         "are", "you", "?", "!", "be", "nice"]
+V = {w: i for i, w in enumerate(WORDS)}
+
+
+def word_tokenizer():
+    tok = Tokenizer(models.WordLevel(dict(V), unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|im_end|>",
+                                additional_special_tokens=["<|im_start|>"])
+    t.chat_template = ("{% for m in messages %}<|im_start|> {{ m.role }} {{ m.content }} <|im_end|> {% endfor %}"
+                       "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+    return t
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny models train 3x faster on one thread than on two contended ones (shared 2-core machines)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

@@ -249,13 +249,17 @@ def _replace_dir(tmp: Path, path: Path) -> None:
 
 # ---- held-out evaluation --------------------------------------------------------------------------
 def load_eval_prompts(path: str | None, tokenizer: Any, limit: int) -> list[list[int]]:
-    """Prompt ids from a JSONL of `{"messages": [...]}` (chat template applied) or `{"prompt_ids": [...]}`."""
+    """Prompt ids from a JSONL of `{"messages": [...]}` (chat template applied) or `{"prompt_ids": [...]}`;
+    `limit` records spread evenly over the file."""
     from idlm.training.data import _ids, read_jsonl
 
     if path is None:
         path = str(Path(__file__).resolve().parent.parent / "data" / "heldout_prompts.jsonl")
+    recs = [rec for _, rec in read_jsonl(path)]
+    if len(recs) > limit > 0:  # spread over the file (it mixes kinds of prompts in runs)
+        recs = [recs[(i * len(recs)) // limit] for i in range(limit)]
     out = []
-    for _, rec in read_jsonl(path):
+    for rec in recs:
         if "prompt_ids" in rec:
             out.append([int(t) for t in rec["prompt_ids"]])
         elif tokenizer is not None and "messages" in rec:
@@ -263,8 +267,6 @@ def load_eval_prompts(path: str | None, tokenizer: Any, limit: int) -> list[list
         elif tokenizer is not None and "prompt" in rec:
             msgs = [{"role": "user", "content": rec["prompt"]}]
             out.append(_ids(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)))
-        if len(out) >= limit:
-            break
     return out
 
 

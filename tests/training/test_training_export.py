@@ -1,0 +1,59 @@
+"""What `idlm train` writes: a gated adapter that load_adapter restores, or a full HF-layout model dir."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from idlm.config import ModelConfig
+from idlm.models.attention import DenseAttention
+from idlm.models.lora import load_adapter, read_adapter_config
+from idlm.training.objective import build_example
+from idlm.training.trainer import Trainer, export_full_model, random_model
+from training_helpers import TINY_MODEL, one_thread, tiny_config, word_tokenizer
+
+
+def _hidden(model, ex, gate):
+    return model(ex.input_ids[None], ex.positions[None], DenseAttention(ex.attn_mask[None, None]), gate)[0]
+
+
+def test_gated_adapter_export_roundtrip(tmp_path):
+    cfg = tiny_config(tmp_path, mode="gated_lora", max_steps=3, lora={"r": 4, "alpha": 8}, save_dtype="float32")
+    tr = Trainer(cfg)
+    with one_thread():
+        summary = tr.train()
+    path = tmp_path / "run" / "adapter"
+    assert summary["output"] == str(path)
+    acfg = read_adapter_config(path)
+    assert acfg.gated and acfg.block_size == 3 and acfg.trained_stride == 4
+    assert acfg.mask_token_id == TINY_MODEL["vocab_size"]  # an extra input embedding
+    fresh = random_model(TINY_MODEL, cfg.seed)  # same base weights (same seed)
+    load_adapter(fresh, path)
+    ex = build_example(list(range(12)), 4, fresh.mask_token_id, 3)
+    gate = (ex.input_ids == fresh.mask_token_id).float()[None]
+    with torch.no_grad():
+        torch.testing.assert_close(_hidden(fresh, ex, gate), _hidden(tr.model, ex, gate))
+
+
+def test_full_model_export_loads_with_mask_row_and_block_size(tmp_path):
+    cfg = tiny_config(tmp_path, mode="full", max_steps=2, save_dtype="float32")
+    tr = Trainer(cfg)
+    tr.train()
+    out = tmp_path / "hf"
+    export_full_model(tr.model, dict(TINY_MODEL), word_tokenizer(), 3, out, torch.float32)
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["mask_token_id"] == TINY_MODEL["vocab_size"] and conf["block_size"] == 3
+    assert conf["vocab_size"] == TINY_MODEL["vocab_size"] + 1  # MASK became a real row
+    assert (out / "tokenizer.json").is_file()
+
+    from idlm.loading import load_checkpoint
+
+    ck = load_checkpoint(str(out), torch.float32, "cpu")
+    assert ck.model.mask_token_id == TINY_MODEL["vocab_size"] and ck.config.block_size == 3
+    ex = build_example(list(range(12)), 4, TINY_MODEL["vocab_size"], 3)
+    with torch.no_grad():
+        h_new, h_old = _hidden(ck.model, ex, None), _hidden(tr.model, ex, None)
+        torch.testing.assert_close(h_new, h_old)
+        # logits over the real vocabulary are unchanged
+        torch.testing.assert_close(ck.model.logits(h_new)[:, : TINY_MODEL["vocab_size"]], tr.model.logits(h_old))
+    assert ModelConfig.from_hf(conf).mask_token_id == TINY_MODEL["vocab_size"]
