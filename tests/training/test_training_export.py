@@ -43,17 +43,17 @@ def test_full_model_export_loads_with_mask_row_and_block_size(tmp_path):
     export_full_model(tr.model, dict(TINY_MODEL), word_tokenizer(), 3, out, torch.float32)
     conf = json.loads((out / "config.json").read_text())
     assert conf["mask_token_id"] == TINY_MODEL["vocab_size"] and conf["block_size"] == 3
-    assert conf["vocab_size"] == TINY_MODEL["vocab_size"] + 1  # MASK became a real row
+    assert conf["vocab_size"] == TINY_MODEL["vocab_size"]  # MASK stays outside the vocabulary
     assert (out / "tokenizer.json").is_file()
 
     from idlm.loading import load_checkpoint
 
     ck = load_checkpoint(str(out), torch.float32, "cpu")
     assert ck.model.mask_token_id == TINY_MODEL["vocab_size"] and ck.config.block_size == 3
+    torch.testing.assert_close(ck.model.mask_embedding, tr.model.mask_embedding)  # the trained MASK vector
     ex = build_example(list(range(12)), 4, TINY_MODEL["vocab_size"], 3)
     with torch.no_grad():
         h_new, h_old = _hidden(ck.model, ex, None), _hidden(tr.model, ex, None)
         torch.testing.assert_close(h_new, h_old)
-        # logits over the real vocabulary are unchanged
-        torch.testing.assert_close(ck.model.logits(h_new)[:, : TINY_MODEL["vocab_size"]], tr.model.logits(h_old))
+        torch.testing.assert_close(ck.model.logits(h_new), tr.model.logits(h_old))
     assert ModelConfig.from_hf(conf).mask_token_id == TINY_MODEL["vocab_size"]

@@ -68,3 +68,31 @@ def test_plain_lora_changes_clean_rows():
         b = model(batch.input_ids, batch.positions, attn, LORA_OFF)
     real = batch.input_ids != model.mask_token_id
     assert not torch.equal(a[real], b[real])
+
+
+def test_in_vocab_mask_row_is_the_only_trained_embedding_row(tmp_path):
+    """Checkpoints whose MASK id is a vocabulary row (official I-DLM): gated LoRA trains that row only."""
+    from safetensors.torch import load_file
+
+    from idlm.training.trainer import Trainer
+    from training_helpers import TINY_MODEL, one_thread, tiny_config
+
+    model_cfg = dict(TINY_MODEL, mask_token_id=45)
+    cfg = tiny_config(tmp_path, mode="gated_lora", max_steps=2, model_config=model_cfg, lora={"r": 4, "alpha": 8},
+                      save_dtype="float32", weight_decay=0.1)
+    tr = Trainer(cfg)
+    before = None
+
+    def snapshot(step, rec):
+        nonlocal before
+        if before is None:
+            before = tr.model.model.embed_tokens.weight.detach().clone()
+
+    tr.on_step = snapshot
+    with one_thread():
+        tr.train()
+    after = tr.model.model.embed_tokens.weight.detach()
+    changed = (after != before).any(-1).nonzero().flatten().tolist()
+    assert changed == [45]
+    saved = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    torch.testing.assert_close(saved["idlm.mask_embedding"], after[45])

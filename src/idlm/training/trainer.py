@@ -27,12 +27,12 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from idlm.config import ModelConfig
 from idlm.models.llama import CausalLM
-from idlm.models.lora import AdapterConfig, LoRAProj, add_lora, save_adapter
+from idlm.models.lora import MASK_KEY, AdapterConfig, LoRAProj, add_lora, save_adapter
 from idlm.training.config import TrainConfig
 from idlm.training.data import SampleOrder, TokenizedExample, load_examples, step_indices
 from idlm.training.objective import AllMaskedLoss, LossConfig, build_example, collate
@@ -135,7 +135,8 @@ def prepare_model(model: CausalLM, cfg: TrainConfig) -> tuple[AdapterConfig | No
     """Freeze / wrap the model for the configured mode; returns (adapter config, lora gate mode)."""
     torch.manual_seed(cfg.seed + 1)
     if cfg.mode == "full":
-        model.init_mask_embedding()
+        if model.mask_embedding is None:
+            model.init_mask_embedding()
         model.requires_grad_(True)
         return None, "none"
     model.requires_grad_(False)
@@ -156,7 +157,7 @@ def prepare_model(model: CausalLM, cfg: TrainConfig) -> tuple[AdapterConfig | No
             mod.lora_B.requires_grad_(True)
     if model.mask_embedding is not None:
         model.mask_embedding.requires_grad_(True)
-    else:  # the checkpoint's MASK id is a row of the embedding: train that row only
+    else:  # the checkpoint's MASK id is a row of the embedding: train that row only (exported as MASK_KEY)
         w = model.model.embed_tokens.weight
         w.requires_grad_(True)
         row = torch.zeros(w.shape[0], 1, dtype=w.dtype, device=w.device)
@@ -206,19 +207,14 @@ def set_rng_state(s: dict[str, Any]) -> None:
 def export_full_model(
     model: CausalLM, hf_config: dict[str, Any], tokenizer: Any, block_size: int, path: Path, dtype: torch.dtype
 ) -> None:
-    """Write an HF-layout model dir (config.json with mask_token_id / block_size, model.safetensors,
-    tokenizer files). An extra MASK embedding becomes one more vocabulary row (id = old vocab size);
-    its output row is the tied embedding or zeros, and decoders never sample MASK."""
-    state = {n: p.detach().to(dtype).cpu().contiguous() for n, p in model.named_parameters() if n != "mask_embedding"}
+    """Write an HF-layout model dir: config.json with `mask_token_id` and `block_size`, model.safetensors,
+    tokenizer files. A MASK outside the vocabulary keeps its id (= vocab_size) and is stored as the extra
+    tensor `mask_embedding` (what CausalLM.load_hf_state_dict restores); the vocabulary is unchanged."""
+    state = {n: p.detach().to(dtype).cpu().contiguous() for n, p in model.named_parameters()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
     cfg = dict(hf_config)
-    mask_id = model.mask_token_id
-    if model.mask_embedding is not None:
-        extra = model.mask_embedding.detach().to(dtype).cpu()[None]
-        state["model.embed_tokens.weight"] = torch.cat([state["model.embed_tokens.weight"], extra])
-        if "lm_head.weight" in state:
-            state["lm_head.weight"] = torch.cat([state["lm_head.weight"], torch.zeros_like(extra)])
-        cfg["vocab_size"] = model.config.vocab_size + 1
-    cfg["mask_token_id"] = mask_id
+    cfg["mask_token_id"] = model.mask_token_id
     cfg["block_size"] = block_size
     cfg["torch_dtype"] = cfg["dtype"] = str(dtype).replace("torch.", "")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -228,12 +224,7 @@ def export_full_model(
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
     if tokenizer is not None:
-        import copy
-
-        tok = copy.deepcopy(tokenizer)
-        if len(tok) == mask_id:
-            tok.add_special_tokens({"additional_special_tokens": ["<|MASK|>"]})
-        tok.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
     _replace_dir(tmp, path)
 
 
@@ -367,8 +358,13 @@ class Trainer:
             self.total_steps = max(1, math.ceil(cfg.epochs * len(self.examples) / self.global_batch))
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * self.total_steps)
         fused = device.type == "cuda"
+        # the embedding matrix is trainable in LoRA modes only for its in-vocab MASK row: never decay the rest
+        no_decay = [p for n, p in self.model.named_parameters()
+                    if p.requires_grad and n == "model.embed_tokens.weight" and cfg.mode != "full"]
+        decay = [p for p in self.params if all(p is not q for q in no_decay)]
+        groups = [{"params": decay}] + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else [])
         self.opt = torch.optim.AdamW(
-            self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, foreach=not fused, fused=fused
+            groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, foreach=not fused, fused=fused
         )
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(self.total_steps, warmup, cfg.min_lr_ratio))
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
@@ -634,7 +630,16 @@ class Trainer:
             export_full_model(self.model, self.hf_config, self.tokenizer, self.cfg.block_size, path, dtype)
         else:
             path = self.out / "adapter"
-            save_adapter(self.model, self.adapter_cfg, path, dtype=dtype)
+            tmp = self.out / f".adapter.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_adapter(self.model, self.adapter_cfg, tmp, dtype=dtype)
+            w = self.model.model.embed_tokens.weight
+            if self.model.mask_embedding is None and w.requires_grad:  # trained in-vocab MASK row
+                f = tmp / "adapter_model.safetensors"
+                tensors = load_file(str(f))
+                tensors[MASK_KEY] = w[self.model.mask_token_id].detach().to(dtype).cpu().contiguous()
+                save_file(tensors, str(f), metadata={"format": "pt"})
+            _replace_dir(tmp, path)
         return path
 
 
