@@ -20,10 +20,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--bf16", action="store_true", help="add bfloat16 rows (ours and transformers)")
     d.add_argument("--out", default="benchmarks/results", help="directory for the JSON and markdown")
     d.set_defaults(func=_decode)
+    f = bsub.add_parser("forward", help="cost of one forward by query rows per sequence and batch size")
+    f.add_argument("--model", default="smollm2-135m")
+    f.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    f.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    f.add_argument("--rows", default="1,2,3,4,5,7,8,9,15,16,31", help="query rows per sequence (1 = AR)")
+    f.add_argument("--batch", default="1", help="comma list of batch sizes")
+    f.add_argument("--context", type=int, default=200, help="cached tokens per sequence")
+    f.add_argument("--repeats", type=int, default=7)
+    f.add_argument("--out", default="benchmarks/results")
+    f.set_defaults(func=_forward)
 
 
 def _decode(args: argparse.Namespace) -> int:
     from idlm.bench.decode import run_decode_bench
 
     run_decode_bench(args)
+    return 0
+
+
+def _forward(args: argparse.Namespace) -> int:
+    from idlm.bench.forward import run_forward_bench
+
+    run_forward_bench(args)
     return 0

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from idlm.bench.results import write_results
+
 
 def machine_info(device: str) -> dict[str, Any]:
     cpu = platform.processor()
@@ -151,7 +153,7 @@ def run_decode_bench(args: argparse.Namespace) -> dict[str, Any]:
         "rows": rows,
         "notes": notes,
     }
-    write_results(result, Path(args.out))
+    write_results(result, Path(args.out), "decode", markdown_table(result))
     return result
 
 
@@ -168,13 +170,3 @@ def markdown_table(result: dict[str, Any]) -> str:
     lines.extend(f"Note: {n}" for n in result["notes"])
     return "\n".join(lines) + "\n"
 
-
-def write_results(result: dict[str, Any], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    base = out / f"decode-{result['machine']['device']}-{stamp}"
-    base.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    table = markdown_table(result)
-    base.with_suffix(".md").write_text(table)
-    print(table)
-    print(f"wrote {base}.json and .md", file=sys.stderr)
