@@ -36,6 +36,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_distill(args: argparse.Namespace) -> int:
     from idlm.training import distill as d
 
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
     sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
     max_len = args.max_prompt_tokens + args.max_tokens + 16
     gen = d.Generator(args.model, args.device, args.dtype, args.batch_size, max_len)
@@ -87,4 +91,6 @@ def register(subparsers) -> None:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--device", choices=["cpu", "cuda"], default=None)
     d.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    d.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (0 = torch default; 1 is often faster on a shared, busy CPU)")
     d.set_defaults(func=cmd_distill)

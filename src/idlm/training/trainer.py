@@ -328,6 +328,8 @@ class Trainer:
     # -- setup
     def _setup(self) -> None:
         cfg, device = self.cfg, self.device
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         model, self.tokenizer, self.eos_ids, self.hf_config = load_base(cfg, device)
         self.model = model.float()
