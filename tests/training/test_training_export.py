@@ -57,3 +57,10 @@ def test_full_model_export_loads_with_mask_row_and_block_size(tmp_path):
         torch.testing.assert_close(h_new, h_old)
         torch.testing.assert_close(ck.model.logits(h_new), tr.model.logits(h_old))
     assert ModelConfig.from_hf(conf).mask_token_id == TINY_MODEL["vocab_size"]
+    # a LoRA trained on top of that conversion starts from its trained MASK vector, not a fresh mean
+    from idlm.training.trainer import prepare_model
+
+    trained = ck.model.mask_embedding.detach().clone()
+    prepare_model(ck.model, tiny_config(tmp_path, mode="gated_lora", lora={"r": 4, "alpha": 8}))
+    torch.testing.assert_close(ck.model.mask_embedding.detach(), trained)
+    assert ck.model.mask_embedding.requires_grad
