@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from idlm.models.llama import LORA_OFF, CausalLM, Proj
+from idlm.models.llama import LORA_OFF, CausalLM, Proj, RowGate
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."
@@ -42,14 +42,17 @@ class LoRAProj(Proj):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.scaling = alpha / rank
 
-    def forward(self, x: torch.Tensor, lora_gate=None) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, lora_gate: RowGate | None | object = None) -> torch.Tensor:
+        y = self.base(x)
         if lora_gate is LORA_OFF:
             return y
-        delta = F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
-        if lora_gate is not None:
-            delta = delta * lora_gate
-        return y + delta
+        if lora_gate is None:
+            return y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+        rows = lora_gate.rows  # RowGate: only these rows get a delta
+        flat = y.reshape(-1, self.out_features)
+        xs = x.reshape(-1, self.in_features).index_select(0, rows)
+        delta = F.linear(F.linear(xs, self.lora_A), self.lora_B) * self.scaling
+        return flat.index_add(0, rows, delta.to(flat.dtype)).view_as(y)
 
 
 @dataclass
@@ -123,6 +126,7 @@ def save_adapter(model: CausalLM, cfg: AdapterConfig, path: str | Path, dtype: t
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp.chmod(0o755)
     tensors = {k: v.to(dtype or v.dtype).contiguous().cpu() for k, v in lora_state_dict(model).items()}
     save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
     (tmp / "adapter_config.json").write_text(json.dumps(cfg.to_json(), indent=2))
@@ -165,7 +169,10 @@ def load_adapter(model: CausalLM, path: str | Path) -> AdapterConfig:
                 if t is None:
                     raise KeyError(f"adapter {path} lacks {key}")
                 getattr(mod, part).copy_(t)
-        if MASK_KEY in state and model.mask_embedding is not None:
-            model.mask_embedding.copy_(state[MASK_KEY])
+        if MASK_KEY in state:
+            if model.mask_embedding is not None:
+                model.mask_embedding.copy_(state[MASK_KEY])
+            else:  # MASK is a row of the vocabulary: the adapter carries its trained embedding
+                model.model.embed_tokens.weight[model.mask_token_id].copy_(state[MASK_KEY])
     model.requires_grad_(False)
     return cfg
