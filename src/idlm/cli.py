@@ -141,6 +141,30 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_acceptance(args: argparse.Namespace) -> int:
+    from idlm.eval.acceptance import evaluate_isd, load_eval_prompts
+
+    llm = load_llm(args)
+    prompts = load_eval_prompts(args.prompts, llm.tokenizer, args.num_prompts)
+    decoding = args.decoding or ("risd" if llm.adapter is not None else "isd")
+    strides = [int(x) for x in args.stride.split(",")] if args.stride else [llm.default_stride]
+    rows = []
+    for n in strides:
+        lora = llm.make_policy(decoding, n).lora
+        res = evaluate_isd(llm.checkpoint.model, llm.tokenizer, llm.checkpoint.eos_token_ids, prompts, n,
+                           args.max_tokens, lora)
+        res.update(model=args.model, adapter=str(llm.adapter_path) if llm.adapter_path else None, decoding=decoding)
+        rows.append(res)
+        print(json.dumps(res) if args.json else
+              f"stride {n}: TPF {res['tokens_per_forward']:.3f}, acceptance by position "
+              f"{res['acceptance_by_position']}, introspective acceptance {res['introspective_acceptance']:.3f}, "
+              f"rounds {res['rounds']} ({res['prompts']} prompts, {res['generated_tokens']} tokens)")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="idlm", description="Introspective Diffusion Language Models")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -163,6 +187,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_decoding_args(c)
     c.add_argument("--system", default=None, help="system prompt")
     c.set_defaults(func=cmd_chat)
+
+    a = sub.add_parser("acceptance", help="greedy ISD acceptance by draft position on held-out prompts")
+    add_model_args(a)
+    a.add_argument("--decoding", choices=["isd", "risd"], default=None, help="default: risd with an adapter, else isd")
+    a.add_argument("--stride", default=None, help="comma list (default: the adapter's, else 4)")
+    a.add_argument("--prompts", default=None, help="JSONL of chat prompts (default: the packaged held-out set)")
+    a.add_argument("--num-prompts", type=int, default=40)
+    a.add_argument("--max-tokens", type=int, default=64)
+    a.add_argument("--json", action="store_true", help="one JSON line per stride")
+    a.add_argument("--out", default=None, help="write all rows as JSON")
+    a.set_defaults(func=cmd_acceptance)
 
     m = sub.add_parser("models", help="list known and cached models")
     m.set_defaults(func=cmd_models)

@@ -338,18 +338,14 @@ class Generator:
     def __init__(self, model: str, device: str | None, dtype: str | None, batch_size: int, max_len: int):
         import torch
 
-        from idlm.engine.llm import default_device, parse_dtype
-        from idlm.engine.llm_engine import EngineConfig, LLMEngine
-        from idlm.loading import load_checkpoint
+        from idlm.engine.llm import LLM
 
-        device = device or default_device()
-        self.ckpt = load_checkpoint(model, parse_dtype(dtype, device), device)
-        self.tokenizer = self.ckpt.tokenizer
+        self.llm = LLM(model, adapter="none", dtype=dtype, device=device,
+                       kv_cache_tokens=batch_size * max_len + 256, max_num_seqs=batch_size)
+        self.ckpt = self.llm.checkpoint
+        self.tokenizer = self.llm.tokenizer
         self.batch_size = batch_size
-        self.engine = LLMEngine(
-            self.ckpt.model, self.tokenizer, self.ckpt.eos_token_ids,
-            EngineConfig(kv_cache_tokens=batch_size * max_len + 256, max_num_seqs=batch_size),
-        )
+        self.engine = self.llm.engine
         self._torch = torch
 
     def chat_ids(self, prompt: str, system: str | None = None) -> list[int]:

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from idlm.config import ModelConfig
+from idlm.eval.acceptance import evaluate_isd, load_eval_prompts
 from idlm.models.llama import CausalLM
 from idlm.models.lora import MASK_KEY, AdapterConfig, LoRAProj, add_lora, save_adapter
 from idlm.training.config import TrainConfig
@@ -107,13 +108,6 @@ def random_model(hf_config: dict[str, Any], seed: int) -> CausalLM:
         if p.dim() >= 2:
             nn.init.normal_(p, std=0.02)
     return model
-
-
-class _IdTokenizer:
-    """Stand-in for models without a tokenizer: the engine's detokenizer only calls decode()."""
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:  # noqa: ARG002
-        return " ".join(str(int(i)) for i in ids)
 
 
 def load_base(cfg: TrainConfig, device: torch.device) -> tuple[CausalLM, Any, list[int], dict[str, Any]]:
@@ -240,78 +234,6 @@ def _replace_dir(tmp: Path, path: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, path)
-
-
-# ---- held-out evaluation --------------------------------------------------------------------------
-def load_eval_prompts(path: str | None, tokenizer: Any, limit: int) -> list[list[int]]:
-    """Prompt ids from a JSONL of `{"messages": [...]}` (chat template applied) or `{"prompt_ids": [...]}`;
-    `limit` records spread evenly over the file."""
-    from idlm.training.data import _ids, read_jsonl
-
-    if path is None:
-        path = str(Path(__file__).resolve().parent.parent / "data" / "heldout_prompts.jsonl")
-    recs = [rec for _, rec in read_jsonl(path)]
-    if len(recs) > limit > 0:  # spread over the file (it mixes kinds of prompts in runs)
-        recs = [recs[(i * len(recs)) // limit] for i in range(limit)]
-    out = []
-    for rec in recs:
-        if "prompt_ids" in rec:
-            out.append([int(t) for t in rec["prompt_ids"]])
-        elif tokenizer is not None and "messages" in rec:
-            out.append(_ids(tokenizer.apply_chat_template(rec["messages"], add_generation_prompt=True, tokenize=True)))
-        elif tokenizer is not None and "prompt" in rec:
-            msgs = [{"role": "user", "content": rec["prompt"]}]
-            out.append(_ids(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)))
-    return out
-
-
-def evaluate_isd(
-    model: CausalLM,
-    tokenizer: Any,
-    eos_token_ids: list[int],
-    prompts: list[list[int]],
-    stride: int,
-    max_tokens: int,
-    lora: str,
-) -> dict[str, Any]:
-    """Greedy ISD over the prompts through the engine: aggregate TPF and acceptance by draft position.
-
-    Raises ImportError when the ISD policy is not available."""
-    from idlm.decoding.isd import ISDDecoding
-    from idlm.decoding.sampling import SamplingParams
-    from idlm.decoding.stats import RequestStats
-    from idlm.engine.llm_engine import EngineConfig, LLMEngine
-
-    need = sum(len(p) + max_tokens + 4 * stride + 32 for p in prompts)
-    engine = LLMEngine(
-        model,
-        tokenizer if tokenizer is not None else _IdTokenizer(),
-        eos_token_ids,
-        EngineConfig(kv_cache_tokens=need, block_size=16, max_num_seqs=max(1, len(prompts))),
-    )
-    policy = ISDDecoding(stride=stride, mask_token_id=model.mask_token_id, lora=lora)
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    was_training = model.training
-    model.eval()
-    t0 = time.perf_counter()
-    try:
-        seqs = [engine.add_request(p, params, policy) for p in prompts]
-        engine.run_to_completion(seqs)
-    finally:
-        model.train(was_training)
-    total = RequestStats(decoding=policy.name, stride=stride)
-    for s in seqs:
-        total.merge(s.stats)
-    return {
-        "stride": stride,
-        "prompts": len(prompts),
-        "tokens_per_forward": round(total.tokens_per_forward, 4),
-        "acceptance_by_position": [round(x, 4) for x in total.acceptance_by_position],
-        "introspective_acceptance": round(total.introspective_acceptance, 4),
-        "rounds": dict(total.rounds),
-        "generated_tokens": total.generated_tokens,
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
 
 
 # ---- the trainer ----------------------------------------------------------------------------------

@@ -1,0 +1,94 @@
+"""Acceptance of a model's own drafts: greedy ISD on held-out chat prompts, by draft position.
+
+Used by `idlm acceptance` (any model: the untrained base, a converted model, base + adapter) and by the
+trainer's periodic held-out evaluation. Definitions (decoding/stats.py): acceptance_by_position[j] =
+accepted / tested drafts at block position j; introspective acceptance = mean over tested drafts of
+min(1, p(x)/q(x)) (greedy: the share of drafts equal to argmax p); TPF = generated tokens / forwards.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from idlm.models.llama import CausalLM
+
+HELDOUT_PROMPTS = Path(__file__).resolve().parent.parent / "data" / "heldout_prompts.jsonl"
+
+
+class IdTokenizer:
+    """Stand-in for models without a tokenizer: the engine's detokenizer only calls decode()."""
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:  # noqa: ARG002
+        return " ".join(str(int(i)) for i in ids)
+
+
+def load_eval_prompts(path: str | None, tokenizer: Any, limit: int) -> list[list[int]]:
+    """Prompt ids from a JSONL of `{"messages": [...]}` (chat template applied) or `{"prompt_ids": [...]}`;
+    `limit` records spread evenly over the file."""
+    from idlm.training.data import _ids, read_jsonl
+
+    if path is None:
+        path = str(HELDOUT_PROMPTS)
+    recs = [rec for _, rec in read_jsonl(path)]
+    if len(recs) > limit > 0:  # spread over the file (it mixes kinds of prompts in runs)
+        recs = [recs[(i * len(recs)) // limit] for i in range(limit)]
+    out = []
+    for rec in recs:
+        if "prompt_ids" in rec:
+            out.append([int(t) for t in rec["prompt_ids"]])
+        elif tokenizer is not None and "messages" in rec:
+            out.append(_ids(tokenizer.apply_chat_template(rec["messages"], add_generation_prompt=True, tokenize=True)))
+        elif tokenizer is not None and "prompt" in rec:
+            msgs = [{"role": "user", "content": rec["prompt"]}]
+            out.append(_ids(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)))
+    return out
+
+
+def evaluate_isd(
+    model: CausalLM,
+    tokenizer: Any,
+    eos_token_ids: list[int],
+    prompts: list[list[int]],
+    stride: int,
+    max_tokens: int,
+    lora: str,
+) -> dict[str, Any]:
+    """Greedy ISD over the prompts through the engine: aggregate TPF and acceptance by draft position.
+
+    Raises ImportError when the ISD policy is not available."""
+    from idlm.decoding.isd import ISDDecoding
+    from idlm.decoding.sampling import SamplingParams
+    from idlm.decoding.stats import RequestStats
+    from idlm.engine.llm_engine import EngineConfig, LLMEngine
+
+    need = sum(len(p) + max_tokens + 4 * stride + 32 for p in prompts)
+    engine = LLMEngine(
+        model,
+        tokenizer if tokenizer is not None else IdTokenizer(),
+        eos_token_ids,
+        EngineConfig(kv_cache_tokens=need, block_size=16, max_num_seqs=max(1, len(prompts))),
+    )
+    policy = ISDDecoding(stride=stride, mask_token_id=model.mask_token_id, lora=lora)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    try:
+        seqs = [engine.add_request(p, params, policy) for p in prompts]
+        engine.run_to_completion(seqs)
+    finally:
+        model.train(was_training)
+    total = RequestStats(decoding=policy.name, stride=stride)
+    for s in seqs:
+        total.merge(s.stats)
+    return {
+        "stride": stride,
+        "prompts": len(prompts),
+        "tokens_per_forward": round(total.tokens_per_forward, 4),
+        "acceptance_by_position": [round(x, 4) for x in total.acceptance_by_position],
+        "introspective_acceptance": round(total.introspective_acceptance, 4),
+        "rounds": dict(total.rounds),
+        "generated_tokens": total.generated_tokens,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
