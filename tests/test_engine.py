@@ -102,3 +102,23 @@ def test_max_tokens_clamped_to_context(tiny_engine):
                                                                         ignore_eos=True), ARDecoding())
     tiny_engine.run_to_completion([seq])
     assert seq.finish_reason == "length" and seq.num_tokens <= 2048
+
+
+@requires_embedded
+def test_stream_yields_deltas_and_closing_early_aborts(embedded_llm):
+    kv = embedded_llm.engine.kv
+    free = kv.num_free_blocks
+    msgs = [{"role": "user", "content": "Count from one to twenty in words."}]
+    params = SamplingParams(temperature=0, max_tokens=24)
+    pieces, final = [], None
+    for delta, out in embedded_llm.stream_chat(msgs, params, decoding="ar"):
+        pieces.append(delta)
+        final = out or final
+    assert final is not None and "".join(pieces) == final.text
+    assert final.text == embedded_llm.chat(msgs, params, decoding="ar")[0].text
+    stream = embedded_llm.stream_chat(msgs, SamplingParams(temperature=0, max_tokens=200), decoding="ar")
+    next(stream)
+    assert kv.num_free_blocks < free
+    stream.close()  # client gone: the request is aborted and its blocks freed
+    assert kv.num_free_blocks == free
+    assert not embedded_llm.engine.has_unfinished()
