@@ -223,11 +223,16 @@ class CausalLM(nn.Module):
         w = self.model.embed_tokens.weight
         if w.device.type != "cpu" or not torch.backends.mkldnn.is_available() or w.requires_grad:
             return False
-        with torch.no_grad():
-            for mod in self.modules():
-                if isinstance(mod, Proj):
-                    mod.packed = torch.ops.mkldnn._reorder_linear_weight(mod.weight, None)
-            self._packed_head = torch.ops.mkldnn._reorder_linear_weight(self.output_weight(), None)
+        projs = [m for m in self.modules() if isinstance(m, Proj)]
+        try:
+            with torch.no_grad():
+                packed = [torch.ops.mkldnn._reorder_linear_weight(m.weight, None) for m in projs]
+                head = torch.ops.mkldnn._reorder_linear_weight(self.output_weight(), None)
+        except RuntimeError:  # e.g. bf16 packing needs AVX512-BF16 / AVX-NE-CONVERT; keep the plain path
+            return False
+        for m, p in zip(projs, packed):
+            m.packed = p
+        self._packed_head = head
         return True
 
     def output_weight(self) -> torch.Tensor:
