@@ -66,3 +66,19 @@ def test_adapter_roundtrip_and_gating(tmp_path):
     assert torch.equal(gated[0, :3], off[0, :3])
     assert (gated[0, 3:5] - off[0, 3:5]).abs().max() > 1e-4
     assert clean[:3].all()
+
+
+def test_shipped_default_adapter():
+    """The adapter that ships for the embedded model is a gated idlm adapter of at most 25 MB."""
+    from idlm.loading import default_adapter_path
+
+    path = default_adapter_path("smollm2-135m")
+    if path is None:
+        pytest.skip("no default adapter shipped")
+    cfg = read_adapter_config(path)
+    assert cfg.gated and cfg.block_size == 3 and cfg.trained_stride == 4
+    assert sum(f.stat().st_size for f in path.iterdir()) <= 25 * 2**20
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    assert "idlm.mask_embedding" in tensors and all(t.dtype == torch.bfloat16 for t in tensors.values())
