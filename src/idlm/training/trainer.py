@@ -144,11 +144,7 @@ def prepare_model(model: CausalLM, cfg: TrainConfig) -> tuple[AdapterConfig | No
         trained_stride=cfg.stride,
         base_model_name_or_path=cfg.model if cfg.model != "random" else None,
     )
-    trained_mask = None if model.mask_embedding is None else model.mask_embedding.detach().clone()
-    add_lora(model, acfg)  # (re)creates the extra MASK embedding: keep one the checkpoint already trained
-    if trained_mask is not None:
-        with torch.no_grad():
-            model.mask_embedding.copy_(trained_mask)
+    add_lora(model, acfg)  # keeps an extra MASK embedding the checkpoint already trained
     for mod in model.modules():
         if isinstance(mod, LoRAProj):
             mod.lora_A.requires_grad_(True)
