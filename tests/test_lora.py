@@ -8,7 +8,8 @@ import torch
 
 from idlm.config import ModelConfig
 from idlm.models.attention import DenseAttention
-from idlm.models.llama import LORA_OFF, build_model
+from idlm.models.llama import LORA_OFF, RowGate, build_model
+from idlm.models.lora import LoRAProj
 from idlm.models.lora import AdapterConfig, add_lora, load_adapter, read_adapter_config, save_adapter
 
 
@@ -82,3 +83,23 @@ def test_shipped_default_adapter():
 
     tensors = load_file(str(path / "adapter_model.safetensors"))
     assert "idlm.mask_embedding" in tensors and all(t.dtype == torch.bfloat16 for t in tensors.values())
+
+
+@pytest.mark.parametrize("gated_rows", [[2, 3, 4], [0, 3, 5, 6]])
+def test_row_gate_paths_match_full_adapter(gated_rows):
+    """Sliced (contiguous span) and gathered (scattered rows) deltas == the ungated adapter on those rows,
+    and == the base elsewhere."""
+    _, ours = _tiny_pair()
+    _with_random_adapter(ours, gated=True)
+    proj = next(m for m in ours.modules() if isinstance(m, LoRAProj))
+    x = torch.randn(8, proj.in_features)
+    gate = torch.zeros(8)
+    gate[gated_rows] = 1
+    rg = RowGate.from_mask(gate)
+    assert (rg.span is not None) == (gated_rows == list(range(gated_rows[0], gated_rows[-1] + 1)))
+    with torch.no_grad():
+        full, base, got = proj(x, None), proj(x, LORA_OFF), proj(x, rg)
+    on = gate.bool()
+    torch.testing.assert_close(got[on], full[on], rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[~on], base[~on])
+    assert RowGate.from_mask(torch.zeros(8)) is LORA_OFF

@@ -26,9 +26,24 @@ LORA_OFF = object()
 
 @dataclass(frozen=True)
 class RowGate:
-    """The flattened row indices where adapter deltas apply (gate 1); other rows get exactly the base output."""
+    """The flattened row indices where adapter deltas apply (gate 1); other rows get exactly the base output.
+
+    `span` = (start, stop) when the rows are one contiguous range (a single R-ISD request's MASK rows):
+    adapters then slice instead of gathering and scattering, which halves the adapter's cost per step.
+    """
 
     rows: torch.Tensor
+    span: tuple[int, int] | None = None
+
+    @classmethod
+    def from_mask(cls, gate: torch.Tensor) -> "RowGate | object":
+        """From a 0/1 gate tensor; LORA_OFF when no row is gated."""
+        rows = gate.reshape(-1).nonzero().squeeze(-1)
+        n = rows.numel()
+        if not n:
+            return LORA_OFF
+        first, last = int(rows[0]), int(rows[-1])
+        return cls(rows, (first, last + 1) if last - first + 1 == n else None)
 
 
 class Proj(nn.Linear):
@@ -211,8 +226,7 @@ class CausalLM(nn.Module):
         cos, sin = self.rope(positions, x.dtype)
         gate = lora_gate
         if isinstance(lora_gate, torch.Tensor):
-            rows = lora_gate.reshape(-1).nonzero().squeeze(-1)
-            gate = RowGate(rows) if rows.numel() else LORA_OFF
+            gate = RowGate.from_mask(lora_gate)
         for layer in self.model.layers:
             x = layer(x, cos, sin, attn, gate)
         return self.model.norm(x)

@@ -47,12 +47,18 @@ class LoRAProj(Proj):
         if lora_gate is LORA_OFF:
             return y
         if lora_gate is None:
-            return y + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
-        rows = lora_gate.rows  # RowGate: only these rows get a delta
-        flat = y.reshape(-1, self.out_features)
-        xs = x.reshape(-1, self.in_features).index_select(0, rows)
-        delta = F.linear(F.linear(xs, self.lora_A), self.lora_B) * self.scaling
-        return flat.index_add(0, rows, delta.to(flat.dtype)).view_as(y)
+            return y + self._delta(x)
+        # RowGate: only the gated rows get a delta
+        flat, xf = y.reshape(-1, self.out_features), x.reshape(-1, self.in_features)
+        if lora_gate.span is not None:
+            a, b = lora_gate.span
+            flat[a:b] += self._delta(xf[a:b]).to(flat.dtype)
+            return y
+        rows = lora_gate.rows
+        return flat.index_add(0, rows, self._delta(xf.index_select(0, rows)).to(flat.dtype)).view_as(y)
+
+    def _delta(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)
 
 
 @dataclass
