@@ -40,7 +40,8 @@ def test_full_model_export_loads_with_mask_row_and_block_size(tmp_path):
     tr = Trainer(cfg)
     tr.train()
     out = tmp_path / "hf"
-    export_full_model(tr.model, dict(TINY_MODEL), word_tokenizer(), 3, out, torch.float32)
+    state = {n: p.detach() for n, p in tr.model.named_parameters()}
+    export_full_model(state, tr.model.mask_token_id, dict(TINY_MODEL), word_tokenizer(), 3, out, torch.float32)
     conf = json.loads((out / "config.json").read_text())
     assert conf["mask_token_id"] == TINY_MODEL["vocab_size"] and conf["block_size"] == 3
     assert conf["vocab_size"] == TINY_MODEL["vocab_size"]  # MASK stays outside the vocabulary

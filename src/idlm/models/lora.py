@@ -128,12 +128,19 @@ def lora_state_dict(model: CausalLM) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: CausalLM, cfg: AdapterConfig, path: str | Path, dtype: torch.dtype | None = None) -> None:
-    """Write the adapter directory atomically (temp dir + rename)."""
+    """Write the model's adapter directory atomically (temp dir + rename)."""
+    write_adapter(lora_state_dict(model), cfg, path, dtype)
+
+
+def write_adapter(
+    tensors: dict[str, torch.Tensor], cfg: AdapterConfig, path: str | Path, dtype: torch.dtype | None = None
+) -> None:
+    """Write adapter tensors (`lora_state_dict` names) and config as a directory, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     tmp.chmod(0o755)
-    tensors = {k: v.to(dtype or v.dtype).contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    tensors = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in tensors.items()}
     save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
     (tmp / "adapter_config.json").write_text(json.dumps(cfg.to_json(), indent=2))
     if path.exists():

@@ -68,6 +68,7 @@ class TrainConfig:
     seed: int = 0
     # runtime
     device: str = "auto"  # auto | cpu | cuda
+    parallel: str = "ddp"  # with several processes: ddp (replicas) | fsdp (sharded params, grads, optimizer)
     threads: int = 0  # CPU threads for torch (0 = torch's default); 1 wins on a shared, contended CPU
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     output_dir: str = "runs/idlm"
@@ -98,6 +99,8 @@ class TrainConfig:
             raise ConfigError("precision must be auto, fp32 or bf16")
         if self.save_dtype not in ("bfloat16", "float32"):
             raise ConfigError("save_dtype must be bfloat16 or float32")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ConfigError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
         if self.threads < 0:
             raise ConfigError("threads must be >= 0")
         if self.model == "random" and not self.model_config:

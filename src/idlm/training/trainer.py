@@ -4,9 +4,9 @@ One loop, readable top to bottom (`Trainer.train`):
   data order (a pure function of the global sample index)  ->  `[x_t | x_0]` batches  ->  loss  ->
   gradient accumulation  ->  clip, AdamW, warmup + cosine  ->  log / evaluate (ISD) / checkpoint.
 
-Runs on one CPU or GPU, or under `torchrun` / `accelerate launch` (DDP over torch.distributed: gloo on CPU,
-nccl on GPU); every rank takes its slice of each step's global batch, so the loss curve does not depend on
-how the global batch is split. Checkpoints are written atomically (temp dir + rename) with the trainable
+Runs on one CPU or GPU, or under `torchrun` / `accelerate launch` (DDP or FSDP over torch.distributed: gloo
+on CPU, nccl on GPU; see `parallel.py`); every rank takes its slice of each step's global batch, so the loss
+curve does not depend on how the global batch is split. Checkpoints are written atomically (temp dir + rename) with the trainable
 weights, optimizer, scheduler, RNG states and step; `--resume` continues exactly. SIGINT / SIGTERM finish
 the current optimizer step, save a checkpoint and return.
 """
@@ -26,17 +26,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from idlm.config import ModelConfig
 from idlm.eval.acceptance import evaluate_isd, load_eval_prompts
 from idlm.models.llama import CausalLM
-from idlm.models.lora import MASK_KEY, AdapterConfig, LoRAProj, add_lora, save_adapter
+from idlm.models.lora import MASK_KEY, AdapterConfig, LoRAProj, add_lora, lora_state_dict, write_adapter
 from idlm.training.config import TrainConfig
 from idlm.training.data import SampleOrder, TokenizedExample, load_examples, step_indices
 from idlm.training.objective import AllMaskedLoss, LossConfig, build_example, collate
+from idlm.training.parallel import DataParallel, Dist, full_tensor, like_param
 
 log = logging.getLogger("idlm.train")
 
@@ -47,55 +47,6 @@ INTERRUPTED = 130
 
 class TrainingError(ValueError):
     """A run that cannot start or continue (shown as one line by the CLI)."""
-
-
-# ---- distributed --------------------------------------------------------------------------------
-class Dist:
-    """Rank / world size from the launcher's environment (torchrun and accelerate set RANK, WORLD_SIZE)."""
-
-    def __init__(self, device_pref: str):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", str(self.rank)))
-        want_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
-        if want_cuda and not torch.cuda.is_available():
-            raise TrainingError("device cuda requested but torch sees no CUDA device")
-        if want_cuda:
-            torch.cuda.set_device(self.local_rank % torch.cuda.device_count())
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        else:
-            self.device = torch.device("cpu")
-        self.owns_group = False
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if want_cuda else "gloo")
-            self.owns_group = True
-        self.enabled = self.world > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
-    def mean(self, values: list[float]) -> list[float]:
-        if not self.enabled:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return (t / self.world).tolist()
-
-    def any(self, flag: bool) -> bool:
-        if not self.enabled:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(t)
-        return bool(t.item() > 0)
-
-    def close(self) -> None:
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 # ---- model ----------------------------------------------------------------------------------------
@@ -151,17 +102,20 @@ def prepare_model(model: CausalLM, cfg: TrainConfig) -> tuple[AdapterConfig | No
             mod.lora_B.requires_grad_(True)
     if model.mask_embedding is not None:
         model.mask_embedding.requires_grad_(True)
-    else:  # the checkpoint's MASK id is a row of the embedding: train that row only (exported as MASK_KEY)
-        w = model.model.embed_tokens.weight
-        w.requires_grad_(True)
-        row = torch.zeros(w.shape[0], 1, dtype=w.dtype, device=w.device)
-        row[model.mask_token_id] = 1
-        w.register_hook(lambda g: g * row)
+    else:  # the checkpoint's MASK id is a row of the embedding: train that row only (see mask_row_grad)
+        model.model.embed_tokens.weight.requires_grad_(True)
     return acfg, "gated" if acfg.gated else "all"
 
 
-def trainable_state(model: CausalLM) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+def mask_row_grad(model: CausalLM, mode: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(embedding weight, 0/1 row mask) when LoRA modes train only the in-vocab MASK row of the embedding;
+    the loop multiplies that gradient by the mask before clipping (sharded like the weight under FSDP)."""
+    w = model.model.embed_tokens.weight
+    if mode == "full" or not w.requires_grad:
+        return None
+    row = torch.zeros(w.shape[0], 1, dtype=w.dtype)
+    row[model.mask_token_id] = 1
+    return w, like_param(row.expand(-1, w.shape[1]).contiguous(), w)
 
 
 # ---- schedule -----------------------------------------------------------------------------------
@@ -199,16 +153,16 @@ def set_rng_state(s: dict[str, Any]) -> None:
 
 # ---- export ---------------------------------------------------------------------------------------
 def export_full_model(
-    model: CausalLM, hf_config: dict[str, Any], tokenizer: Any, block_size: int, path: Path, dtype: torch.dtype
+    state: dict[str, torch.Tensor], mask_token_id: int, hf_config: dict[str, Any], tokenizer: Any, block_size: int,
+    path: Path, dtype: torch.dtype,
 ) -> None:
-    """Write an HF-layout model dir: config.json with `mask_token_id` and `block_size`, model.safetensors,
-    tokenizer files. A MASK outside the vocabulary keeps its id (= vocab_size) and is stored as the extra
-    tensor `mask_embedding` (what CausalLM.load_hf_state_dict restores); the vocabulary is unchanged."""
-    state = {n: p.detach().to(dtype).cpu().contiguous() for n, p in model.named_parameters()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
+    """Write an HF-layout model dir from the model's full named parameters: config.json with `mask_token_id`
+    and `block_size`, model.safetensors, tokenizer files. A MASK outside the vocabulary keeps its id
+    (= vocab_size) and is stored as the extra tensor `mask_embedding` (what CausalLM.load_hf_state_dict
+    restores); the vocabulary is unchanged."""
+    state = {n: t.to(dtype).cpu().contiguous() for n, t in state.items()}
     cfg = dict(hf_config)
-    cfg["mask_token_id"] = model.mask_token_id
+    cfg["mask_token_id"] = mask_token_id
     cfg["block_size"] = block_size
     cfg["torch_dtype"] = cfg["dtype"] = str(dtype).replace("torch.", "")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -262,12 +216,8 @@ class Trainer:
             self.model, LossConfig(cfg.alpha, cfg.loss_auto_balance, gated=gated), lora_mode=lora_mode
         )
         self.lora_mode = lora_mode
-        self.ddp = None
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            ids = [device.index] if device.type == "cuda" else None
-            self.ddp = DDP(self.loss_mod, device_ids=ids)
+        self.parallel = DataParallel(cfg.parallel, self.dist, self.model, self.loss_mod)
+        self.mask_row = mask_row_grad(self.model, cfg.mode)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
             raise TrainingError("nothing to train: no parameter requires a gradient")
@@ -322,6 +272,8 @@ class Trainer:
             tmp.mkdir()
         self.dist.barrier()
         torch.save(rng_state(), tmp / f"rng-{self.dist.rank}.pt")
+        trainable = self.parallel.trainable_state()  # collective under FSDP
+        optimizer = self.parallel.optimizer_state(self.opt)
         self.dist.barrier()
         final = root / name
         if self.dist.main:
@@ -332,8 +284,9 @@ class Trainer:
                     "samples_consumed": self.step * self.global_batch,
                     "world_size": self.dist.world,
                     "global_batch": self.global_batch,
-                    "trainable": {k: v.cpu() for k, v in trainable_state(self.model).items()},
-                    "optimizer": self.opt.state_dict(),
+                    "trainable": trainable,
+                    "optimizer": optimizer,
+                    "parallel": self.parallel.kind,
                     "scheduler": self.sched.state_dict(),
                     "config": self.cfg.to_dict(),
                 },
@@ -360,13 +313,16 @@ class Trainer:
                 f"--resume: checkpoint has global batch {state['global_batch']}, this run {self.global_batch} "
                 "(micro_batch_size x grad_accum x processes must match to continue the same data order)"
             )
-        own = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for k, v in state["trainable"].items():
-                if k not in own:
-                    raise TrainingError(f"--resume: checkpoint weight {k} does not exist in this model")
-                own[k].copy_(v.to(own[k].device))
-        self.opt.load_state_dict(state["optimizer"])
+        if state.get("parallel", "none") != self.parallel.kind and "fsdp" in (state.get("parallel"), self.parallel.kind):
+            raise TrainingError(
+                f"--resume: checkpoint was written with parallel={state.get('parallel')}, this run uses "
+                f"{self.parallel.kind} (optimizer state layouts differ)"
+            )
+        try:
+            self.parallel.load_trainable_state(state["trainable"])
+        except KeyError as e:
+            raise TrainingError(f"--resume: checkpoint weight {e.args[0]} does not exist in this model") from None
+        self.parallel.load_optimizer_state(self.opt, state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
@@ -419,7 +375,7 @@ class Trainer:
     # -- evaluation
     def evaluate(self) -> dict[str, Any] | None:
         e = self.cfg.eval
-        if not self.dist.main:
+        if not self.dist.main and not self.parallel.sharded:  # sharded forwards need every rank
             return None
         try:
             import idlm.decoding.isd  # noqa: F401
@@ -456,7 +412,7 @@ class Trainer:
         from tqdm import tqdm
 
         cfg = self.cfg
-        module = self.ddp if self.ddp is not None else self.loss_mod
+        module = self.parallel.module
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
@@ -477,16 +433,17 @@ class Trainer:
             for micro in range(cfg.grad_accum):
                 batch = self._micro_batch(micro).to(self.device)
                 ntok += batch.num_tokens // 2
-                sync = self.ddp is None or micro == cfg.grad_accum - 1
-                ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
-                with ctx:
+                with self.parallel.grad_sync(micro == cfg.grad_accum - 1):
                     with self.autocast():
                         out = module(batch)
                     (out["loss"] / cfg.grad_accum).backward()
                 for k in sums:
                     if k in out:
                         sums[k] += float(out[k].detach()) / cfg.grad_accum
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            if self.mask_row is not None and self.mask_row[0].grad is not None:
+                self.mask_row[0].grad.mul_(self.mask_row[1])
+            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(
+                self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
             lr = self.sched.get_last_lr()[0]
             self.opt.step()
             self.sched.step()
@@ -510,7 +467,7 @@ class Trainer:
             if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < self.total_steps and not stop:
                 ev = self.evaluate()
                 self.dist.barrier()
-                if ev is not None:
+                if ev is not None and self.dist.main:
                     ev["step"] = self.step
                     evals.append(ev)
                     self._write_metrics({"step": self.step, "eval": ev})
@@ -537,33 +494,35 @@ class Trainer:
         self.save_checkpoint()
         if cfg.eval.at_end:
             ev = self.evaluate()
-            if ev is not None:
+            if ev is not None and self.dist.main:
                 ev["step"] = self.step
                 summary["final_eval"] = ev
                 self._write_metrics({"step": self.step, "eval": ev})
         self.dist.barrier()
+        output = self.export()  # every rank gathers, rank 0 writes
         if self.dist.main:
-            summary["output"] = str(self.export())
+            summary["output"] = str(output)
             (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
     def export(self) -> Path:
+        """The adapter (LoRA modes) or the full HF-layout model; gathered on every rank, written by rank 0."""
         dtype = torch.bfloat16 if self.cfg.save_dtype == "bfloat16" else torch.float32
         if self.cfg.mode == "full":
             path = self.out / "model"
-            export_full_model(self.model, self.hf_config, self.tokenizer, self.cfg.block_size, path, dtype)
-        else:
-            path = self.out / "adapter"
-            tmp = self.out / f".adapter.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            save_adapter(self.model, self.adapter_cfg, tmp, dtype=dtype)
-            w = self.model.model.embed_tokens.weight
-            if self.model.mask_embedding is None and w.requires_grad:  # trained in-vocab MASK row
-                f = tmp / "adapter_model.safetensors"
-                tensors = load_file(str(f))
-                tensors[MASK_KEY] = w[self.model.mask_token_id].detach().to(dtype).cpu().contiguous()
-                save_file(tensors, str(f), metadata={"format": "pt"})
-            _replace_dir(tmp, path)
+            state = {n: full_tensor(p.detach()) for n, p in self.model.named_parameters()}
+            if self.model.config.tie_word_embeddings:
+                state.pop("lm_head.weight", None)
+            if self.dist.main:
+                export_full_model(state, self.model.mask_token_id, self.hf_config, self.tokenizer,
+                                  self.cfg.block_size, path, dtype)
+            return path
+        path = self.out / "adapter"
+        tensors = {k: full_tensor(v) for k, v in lora_state_dict(self.model).items()}
+        if self.mask_row is not None:  # trained in-vocab MASK row
+            tensors[MASK_KEY] = full_tensor(self.mask_row[0].detach())[self.model.mask_token_id]
+        if self.dist.main:
+            write_adapter(tensors, self.adapter_cfg, path, dtype)
         return path
 
 
