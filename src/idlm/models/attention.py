@@ -1,13 +1,15 @@
 """Attention backends: how a layer's new q/k/v rows attend.
 
 - `DenseAttention`: [B, L] sequences, an explicit boolean mask (or plain causal), no cache. Training.
+- `KVRecorder` / `PrefixAttention`: a causal pass that keeps each layer's k/v, then rows that attend to
+  that fixed prefix (explicit mask) and to each other. Training of gated adapters (two-pass objective).
 - `PagedAttention`: rows of several sequences flattened to [T]; k/v are written into the paged pool at
   their slots, then each sequence's queries attend to its cached prefix and to the earlier new rows of
   the same step (key position <= query position). Serving (AR and ISD blocks alike).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -45,6 +47,36 @@ class DenseAttention:
     def attend(self, layer_idx: int, q, k, v):  # noqa: ARG002
         out = _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.mask)
         return out.transpose(1, 2)
+
+
+@dataclass
+class KVRecorder:
+    """Plain causal attention over [B, L] sequences that keeps every layer's k/v ([B, L, Hkv, D])."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    def attend(self, layer_idx: int, q, k, v):
+        if layer_idx != len(self.kv):
+            raise RuntimeError("KVRecorder expects layers in order, once each")
+        self.kv.append((k, v))
+        return _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None).transpose(1, 2)
+
+
+@dataclass
+class PrefixAttention:
+    """[B, Q] rows attending to a fixed per-layer prefix (from a KVRecorder pass) and to themselves.
+
+    mask: bool [B, 1, Q, S + Q] over [prefix keys | these rows' keys] (True = may attend).
+    """
+
+    prefix: list[tuple[torch.Tensor, torch.Tensor]]
+    mask: torch.Tensor
+
+    def attend(self, layer_idx: int, q, k, v):
+        pk, pv = self.prefix[layer_idx]
+        keys = torch.cat([pk.to(k.dtype), k], dim=1).transpose(1, 2)
+        vals = torch.cat([pv.to(v.dtype), v], dim=1).transpose(1, 2)
+        return _sdpa(q.transpose(1, 2), keys, vals, self.mask).transpose(1, 2)
 
 
 @dataclass

@@ -14,6 +14,13 @@ Loss (B.3): task = sum of CE at masked noisy rows with a valid shifted target / 
 clean = mean CE over clean rows with a valid shifted target; loss = task + alpha * clean (or the
 `loss_auto_balance` form). With a gated adapter the clean rows see no adapter delta (gate 0: their input is
 never MASK) and the base is frozen, so the clean term cannot move any trainable parameter: it is skipped.
+
+Gated adapters train in two passes with the same loss and gradients (`GatedExample`): the clean half is the
+base model's plain causal forward over x_0 (no gradient, its k/v kept per layer), and only the noisy rows
+that differ from their clean twin run with gradients, attending to those clean k/v. A noisy row differs
+iff a response token (MASK) lies at or before it in its own block; every other noisy row (the prompt, in a
+chat example) sees exactly what its clean twin sees, so its k/v are the clean ones. This replaces a 2L-row
+forward and backward by an L-row forward and an R-row forward and backward (R ~ response length).
 """
 from __future__ import annotations
 
@@ -24,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from idlm.models.attention import DenseAttention
-from idlm.models.llama import CausalLM
+from idlm.models.attention import DenseAttention, KVRecorder, PrefixAttention
+from idlm.models.llama import LORA_OFF, CausalLM
 
 IGNORE = -100
 
@@ -64,17 +71,10 @@ def allmasked_attention_mask(length: int, block_size: int) -> torch.Tensor:
     return torch.cat([top, bottom], dim=0)
 
 
-def build_example(
-    ids: Sequence[int] | torch.Tensor,
-    prompt_len: int,
-    mask_id: int,
-    block_size: int,
-    response_mask: Sequence[bool] | torch.Tensor | None = None,
-) -> Example:
-    """Build `[x_t | x_0]` for x_0 = `ids`, whose tokens from `prompt_len` on are the response.
-
-    `response_mask` (optional, length L) overrides `prompt_len` to mark response tokens explicitly.
-    """
+def _response_targets(
+    ids: Sequence[int] | torch.Tensor, prompt_len: int, response_mask: Sequence[bool] | torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_0, response mask, shifted targets: the next token where it is a response token, else IGNORE)."""
     x0 = torch.as_tensor(list(ids) if not isinstance(ids, torch.Tensor) else ids, dtype=torch.long).flatten()
     n = int(x0.shape[0])
     if n < 2:
@@ -87,10 +87,26 @@ def build_example(
         resp = torch.as_tensor(response_mask, dtype=torch.bool).flatten()
         if resp.shape[0] != n:
             raise ValueError("response_mask length differs from ids")
-    xt = x0.masked_fill(resp, mask_id)
     labels = x0.masked_fill(~resp, IGNORE)
     shifted = torch.full_like(labels, IGNORE)
     shifted[:-1] = labels[1:]
+    return x0, resp, shifted
+
+
+def build_example(
+    ids: Sequence[int] | torch.Tensor,
+    prompt_len: int,
+    mask_id: int,
+    block_size: int,
+    response_mask: Sequence[bool] | torch.Tensor | None = None,
+) -> Example:
+    """Build `[x_t | x_0]` for x_0 = `ids`, whose tokens from `prompt_len` on are the response.
+
+    `response_mask` (optional, length L) overrides `prompt_len` to mark response tokens explicitly.
+    """
+    x0, resp, shifted = _response_targets(ids, prompt_len, response_mask)
+    n = int(x0.shape[0])
+    xt = x0.masked_fill(resp, mask_id)
     valid = shifted != IGNORE
     task = resp & valid  # masked noisy rows whose next token is a response token
     pos = torch.arange(n)
@@ -116,10 +132,10 @@ class Batch:
     task_mask: torch.Tensor  # [B, T]
     clean_mask: torch.Tensor  # [B, T]
     num_response: torch.Tensor  # [B] float
-    num_tokens: int  # real (unpadded) rows, for throughput
+    num_tokens: int  # text tokens (L per example), for throughput
 
-    def to(self, device: torch.device | str) -> "Batch":
-        return Batch(
+    def to(self, device: torch.device | str):
+        return type(self)(
             **{
                 k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
                 for k, v in self.__dict__.items()
@@ -146,7 +162,94 @@ def collate(examples: list[Example], pad_id: int = 0, pad_to_multiple: int = 8) 
         mask[j, :n, n:] = False
         task[j, :n], clean[j, :n] = e.task_mask, e.clean_mask
     nresp = torch.tensor([max(e.num_response, 1) for e in examples], dtype=torch.float32)
-    return Batch(ids, pos, mask.unsqueeze(1), tgt, task, clean, nresp, sum(e.length for e in examples))
+    return Batch(ids, pos, mask.unsqueeze(1), tgt, task, clean, nresp, sum(e.length for e in examples) // 2)
+
+
+@dataclass
+class GatedExample:
+    """The two-pass form of one `[x_t | x_0]` example for a gated adapter (see the module docstring)."""
+
+    clean_ids: torch.Tensor  # [L] x_0, positions 0..L-1, plain causal, base model only
+    noisy_ids: torch.Tensor  # [R] the noisy rows that differ from their clean twin (MASK or after one in-block)
+    noisy_positions: torch.Tensor  # [R]
+    noisy_mask: torch.Tensor  # [R, L + R] bool over [clean keys | noisy keys]
+    targets: torch.Tensor  # [R]
+    task_mask: torch.Tensor  # [R]
+    num_response: int
+
+
+def build_gated_example(
+    ids: Sequence[int] | torch.Tensor,
+    prompt_len: int,
+    mask_id: int,
+    block_size: int,
+    response_mask: Sequence[bool] | torch.Tensor | None = None,
+) -> GatedExample:
+    """Two-pass form of `build_example(...)`: same loss, same gradients for a gated adapter."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    x0, resp, shifted = _response_targets(ids, prompt_len, response_mask)
+    n = int(x0.shape[0])
+    pos = torch.arange(n)
+    blk = pos // block_size
+    # differs[j]: some response token at or before j inside j's block (a running count reset per block)
+    count = torch.cumsum(resp.long(), 0)
+    before_block = torch.where(blk > 0, count[(blk * block_size - 1).clamp(min=0)], torch.zeros_like(count))
+    differs = (count - before_block) > 0
+    rows = differs.nonzero().flatten()
+    bq = blk[rows][:, None]
+    to_clean = (blk[None, :] < bq) | ((blk[None, :] == bq) & (pos[None, :] <= rows[:, None]) & ~differs[None, :])
+    to_noisy = (blk[rows][None, :] == bq) & (rows[None, :] <= rows[:, None])
+    return GatedExample(
+        clean_ids=x0,
+        noisy_ids=x0[rows].masked_fill(resp[rows], mask_id),
+        noisy_positions=rows,
+        noisy_mask=torch.cat([to_clean, to_noisy], dim=1),
+        targets=shifted[rows],
+        task_mask=resp[rows] & (shifted[rows] != IGNORE),
+        num_response=int(resp.sum()),
+    )
+
+
+@dataclass
+class GatedBatch:
+    """GatedExamples right-padded: clean rows [B, L], noisy rows [B, R]; padding carries no loss."""
+
+    clean_ids: torch.Tensor
+    noisy_ids: torch.Tensor
+    noisy_positions: torch.Tensor
+    noisy_mask: torch.Tensor  # [B, 1, R, L + R]
+    targets: torch.Tensor
+    task_mask: torch.Tensor
+    num_response: torch.Tensor  # [B] float
+    num_tokens: int  # text tokens (L per example), for throughput
+
+    to = Batch.to
+
+
+def collate_gated(examples: list[GatedExample], pad_id: int = 0, pad_to_multiple: int = 8) -> GatedBatch:
+    if not examples:
+        raise ValueError("empty batch")
+    up = lambda x: max(1, -(-x // pad_to_multiple) * pad_to_multiple)  # noqa: E731
+    b = len(examples)
+    lmax = up(max(len(e.clean_ids) for e in examples))
+    rmax = up(max(len(e.noisy_ids) for e in examples))
+    clean = torch.full((b, lmax), pad_id, dtype=torch.long)
+    noisy = torch.full((b, rmax), pad_id, dtype=torch.long)
+    npos = torch.zeros((b, rmax), dtype=torch.long)
+    mask = torch.zeros((b, rmax, lmax + rmax), dtype=torch.bool)
+    mask[:, :, lmax:] = torch.eye(rmax, dtype=torch.bool)  # padding rows: self only (no all-False row)
+    tgt = torch.full((b, rmax), IGNORE, dtype=torch.long)
+    task = torch.zeros((b, rmax), dtype=torch.bool)
+    for j, e in enumerate(examples):
+        n, r = len(e.clean_ids), len(e.noisy_ids)
+        clean[j, :n] = e.clean_ids
+        noisy[j, :r], npos[j, :r], tgt[j, :r], task[j, :r] = e.noisy_ids, e.noisy_positions, e.targets, e.task_mask
+        mask[j, :r, :] = False
+        mask[j, :r, :n] = e.noisy_mask[:, :n]
+        mask[j, :r, lmax:lmax + r] = e.noisy_mask[:, n:]
+    nresp = torch.tensor([max(e.num_response, 1) for e in examples], dtype=torch.float32)
+    return GatedBatch(clean, noisy, npos, mask.unsqueeze(1), tgt, task, nresp, sum(len(e.clean_ids) for e in examples))
 
 
 @dataclass
@@ -177,32 +280,47 @@ class AllMaskedLoss(nn.Module):
             return (input_ids == self.model.mask_token_id).float()
         return None
 
-    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch | GatedBatch) -> dict[str, torch.Tensor]:
+        if isinstance(batch, GatedBatch):
+            return self._two_pass(batch)
         hidden = self.model(batch.input_ids, batch.positions, DenseAttention(batch.attn_mask), self.gate(batch.input_ids))
-        b = batch.input_ids.shape[0]
-        sample = torch.arange(b, device=hidden.device)[:, None].expand_as(batch.targets)
-
-        def per_sample_ce(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            logits = self.model.logits(hidden[rows]).float()
-            ce = F.cross_entropy(logits, batch.targets[rows], reduction="none")
-            owner = sample[rows]
-            total = torch.zeros(b, device=hidden.device, dtype=torch.float32).index_add(0, owner, ce)
-            count = torch.zeros(b, device=hidden.device, dtype=torch.float32).index_add(
-                0, owner, torch.ones_like(ce)
-            )
-            return total, count
-
-        tsum, _ = per_sample_ce(batch.task_mask)
-        task = (tsum / batch.num_response.to(tsum.device)).mean()
+        task = self._mean_ce(hidden, batch.targets, batch.task_mask, batch.num_response)
         out = {"task": task}
         if self.cfg.gated:
             out["loss"] = task
             return out
-        csum, ccount = per_sample_ce(batch.clean_mask)
-        clean = (csum / ccount.clamp(min=1)).mean()
+        clean = self._mean_ce(hidden, batch.targets, batch.clean_mask, None)
         if self.cfg.loss_auto_balance:
             loss = task + (task.detach() / clean.detach().clamp(min=1e-8)) * clean
         else:
             loss = task + self.cfg.alpha * clean
         out.update(clean=clean, loss=loss)
         return out
+
+    def _two_pass(self, batch: GatedBatch) -> dict[str, torch.Tensor]:
+        """Gated adapters: clean half without gradient (k/v kept), then only the noisy rows that differ."""
+        if self.lora_mode != "gated":
+            raise ValueError("the two-pass objective is exact for gated adapters only")
+        clean = KVRecorder()
+        with torch.no_grad():
+            pos = torch.arange(batch.clean_ids.shape[1], device=batch.clean_ids.device).expand_as(batch.clean_ids)
+            self.model(batch.clean_ids, pos, clean, LORA_OFF)
+        hidden = self.model(batch.noisy_ids, batch.noisy_positions, PrefixAttention(clean.kv, batch.noisy_mask),
+                            self.gate(batch.noisy_ids))
+        task = self._mean_ce(hidden, batch.targets, batch.task_mask, batch.num_response)
+        return {"task": task, "loss": task}
+
+    def _mean_ce(
+        self, hidden: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, denom: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Mean over samples of (sum of CE at `rows`) / denom (per sample), or / the row count when None."""
+        b = hidden.shape[0]
+        sample = torch.arange(b, device=hidden.device)[:, None].expand_as(targets)
+        logits = self.model.logits(hidden[rows]).float()
+        ce = F.cross_entropy(logits, targets[rows], reduction="none")
+        owner = sample[rows]
+        total = torch.zeros(b, device=hidden.device, dtype=torch.float32).index_add(0, owner, ce)
+        if denom is None:
+            denom = torch.zeros(b, device=hidden.device, dtype=torch.float32).index_add(
+                0, owner, torch.ones_like(ce)).clamp(min=1)
+        return (total / denom.to(total.device)).mean()

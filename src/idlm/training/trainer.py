@@ -35,7 +35,9 @@ from idlm.models.llama import CausalLM
 from idlm.models.lora import MASK_KEY, AdapterConfig, LoRAProj, add_lora, lora_state_dict, write_adapter
 from idlm.training.config import TrainConfig
 from idlm.training.data import SampleOrder, TokenizedExample, load_examples, step_indices
-from idlm.training.objective import AllMaskedLoss, LossConfig, build_example, collate
+from idlm.training.objective import (
+    AllMaskedLoss, LossConfig, build_example, build_gated_example, collate, collate_gated,
+)
 from idlm.training.parallel import DataParallel, Dist, full_tensor, like_param
 
 log = logging.getLogger("idlm.train")
@@ -397,6 +399,8 @@ class Trainer:
         mask_id = self.model.mask_token_id
         exs = [self.examples[self.order[i]] for i in idx]
         pad = self.eos_ids[0] if self.eos_ids else 0
+        if cfg.mode == "gated_lora":  # the two-pass form: same loss and gradients, fewer rows
+            return collate_gated([build_gated_example(e.ids, e.prompt_len, mask_id, cfg.block_size) for e in exs], pad)
         return collate([build_example(e.ids, e.prompt_len, mask_id, cfg.block_size) for e in exs], pad_id=pad)
 
     def train(self) -> dict[str, Any]:
@@ -432,7 +436,7 @@ class Trainer:
             ntok = 0
             for micro in range(cfg.grad_accum):
                 batch = self._micro_batch(micro).to(self.device)
-                ntok += batch.num_tokens // 2
+                ntok += batch.num_tokens
                 with self.parallel.grad_sync(micro == cfg.grad_accum - 1):
                     with self.autocast():
                         out = module(batch)
