@@ -34,6 +34,22 @@ def test_gated_adapter_export_roundtrip(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(_hidden(fresh, ex, gate), _hidden(tr.model, ex, gate))
 
+    # lora.init: a new run starts from that adapter (trainable), and refuses one of another shape
+    import pytest
+
+    from idlm.training.trainer import TrainingError, prepare_model
+
+    cont = random_model(TINY_MODEL, cfg.seed)
+    prepare_model(cont, tiny_config(tmp_path, mode="gated_lora", lora={"r": 4, "alpha": 8, "init": str(path)}))
+    trained = dict(tr.model.named_parameters())
+    for n, p in cont.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.detach(), trained[n].detach())
+    assert sum(p.requires_grad for p in cont.parameters()) == sum(p.requires_grad for p in tr.model.parameters())
+    with pytest.raises(TrainingError, match="lora.init"):
+        prepare_model(random_model(TINY_MODEL, cfg.seed),
+                      tiny_config(tmp_path, mode="gated_lora", lora={"r": 8, "alpha": 8, "init": str(path)}))
+
 
 def test_full_model_export_loads_with_mask_row_and_block_size(tmp_path):
     cfg = tiny_config(tmp_path, mode="full", max_steps=2, save_dtype="float32")

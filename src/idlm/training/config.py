@@ -22,6 +22,7 @@ class LoRASection:
     targets: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
+    init: str | None = None  # start from this adapter dir (same r, alpha, targets, gating) instead of B = 0
 
 
 @dataclass

@@ -32,7 +32,9 @@ from torch import nn
 from idlm.config import ModelConfig
 from idlm.eval.acceptance import evaluate_isd, load_eval_prompts
 from idlm.models.llama import CausalLM
-from idlm.models.lora import MASK_KEY, AdapterConfig, LoRAProj, add_lora, lora_state_dict, write_adapter
+from idlm.models.lora import (
+    MASK_KEY, AdapterConfig, LoRAProj, add_lora, load_adapter, lora_state_dict, read_adapter_config, write_adapter,
+)
 from idlm.training.config import TrainConfig
 from idlm.training.data import SampleOrder, TokenizedExample, load_examples, step_indices
 from idlm.training.objective import (
@@ -97,7 +99,15 @@ def prepare_model(model: CausalLM, cfg: TrainConfig) -> tuple[AdapterConfig | No
         trained_stride=cfg.stride,
         base_model_name_or_path=cfg.model if cfg.model != "random" else None,
     )
-    add_lora(model, acfg)  # keeps an extra MASK embedding the checkpoint already trained
+    if cfg.lora.init:  # continue an adapter: its shape and gating must be the configured ones
+        init = read_adapter_config(cfg.lora.init)
+        have = (init.r, init.lora_alpha, sorted(init.target_modules), init.gated, init.block_size)
+        want = (acfg.r, acfg.lora_alpha, sorted(acfg.target_modules), acfg.gated, acfg.block_size)
+        if have != want:
+            raise TrainingError(f"lora.init {cfg.lora.init}: (r, alpha, targets, gated, block_size) {have} != config {want}")
+        load_adapter(model, cfg.lora.init)  # its MASK embedding too
+    else:
+        add_lora(model, acfg)  # keeps an extra MASK embedding the checkpoint already trained
     for mod in model.modules():
         if isinstance(mod, LoRAProj):
             mod.lora_A.requires_grad_(True)
