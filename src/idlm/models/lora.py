@@ -142,6 +142,7 @@ def write_adapter(
     tmp.chmod(0o755)
     tensors = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in tensors.items()}
     save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (tmp / "adapter_model.safetensors").chmod(0o644)
     (tmp / "adapter_config.json").write_text(json.dumps(cfg.to_json(), indent=2))
     if path.exists():
         old = path.with_name(path.name + ".old")
