@@ -1,6 +1,7 @@
 """Gated LoRA in training: the adapter acts at MASK rows only, exactly as in serving."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from idlm.config import ModelConfig
@@ -70,15 +71,16 @@ def test_plain_lora_changes_clean_rows():
     assert not torch.equal(a[real], b[real])
 
 
-def test_in_vocab_mask_row_is_the_only_trained_embedding_row(tmp_path):
-    """Checkpoints whose MASK id is a vocabulary row (official I-DLM): gated LoRA trains that row only."""
+@pytest.mark.parametrize("mode", ["gated_lora", "lora"])  # lora: every row's embedding gets a gradient
+def test_in_vocab_mask_row_is_the_only_trained_embedding_row(tmp_path, mode):
+    """Checkpoints whose MASK id is a vocabulary row (official I-DLM): LoRA modes train that row only."""
     from safetensors.torch import load_file
 
     from idlm.training.trainer import Trainer
     from training_helpers import TINY_MODEL, one_thread, tiny_config
 
     model_cfg = dict(TINY_MODEL, mask_token_id=45)
-    cfg = tiny_config(tmp_path, mode="gated_lora", max_steps=2, model_config=model_cfg, lora={"r": 4, "alpha": 8},
+    cfg = tiny_config(tmp_path, mode=mode, max_steps=2, model_config=model_cfg, lora={"r": 4, "alpha": 8},
                       save_dtype="float32", weight_decay=0.1)
     tr = Trainer(cfg)
     before = None

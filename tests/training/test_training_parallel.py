@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from idlm.training.toy import counting_records
-from training_helpers import one_thread, read_metrics, tiny_config, write_jsonl
+from training_helpers import TINY_MODEL, one_thread, read_metrics, tiny_config, write_jsonl
 
 STEPS = 4
 
@@ -78,13 +78,18 @@ def _one_process(tmp_path: Path, extra: dict) -> Path:
     return tmp_path / "one" / "run"
 
 
-@pytest.mark.parametrize("parallel,mode", [("ddp", "gated_lora"), ("fsdp", "gated_lora"), ("fsdp", "full")])
-def test_two_processes_match_one_process(tmp_path, parallel, mode):
+@pytest.mark.parametrize("parallel,mode,mask_in_vocab", [
+    ("ddp", "gated_lora", False), ("fsdp", "gated_lora", False), ("fsdp", "full", False),
+    ("fsdp", "lora", True),  # MASK is a vocabulary row: only that row of the sharded embedding trains
+])
+def test_two_processes_match_one_process(tmp_path, parallel, mode, mask_in_vocab):
     prompts = write_jsonl(tmp_path / "heldout.jsonl",
                           [{"prompt_ids": r["prompt_ids"]} for r in counting_records(4, seed=123)])
     held_out = {"every": 2, "at_end": True, "prompts": str(prompts), "num_prompts": 4, "max_tokens": 12}
     extra = {"mode": mode, "max_steps": STEPS, "lora": {"r": 4, "alpha": 8}, "save_dtype": "float32",
              "eval": held_out}
+    if mask_in_vocab:
+        extra["model_config"] = dict(TINY_MODEL, mask_token_id=45)
     one = _one_process(tmp_path, extra)
     (tmp_path / "two").mkdir()
     # 2 procs x 1 x 2 accum = 4
@@ -101,6 +106,8 @@ def test_two_processes_match_one_process(tmp_path, parallel, mode):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    if mask_in_vocab:
+        assert "idlm.mask_embedding" in b
 
 
 def test_fsdp_interrupted_run_resumes_exactly(tmp_path):

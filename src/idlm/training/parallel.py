@@ -83,7 +83,8 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def like_param(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """`value` (full shape) laid out like `param`: sharded the same way when `param` is a DTensor."""
+    """`value` (the param's full shape, or [rows, 1] to broadcast over a row-sharded param) laid out like
+    `param`: split the same way along dim 0 when `param` is a DTensor."""
     value = value.to(device=param.device, dtype=param.dtype)
     if isinstance(param, _dtensor_type()):
         from torch.distributed.tensor import distribute_tensor

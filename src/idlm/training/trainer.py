@@ -127,7 +127,7 @@ def mask_row_grad(model: CausalLM, mode: str) -> tuple[torch.Tensor, torch.Tenso
         return None
     row = torch.zeros(w.shape[0], 1, dtype=w.dtype)
     row[model.mask_token_id] = 1
-    return w, like_param(row.expand(-1, w.shape[1]).contiguous(), w)
+    return w, like_param(row, w)  # [V, 1]: broadcasts over the row; same row split as the weight under FSDP
 
 
 # ---- schedule -----------------------------------------------------------------------------------
