@@ -82,4 +82,7 @@ def tiny_model(seed: int = 0, **overrides):
 def tiny_engine(tokenizer):
     from idlm.engine.llm_engine import EngineConfig, LLMEngine
 
-    return LLMEngine(tiny_model(), tokenizer, [tokenizer.eos_token_id], EngineConfig(kv_cache_tokens=8192, block_size=8))
+    return LLMEngine(tiny_model(), tokenizer, [tokenizer.eos_token_id], EngineConfig(kv_cache_tokens=8192, kv_block_size=8))
+
+
+

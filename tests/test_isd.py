@@ -10,20 +10,41 @@ import torch
 from scipy.stats import chisquare
 
 from idlm import LLM, SamplingParams
-from idlm.decoding.ar import ARDecoding
-from idlm.decoding.isd import ISDDecoding, accept_or_resample
-from idlm.decoding.sampling import make_generator
+from idlm.decoding.decoder import DecodeItem, Decoder
+from idlm.decoding.policy import Decoding
 from idlm.models.lora import AdapterConfig, add_lora, save_adapter
 
 from conftest import CHAT_PROMPTS, requires_embedded
 from oracles import assert_same_tokens
 
+AR = Decoding()
 
-# ---- the accept / resample rule ----------------------------------------------------------------------
+
+def isd(stride: int, **options) -> Decoding:
+    return Decoding("isd", stride, **options)
+
+
+# ---- the accept / resample rule, through the batched decoder ------------------------------------------
+
+def _verify_trials(p: torch.Tensor, q: torch.Tensor, trials: int, alpha: float = 1.0, seed: int = 0):
+    """`trials` requests, each with one draft x ~ q (q stored as its proposal) and anchor p: what each commits."""
+    v = p.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    xs = torch.multinomial(q, trials, replacement=True, generator=g).tolist()
+    dec = Decoder(v, trials)
+    dec.q = q.expand(trials, 1, v).clone()
+    params = SamplingParams(temperature=1.0)
+    d = Decoding("isd", 2, verify_alpha=alpha)
+    items = [DecodeItem(i, i, params, d, seed * 1_000_003 + i, 10, [x], 100) for i, x in enumerate(xs)]
+    # rows per item: p_0 (the draft's anchor), p_1 (next token), q_0 (new draft)
+    logits = torch.log(p.clamp_min(1e-30))[None].expand(3 * trials, v)
+    res = dec.decode(items, logits)
+    return xs, res
+
 
 @pytest.mark.parametrize("case", range(3))
 def test_accept_resample_reproduces_p(case):
-    """x ~ q, then accept with min(1, p/q) or resample from max(0, p - q): the output is distributed as p."""
+    """x ~ q, then accept with min(1, p/q) or resample from max(0, p - q): the token at x's position is ~ p."""
     g = torch.Generator().manual_seed(100 + case)
     v = 6
     p = torch.softmax(torch.randn(v, generator=g) * 1.5, -1)
@@ -33,64 +54,106 @@ def test_accept_resample_reproduces_p(case):
         p /= p.sum()
         q[0] += 1.0
         q /= q.sum()
-    gen = make_generator(7 + case)
-    trials = 100_000
-    xs = torch.multinomial(q, trials, replacement=True, generator=g).tolist()
-    counts = np.zeros(v)
-    accepted = 0
-    for x in xs:
-        ok, fix = accept_or_resample(p, q, x, 1.0, gen)
-        counts[x if ok else fix] += 1
-        accepted += ok
+    trials = 60_000
+    xs, res = _verify_trials(p, q, trials, seed=case)
+    first = np.array([r.tokens[0] for r in res])
+    counts = np.bincount(first, minlength=v).astype(float)
+    accepted = sum(not r.rejected for r in res)
     expected = p.double().numpy() * trials
     support = expected > 0
     assert counts[~support].sum() == 0
     exp = expected[support] / expected[support].sum() * counts[support].sum()
-    stat = chisquare(counts[support], exp)
-    assert stat.pvalue > 1e-3, (counts, expected)
-    # acceptance rate = sum_x min(p, q)
+    assert chisquare(counts[support], exp).pvalue > 1e-3, (counts, expected)
+    # acceptance rate = sum_x min(p, q); the statistic the decoder reports is its expectation
     assert abs(accepted / trials - float(torch.minimum(p, q).sum())) < 0.01
+    assert all(r.tested == 1 for r in res)
+    assert abs(sum(r.ratio_sum for r in res) / trials - float(torch.minimum(p, q).sum())) < 0.01
+
+
+def test_lenient_alpha_accepts_more():
+    g = torch.Generator().manual_seed(5)
+    p = torch.softmax(torch.randn(8, generator=g), -1)
+    q = torch.softmax(torch.randn(8, generator=g), -1)
+    _, strict = _verify_trials(p, q, 4000, 1.0)
+    _, lenient = _verify_trials(p, q, 4000, 0.5)
+    assert sum(not r.rejected for r in lenient) > sum(not r.rejected for r in strict) + 200
+
+
+def test_decode_ops_do_not_grow_with_batch_or_drafts(tiny_engine):
+    """One step's sampling and verification runs a fixed number of tensor ops (counted at the aten dispatch),
+    whatever the batch size and the number of drafts."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += not func.is_view  # views are metadata (broadcasting a single row adds one)
+            return func(*args, **(kwargs or {}))
+
+    v = 300
+
+    def ops(batch: int, stride: int, greedy: bool) -> int:
+        dec = Decoder(v, batch)
+        params = SamplingParams(temperature=0 if greedy else 0.8, top_k=50, top_p=0.9, repetition_penalty=1.2,
+                                max_tokens=100)
+        d = isd(stride)
+        dec.start(list(range(batch)), [[1, 2, 3]] * batch)
+        items = [DecodeItem(i, i, params, d, i, 5, list(range(7, 6 + stride)), 100) for i in range(batch)]
+        dec.q = torch.full((batch, stride - 1, v), 1.0 / v)
+        logits = torch.randn(sum(it.num_rows for it in items), v)
+        with Count() as c:
+            dec.decode(items, logits)
+        return c.n
+
+    for greedy in (True, False):
+        counts = {ops(b, n, greedy) for b in (1, 3, 16) for n in (2, 4, 8)}
+        assert len(counts) == 1, (greedy, counts)
 
 
 # ---- oracle drafter: MASK rows replaced by the true AR continuation ---------------------------------
 
-class OracleISD(ISDDecoding):
-    """Drafts the true AR continuation (greedy reference) instead of the model's MASK rows."""
+def _oracle(reference: dict[int, list[int]], corrupt: dict[int, float] | None = None, seed: int = 0):
+    """A drafter proposing the true AR continuation (corrupted with the given per-request probability)."""
+    rng = random.Random(seed)
+    corrupt = corrupt or {}
 
-    def __init__(self, reference: dict[int, list[int]], stride: int, mask_token_id: int, corrupt: float = 0.0,
-                 seed: int = 0):
-        super().__init__(stride, mask_token_id)
-        self.reference = reference  # seq_id -> full AR output
-        self.corrupt = corrupt
-        self.rng = random.Random(seed)
+    def drafter(item: DecodeItem, n: int) -> list[int]:
+        ref = reference[item.request_id]
+        out = []
+        for m in range(n):
+            pos = item.position - item_prompt_len[item.request_id] + len(item.drafts) + 1 + m
+            t = ref[pos] if pos < len(ref) else 0
+            if rng.random() < corrupt.get(item.request_id, 0.0):
+                t = (t + 1) % 49152
+            out.append(t)
+        return out
 
-    def draft(self, seq, mask_logits):
-        ref = self.reference[seq.seq_id]
-        n = len(seq.output_ids)
-        drafts = []
-        for m in range(mask_logits.shape[0]):
-            t = ref[n + m] if n + m < len(ref) else 0
-            if self.corrupt and self.rng.random() < self.corrupt:
-                t = (t + 1) % mask_logits.shape[-1]
-            drafts.append(t)
-        q = torch.zeros_like(mask_logits, dtype=torch.float32)
-        q[torch.arange(len(drafts)), torch.tensor(drafts)] = 1.0
-        return drafts, q
+    item_prompt_len: dict[int, int] = {}
+    drafter.prompt_len = item_prompt_len  # type: ignore[attr-defined]
+    return drafter
 
 
 def _ar_reference(engine, prompt, params):
-    seq = engine.add_request(prompt, params, ARDecoding())
+    seq = engine.add_request(prompt, params, AR)
     engine.run_to_completion([seq])
     return seq
 
 
-def _oracle_run(engine, prompt, params, ref_ids, stride, corrupt=0.0, seed=0):
-    seq = engine.add_request(prompt, params, ARDecoding())  # placeholder policy, replaced below
-    policy = OracleISD({seq.seq_id: ref_ids}, stride, engine.model.mask_token_id, corrupt, seed)
-    engine._policies[seq.seq_id] = policy
-    seq.stats.decoding, seq.stats.stride = policy.name, stride
-    engine.run_to_completion([seq])
-    return seq
+def _oracle_runs(engine, prompts, params, refs, strides, corrupt=(), seed=0):
+    """Requests drafted by the oracle, all in one batch; returns the sequences."""
+    seqs = [engine.add_request(p, sp, isd(n)) for p, sp, n in zip(prompts, params, strides)]
+    drafter = _oracle({s.seq_id: r for s, r in zip(seqs, refs)},
+                      {s.seq_id: c for s, c in zip(seqs, corrupt)}, seed)
+    drafter.prompt_len.update({s.seq_id: len(p) for s, p in zip(seqs, prompts)})
+    engine.decoder.drafter = drafter
+    try:
+        engine.run_to_completion(seqs)
+    finally:
+        engine.decoder.drafter = None
+    return seqs
 
 
 @pytest.mark.parametrize("stride", [2, 4, 7])
@@ -98,7 +161,7 @@ def test_oracle_drafter_accepts_everything(tiny_engine, stride):
     prompt = list(range(1000, 1013))
     params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
     ref = _ar_reference(tiny_engine, prompt, params).output_ids
-    seq = _oracle_run(tiny_engine, prompt, params, ref, stride)
+    seq = _oracle_runs(tiny_engine, [prompt], [params], [ref], [stride])[0]
     assert seq.output_ids == ref
     s = seq.stats
     assert s.acceptance_by_position == [1.0] * (stride - 1)
@@ -112,7 +175,7 @@ def test_oracle_drafter_accepts_everything(tiny_engine, stride):
 def test_oracle_stops_inside_accepted_blocks(tiny_engine, tokenizer):
     """EOS, stop ids, stop strings and max_tokens landing inside an accepted block end exactly as in AR."""
     prompt = list(range(2000, 2011))
-    free = tiny_engine.kv.num_free_blocks
+    free = tiny_engine.blocks.num_free_blocks
     base = SamplingParams(temperature=0, max_tokens=80, ignore_eos=True)
     ref = _ar_reference(tiny_engine, prompt, base)
     ref_ids = ref.output_ids
@@ -128,29 +191,24 @@ def test_oracle_stops_inside_accepted_blocks(tiny_engine, tokenizer):
         for name, params in cases.items():
             expected = _ar_reference(tiny_engine, prompt, params)
             for stride in (3, 5):
-                got = _oracle_run(tiny_engine, prompt, params, ref_ids, stride)
+                got = _oracle_runs(tiny_engine, [prompt], [params], [ref_ids], [stride])[0]
                 assert got.output_ids == expected.output_ids, (name, stride)
                 assert got.text == expected.text, (name, stride)
                 assert got.finish_reason == expected.finish_reason, (name, stride)
     finally:
         tiny_engine.eos_token_ids = [tokenizer.eos_token_id]
-    assert tiny_engine.kv.num_free_blocks == free
+    assert tiny_engine.blocks.num_free_blocks == free
 
 
-def test_batched_isd_equals_each_alone(tiny_engine):
-    """Sequences with different acceptance (corrupted oracles), strides and samplers batched == alone."""
+def test_batched_oracle_isd_equals_each_alone(tiny_engine):
+    """Sequences with different acceptance (corrupted oracles) and strides batched == alone == AR."""
     prompts = [list(range(3000, 3000 + n)) for n in (5, 12, 30)]
     greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     refs = [_ar_reference(tiny_engine, p, greedy).output_ids for p in prompts]
-    specs = [(3, 0.0, greedy), (4, 0.3, greedy), (6, 0.6, greedy)]
-    alone = [_oracle_run(tiny_engine, p, sp, r, n, c, seed=i).output_ids
-             for i, (p, r, (n, c, sp)) in enumerate(zip(prompts, refs, specs))]
-    seqs = []
-    for i, (p, r, (n, c, sp)) in enumerate(zip(prompts, refs, specs)):
-        seq = tiny_engine.add_request(p, sp, ARDecoding())
-        tiny_engine._policies[seq.seq_id] = OracleISD({seq.seq_id: r}, n, tiny_engine.model.mask_token_id, c, seed=i)
-        seqs.append(seq)
-    tiny_engine.run_to_completion(seqs)
+    strides, corrupt = [3, 4, 6], [0.0, 0.3, 0.6]
+    alone = [_oracle_runs(tiny_engine, [p], [greedy], [r], [n], [c], seed=i)[0].output_ids
+             for i, (p, r, n, c) in enumerate(zip(prompts, refs, strides, corrupt))]
+    seqs = _oracle_runs(tiny_engine, prompts, [greedy] * 3, refs, strides, corrupt)
     assert [s.output_ids for s in seqs] == alone == refs
     rates = [s.stats.introspective_acceptance for s in seqs]
     assert rates[0] == 1.0 and rates[2] < rates[1] < 1.0
@@ -159,33 +217,31 @@ def test_batched_isd_equals_each_alone(tiny_engine):
 def test_batched_model_isd_with_sampling_equals_alone(tiny_engine):
     """The model's own drafts under seeded sampling (exact drafting): batch == alone, token for token."""
     prompts = [list(range(4000, 4000 + n)) for n in (4, 9, 21)]
-    params = [SamplingParams(temperature=0.9, seed=s, max_tokens=30, ignore_eos=True, top_k=40) for s in (1, 2, 3)]
+    params = [SamplingParams(temperature=0.9, seed=s, max_tokens=30, ignore_eos=True, top_k=40,
+                             repetition_penalty=1.1 if s == 2 else 1.0) for s in (1, 2, 3)]
     strides = [2, 4, 8]
-    mask = tiny_engine.model.mask_token_id
     alone = []
     for p, sp, n in zip(prompts, params, strides):
-        seq = tiny_engine.add_request(p, sp, ISDDecoding(n, mask))
+        seq = tiny_engine.add_request(p, sp, isd(n))
         tiny_engine.run_to_completion([seq])
         alone.append(seq.output_ids)
-    seqs = [tiny_engine.add_request(p, sp, ISDDecoding(n, mask)) for p, sp, n in zip(prompts, params, strides)]
+    seqs = [tiny_engine.add_request(p, sp, isd(n)) for p, sp, n in zip(prompts, params, strides)]
     tiny_engine.run_to_completion(seqs)
     assert [s.output_ids for s in seqs] == alone
 
 
 def test_no_kv_leak_after_200_requests(tiny_engine):
     rng = random.Random(0)
-    kv = tiny_engine.kv
-    start = kv.num_free_blocks
-    mask = tiny_engine.model.mask_token_id
+    blocks = tiny_engine.blocks
+    start = blocks.num_free_blocks
     live = []
     for i in range(200):
         prompt = [rng.randrange(100, 40000) for _ in range(rng.randint(1, 40))]
         params = SamplingParams(temperature=rng.choice([0.0, 1.0]), seed=i, max_tokens=rng.randint(1, 25),
                                 stop=[rng.choice(["e", "the", "a"])] if rng.random() < 0.3 else [],
                                 stop_token_ids=[rng.randrange(100, 40000) for _ in range(200)])
-        policy = ARDecoding() if rng.random() < 0.2 else ISDDecoding(rng.randint(2, 8), mask,
-                                                                     drafting=rng.choice(["exact", "argmax"]))
-        live.append(tiny_engine.add_request(prompt, params, policy))
+        decoding = AR if rng.random() < 0.2 else isd(rng.randint(2, 8), drafting=rng.choice(["exact", "argmax"]))
+        live.append(tiny_engine.add_request(prompt, params, decoding))
         if len(live) >= 8 or i == 199:
             for _ in range(rng.randint(0, 3)):
                 tiny_engine.step()
@@ -194,16 +250,18 @@ def test_no_kv_leak_after_200_requests(tiny_engine):
             tiny_engine.run_to_completion(live)
             live = []
     assert not tiny_engine.has_unfinished()
-    assert kv.num_free_blocks == start
+    assert blocks.num_free_blocks == start
 
 
 def test_isd_rejects_bad_options():
     with pytest.raises(ValueError, match="stride"):
-        ISDDecoding(1, 0)
+        isd(1)
     with pytest.raises(ValueError, match="stride"):
-        ISDDecoding(17, 0)
+        isd(17)
     with pytest.raises(ValueError, match="drafting"):
-        ISDDecoding(4, 0, drafting="beam")
+        isd(4, drafting="beam")
+    with pytest.raises(ValueError, match="gated"):
+        Decoding("isd", 4, "gated")
 
 
 # ---- R-ISD on the embedded model: lossless ----------------------------------------------------------
@@ -214,7 +272,7 @@ def random_gated_adapter(tmp_path_factory, embedded_llm):
     from idlm.loading import load_checkpoint
 
     model = load_checkpoint("smollm2-135m", torch.float32, "cpu").model
-    cfg = AdapterConfig(r=8, lora_alpha=16, gated=True, block_size=3, trained_stride=4)
+    cfg = AdapterConfig(r=8, lora_alpha=16, gated=True, draft_len=3, trained_stride=4)
     torch.manual_seed(0)
     for mod in add_lora(model, cfg):
         torch.nn.init.normal_(mod.lora_B, std=0.05)
@@ -230,11 +288,11 @@ def test_risd_greedy_equals_ar_greedy(embedded_llm, random_gated_adapter):
     convs = [[{"role": "user", "content": p}] for p in CHAT_PROMPTS[:10]]
     params = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
     ar = embedded_llm.chat(convs, params, decoding="ar")
-    model = embedded_llm.checkpoint.model
+    model = embedded_llm.model
     for stride in (2, 3, 4, 8):
         outs = llm.chat(convs, params, decoding="risd", stride=stride)
         for conv, a, r in zip(convs, ar, outs):
             assert r.stats.decoding == "risd" and r.stats.stride == stride
             assert_same_tokens(r.token_ids, a.token_ids, embedded_llm.apply_chat_template(conv), model,
                                f"stride {stride}: {conv[0]['content']}")
-    assert llm.engine.kv.num_free_blocks == llm.engine.kv.allocator.num_blocks
+    assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks

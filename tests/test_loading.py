@@ -161,7 +161,7 @@ def test_official_idlm_dir_maps_to_qwen3_without_remote_code(tmp_path, tiny_toke
     for name in ("configuration_sdar.py", "modeling_sdar.py"):  # would explode if anything ran remote code
         (tmp_path / name).write_text("raise RuntimeError('remote code must not run')\n")
     ck = load_checkpoint(str(tmp_path), torch.float32, "cpu")
-    assert (ck.config.family, ck.config.mask_token_id, ck.config.block_size) == ("qwen3", 4, 4)
+    assert (ck.config.family, ck.config.mask_token_id, ck.config.draft_len) == ("qwen3", 4, 4)
     assert ck.model.mask_token_id == 4
     assert_logits_match(ck.model, ref, ck.tokenizer)
 

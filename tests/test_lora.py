@@ -25,7 +25,7 @@ def _tiny_pair():
 
 
 def _with_random_adapter(model, gated: bool) -> AdapterConfig:
-    cfg = AdapterConfig(r=4, lora_alpha=8, gated=gated, block_size=3, trained_stride=4)
+    cfg = AdapterConfig(r=4, lora_alpha=8, gated=gated, draft_len=3, trained_stride=4)
     for mod in add_lora(model, cfg):
         torch.nn.init.normal_(mod.lora_B, std=0.1)
     return cfg
@@ -37,7 +37,7 @@ def test_peft_reads_our_adapter_and_agrees(tmp_path):
     cfg = _with_random_adapter(ours, gated=False)
     save_adapter(ours, cfg, tmp_path / "a")
     meta = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    assert meta["peft_type"] == "LORA" and meta["block_size"] == 3 and meta["trained_stride"] == 4
+    assert meta["peft_type"] == "LORA" and meta["draft_len"] == 3 and meta["trained_stride"] == 4
     peft_model = peft.PeftModel.from_pretrained(ref, str(tmp_path / "a")).eval()
     ids = torch.randint(0, 256, (1, 24))
     with torch.no_grad():
@@ -54,7 +54,7 @@ def test_adapter_roundtrip_and_gating(tmp_path):
     save_adapter(ours, cfg, tmp_path / "g", dtype=torch.bfloat16)
     _, fresh = _tiny_pair()
     loaded = load_adapter(fresh, tmp_path / "g")
-    assert loaded.gated and loaded.block_size == 3 and read_adapter_config(tmp_path / "g").trained_stride == 4
+    assert loaded.gated and loaded.draft_len == 3 and read_adapter_config(tmp_path / "g").trained_stride == 4
     mask = fresh.mask_token_id
     ids = torch.tensor([[5, 6, 7, mask, mask, 9]])
     gate = (ids == mask).float()
@@ -69,6 +69,14 @@ def test_adapter_roundtrip_and_gating(tmp_path):
     assert clean[:3].all()
 
 
+def test_adapter_files_from_before_the_draft_len_rename_load(tmp_path):
+    """Adapter files written before the I-DLM draft length got its own name say `block_size`."""
+    cfg = AdapterConfig(r=4, lora_alpha=8, gated=True, draft_len=3, trained_stride=4)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {k if k != "draft_len" else "block_size": v for k, v in cfg.to_json().items()}))
+    assert read_adapter_config(tmp_path).draft_len == 3
+
+
 def test_shipped_default_adapter():
     """The adapter that ships for the embedded model is a gated idlm adapter of at most 25 MB."""
     from idlm.loading import default_adapter_path
@@ -77,7 +85,7 @@ def test_shipped_default_adapter():
     if path is None:
         pytest.skip("no default adapter shipped")
     cfg = read_adapter_config(path)
-    assert cfg.gated and cfg.block_size == 3 and cfg.trained_stride == 4
+    assert cfg.gated and cfg.draft_len == 3 and cfg.trained_stride == 4
     assert sum(f.stat().st_size for f in path.iterdir()) <= 25 * 2**20
     from safetensors.torch import load_file
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from idlm.config import ModelConfig
+from idlm.engine.block_manager import BlockManager
 from idlm.engine.kv_cache import KVCache
 from idlm.models.attention import DenseAttention, PagedAttention
 from idlm.models.llama import build_model
@@ -62,12 +63,11 @@ def test_embedded_model_logits_match_transformers(embedded_llm, hf_reference):
         assert _rel_err(got, expected) <= 1e-4, prompt
 
 
-def _paged_step(model, kv, table, start, tokens):
-    table.reserve(start + len(tokens))
-    meta = PagedAttention.build(kv.k, kv.v, kv.block_size, [table.blocks], [start], [len(tokens)], "cpu")
+def _paged_step(model, kv, blocks, table, start, tokens):
+    assert blocks.grow(table, start + len(tokens))
+    meta = PagedAttention.build(kv.k, kv.v, kv.block_size, [table], [start], [len(tokens)], "cpu")
     with torch.no_grad():
         h = model(torch.tensor(tokens), torch.arange(start, start + len(tokens)), meta)
-    table.num_tokens = start + len(tokens)
     return model.logits(h)
 
 
@@ -79,21 +79,22 @@ def test_paged_incremental_equals_full_forward(family):
     with torch.no_grad():
         full = model.logits(model(torch.tensor([seq]), torch.arange(40)[None], DenseAttention()))[0]
     kv = KVCache(model.config, num_blocks=16, block_size=4, dtype=torch.float32, device="cpu")
-    table = kv.new_table()
+    blocks = BlockManager(16, 4)
+    table: list[int] = []
     got = {}
 
     def record(start, tokens):
-        out = _paged_step(model, kv, table, start, tokens)
+        out = _paged_step(model, kv, blocks, table, start, tokens)
         for i in range(len(tokens)):
             got[start + i] = out[i]
 
     record(0, seq[:9])                       # prefill
     record(9, seq[9:10])                     # 1 query token
     record(10, [7, 7, 7])                    # 3 wrong tokens ...
-    table.truncate(3)                        # ... rolled back
+    blocks.truncate(table, 10)               # ... rolled back
     record(10, seq[10:13])                   # 3 query tokens
     record(13, seq[13:20])                   # 7 query tokens
-    table.truncate(4)                        # roll back 4 good ones (crosses a block boundary)
+    blocks.truncate(table, 16)               # roll back 4 good ones (crosses a block boundary)
     record(16, seq[16:23])
     for n in range(23, 40):
         record(n, seq[n:n + 1])
@@ -106,17 +107,18 @@ def test_batched_paged_rows_equal_single():
     """Several sequences with different query counts in one forward == each alone."""
     model = tiny_model(vocab_size=500)
     kv = KVCache(model.config, num_blocks=64, block_size=4, dtype=torch.float32, device="cpu")
+    blocks = BlockManager(64, 4)
     torch.manual_seed(2)
     seqs = [torch.randint(0, 500, (n,)).tolist() for n in (5, 11, 2)]
     singles = []
     for s in seqs:
-        t = kv.new_table()
-        singles.append(_paged_step(model, kv, t, 0, s))
-        t.free()
-    tables = [kv.new_table() for _ in seqs]
+        t: list[int] = []
+        singles.append(_paged_step(model, kv, blocks, t, 0, s))
+        blocks.free(t)
+    tables: list[list[int]] = [[] for _ in seqs]
     for t, s in zip(tables, seqs):
-        t.reserve(len(s))
-    meta = PagedAttention.build(kv.k, kv.v, kv.block_size, [t.blocks for t in tables], [0, 0, 0],
+        assert blocks.grow(t, len(s))
+    meta = PagedAttention.build(kv.k, kv.v, kv.block_size, tables, [0, 0, 0],
                                 [len(s) for s in seqs], "cpu")
     with torch.no_grad():
         flat = sum(seqs, [])
@@ -134,17 +136,3 @@ def test_explicit_causal_mask_equals_default():
         a = model(ids, pos, DenseAttention())
         b = model(ids, pos, DenseAttention(mask))
     assert torch.allclose(a, b, atol=1e-6)
-
-
-def test_kv_block_table_accounting():
-    cfg = tiny_model(vocab_size=100).config
-    kv = KVCache(cfg, num_blocks=8, block_size=4, dtype=torch.float32, device="cpu")
-    t = kv.new_table()
-    t.append(9)
-    assert len(t.blocks) == 3 and kv.num_free_blocks == 5
-    t.truncate(5)
-    assert t.num_tokens == 4 and len(t.blocks) == 1 and kv.num_free_blocks == 7
-    with pytest.raises(ValueError):
-        t.truncate(5)
-    t.free()
-    assert kv.num_free_blocks == 8

@@ -17,6 +17,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default float32 on cpu, bfloat16 on cuda")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default cuda when available")
     p.add_argument("--kv-cache-tokens", type=int, default=32768, help="KV pool size in tokens")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="rows per forward (prefill chunks, drafts and MASK rows count)")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="recompute shared prompt prefixes")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -66,7 +71,9 @@ def load_llm(args: argparse.Namespace):
     from idlm import LLM
 
     return LLM(args.model, adapter=args.adapter, dtype=args.dtype, device=args.device,
-               kv_cache_tokens=args.kv_cache_tokens)
+               kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs,
+               max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.prefix_caching,
+               clamp_max_tokens=True)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -150,8 +157,8 @@ def cmd_acceptance(args: argparse.Namespace) -> int:
     strides = [int(x) for x in args.stride.split(",")] if args.stride else [llm.default_stride]
     rows = []
     for n in strides:
-        lora = llm.make_policy(decoding, n).lora
-        res = evaluate_isd(llm.checkpoint.model, llm.tokenizer, llm.checkpoint.eos_token_ids, prompts, n,
+        lora = llm.make_decoding(decoding, n).lora
+        res = evaluate_isd(llm.model, llm.tokenizer, llm.checkpoint.eos_token_ids, prompts, n,
                            args.max_tokens, lora)
         res.update(model=args.model, adapter=str(llm.adapter_path) if llm.adapter_path else None, decoding=decoding)
         rows.append(res)

@@ -39,7 +39,7 @@ class ModelConfig:
     attention_bias: bool = False  # Qwen2: bias on q/k/v projections
     qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head
     mask_token_id: int | None = None  # I-DLM MASK id when the checkpoint defines one
-    block_size: int | None = None  # I-DLM training block b = N-1 (official checkpoints, our full conversions)
+    draft_len: int | None = None  # I-DLM draft length b = N-1 MASKs per step (HF config key `block_size`)
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -93,7 +93,7 @@ class ModelConfig:
             attention_bias=attention_bias,
             qk_norm=qk_norm,
             mask_token_id=d.get("mask_token_id"),
-            block_size=d.get("block_size") if isinstance(d.get("block_size"), int) else None,
+            draft_len=d.get("block_size") if isinstance(d.get("block_size"), int) else None,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -76,7 +76,7 @@ def test_shipped_configs_parse():
 
     root = pathlib.Path(__file__).resolve().parents[2] / "configs"
     cfg = load_config(root / "smollm2-gated-lora.yaml")
-    assert cfg.mode == "gated_lora" and cfg.block_size == 3 and 32 <= cfg.lora.r <= 64 and len(cfg.lora.targets) == 7
+    assert cfg.mode == "gated_lora" and cfg.draft_len == 3 and 32 <= cfg.lora.r <= 64 and len(cfg.lora.targets) == 7
     assert load_config(root / "tiny-test.yaml").model == "random"
 
 

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
-pytest.importorskip("idlm.decoding.isd", reason="needs the ISD decoding policy (idlm.decoding.isd)")
-
 from idlm.eval.acceptance import evaluate_isd, load_eval_prompts
 from idlm.training.trainer import prepare_model, random_model, train  # noqa: E402
 from training_helpers import TINY_MODEL, counting_records, one_thread, tiny_config, write_jsonl  # noqa: E402

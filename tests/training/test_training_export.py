@@ -25,7 +25,7 @@ def test_gated_adapter_export_roundtrip(tmp_path):
     path = tmp_path / "run" / "adapter"
     assert summary["output"] == str(path)
     acfg = read_adapter_config(path)
-    assert acfg.gated and acfg.block_size == 3 and acfg.trained_stride == 4
+    assert acfg.gated and acfg.draft_len == 3 and acfg.trained_stride == 4
     assert acfg.mask_token_id == TINY_MODEL["vocab_size"]  # an extra input embedding
     fresh = random_model(TINY_MODEL, cfg.seed)  # same base weights (same seed)
     load_adapter(fresh, path)
@@ -66,7 +66,7 @@ def test_full_model_export_loads_with_mask_row_and_block_size(tmp_path):
     from idlm.loading import load_checkpoint
 
     ck = load_checkpoint(str(out), torch.float32, "cpu")
-    assert ck.model.mask_token_id == TINY_MODEL["vocab_size"] and ck.config.block_size == 3
+    assert ck.model.mask_token_id == TINY_MODEL["vocab_size"] and ck.config.draft_len == 3
     torch.testing.assert_close(ck.model.mask_embedding, tr.model.mask_embedding)  # the trained MASK vector
     ex = build_example(list(range(12)), 4, TINY_MODEL["vocab_size"], 3)
     with torch.no_grad():

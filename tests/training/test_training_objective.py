@@ -34,7 +34,7 @@ EXPECTED_MASK = [
 
 
 def test_build_example_hand_worked_L6_b3():
-    ex = build_example([10, 11, 12, 13, 14, 15], prompt_len=2, mask_id=M, block_size=3)
+    ex = build_example([10, 11, 12, 13, 14, 15], prompt_len=2, mask_id=M, draft_len=3)
     assert ex.input_ids.tolist() == [10, 11, M, M, M, M, 10, 11, 12, 13, 14, 15]
     assert ex.positions.tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5]
     assert ex.attn_mask.dtype == torch.bool

@@ -28,9 +28,9 @@ def test_rows_that_differ_from_their_clean_twin(tmp_path):
     assert multi.noisy_ids.tolist() == [47, 5, 6] and multi.task_mask.tolist() == [False] * 3
 
 
-@pytest.mark.parametrize("block_size", [1, 3, 4])
-def test_two_pass_matches_one_pass_loss_and_gradients(tmp_path, block_size):
-    cfg = tiny_config(tmp_path, mode="gated_lora", lora={"r": 4, "alpha": 8}, block_size=block_size)
+@pytest.mark.parametrize("draft_len", [1, 3, 4])
+def test_two_pass_matches_one_pass_loss_and_gradients(tmp_path, draft_len):
+    cfg = tiny_config(tmp_path, mode="gated_lora", lora={"r": 4, "alpha": 8}, draft_len=draft_len)
     model = random_model(TINY_MODEL, 0)
     prepare_model(model, cfg)
     g = torch.Generator().manual_seed(0)
@@ -52,8 +52,8 @@ def test_two_pass_matches_one_pass_loss_and_gradients(tmp_path, block_size):
         out["loss"].backward()
         return out["loss"].detach(), [p.grad.clone() for p in trainable]
 
-    one = collate([build_example(i, pl, mask_id, block_size, r) for i, pl, r in specs])
-    two = collate_gated([build_gated_example(i, pl, mask_id, block_size, r) for i, pl, r in specs])
+    one = collate([build_example(i, pl, mask_id, draft_len, r) for i, pl, r in specs])
+    two = collate_gated([build_gated_example(i, pl, mask_id, draft_len, r) for i, pl, r in specs])
     assert two.noisy_ids.numel() < one.input_ids.numel() / 2  # fewer rows with gradients
     l1, g1 = run(one)
     l2, g2 = run(two)

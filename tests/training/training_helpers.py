@@ -40,7 +40,7 @@ def tiny_config(tmp: Path, **over):
         "model": "random",
         "model_config": TINY_MODEL,
         "mode": "full",
-        "block_size": 3,
+        "draft_len": 3,
         "alpha": 1.0,
         "data": {"train": [str(data)], "max_len": 64},
         "micro_batch_size": 4,

@@ -30,6 +30,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--repeats", type=int, default=7)
     f.add_argument("--out", default="benchmarks/results")
     f.set_defaults(func=_forward)
+    t = bsub.add_parser("throughput", help="offline throughput by concurrency (continuous batching, prefix cache)")
+    t.add_argument("--model", default="smollm2-135m")
+    t.add_argument("--concurrency", default="1,4,16,64", help="comma list: max_num_seqs per run")
+    t.add_argument("--decoding", default="ar,risd", help="comma list of ar,isd,risd")
+    t.add_argument("--workload", default="chat,shared-prefix", help="chat and/or shared-prefix")
+    t.add_argument("--max-tokens", type=int, default=64)
+    t.add_argument("--kv-cache-tokens", type=int, default=32768)
+    t.add_argument("--repeats", type=int, default=1, help="interleaved runs per configuration (median kept)")
+    t.add_argument("--baseline-src", default=None,
+                   help="the src dir of another idlm version (e.g. a git worktree) to run beside this one")
+    t.add_argument("--out", default="benchmarks/results")
+    t.set_defaults(func=_throughput)
 
 
 def _decode(args: argparse.Namespace) -> int:
@@ -43,4 +55,11 @@ def _forward(args: argparse.Namespace) -> int:
     from idlm.bench.forward import run_forward_bench
 
     run_forward_bench(args)
+    return 0
+
+
+def _throughput(args: argparse.Namespace) -> int:
+    from idlm.bench.throughput import run_throughput_bench
+
+    run_throughput_bench(args)
     return 0

@@ -22,13 +22,15 @@ from idlm.bench.results import write_results
 
 def time_forward(model, kv, rows: int, batch: int, context: int, repeats: int) -> float:
     """Median seconds of one forward: `batch` sequences, each `rows` new rows after `context` cached tokens."""
+    from idlm.engine.block_manager import BlockManager
     from idlm.models.attention import PagedAttention
 
     dev = next(model.parameters()).device
-    tables = [kv.new_table() for _ in range(batch)]
-    for t in tables:
-        t.append(context)  # pretend-cached prefix (values do not matter for timing)
-        t.reserve(context + rows)
+    blocks = BlockManager(kv.num_blocks, kv.block_size)
+    tables: list[list[int]] = [[] for _ in range(batch)]
+    for t in tables:  # a pretend-cached prefix (values do not matter for timing) and the new rows
+        if not blocks.grow(t, context + rows):
+            raise ValueError(f"the KV pool cannot hold {batch} x {context + rows} tokens")
     ids = torch.randint(0, model.config.vocab_size, (batch * rows,), device=dev)
     pos = torch.arange(context, context + rows, device=dev).repeat(batch)
     times = []
@@ -37,7 +39,7 @@ def time_forward(model, kv, rows: int, batch: int, context: int, repeats: int) -
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            meta = PagedAttention.build(kv.k, kv.v, kv.block_size, [t.blocks for t in tables], [context] * batch,
+            meta = PagedAttention.build(kv.k, kv.v, kv.block_size, tables, [context] * batch,
                                         [rows] * batch, dev)
             h = model(ids, pos, meta)
             model.logits(h)  # every row's logits: ISD needs them all
@@ -45,8 +47,6 @@ def time_forward(model, kv, rows: int, batch: int, context: int, repeats: int) -
                 torch.cuda.synchronize()
             if i >= 2:
                 times.append(time.perf_counter() - t0)
-    for t in tables:
-        t.free()
     return statistics.median(times)
 
 
@@ -55,7 +55,7 @@ def run_forward_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     llm = LLM(args.model, adapter="none", dtype=args.dtype, device=device)
-    model, kv = llm.checkpoint.model, llm.engine.kv
+    model, kv = llm.model, llm.engine.kv
     rows_list = [int(x) for x in args.rows.split(",")]
     batches = [int(x) for x in args.batch.split(",")]
     table = []

@@ -1,34 +1,103 @@
-"""What a decoding policy tells the engine for one step of one sequence, and what it gets back."""
+"""How a request decodes (`Decoding`) and what one step of it feeds (`StepPlan`).
+
+A step feeds, after the sequence's cached prefix, `[uncomputed committed tokens | drafts | MASK rows]`:
+AR is the case with no drafts and no MASK rows. Logits are needed for the last K + 1 + M rows (K drafts,
+M MASKs): row i predicts token i + 1, so those rows give p for each draft, the next token, and q for the
+new drafts. A prefill chunk (the prompt is longer than the step's token budget) feeds committed tokens
+only and needs no logits.
+
+`lora` says where an adapter acts: "none" (base model only), "all" (every row: an adapter-converted
+model), "gated" (MASK rows only: R-ISD, every kept KV entry and every p is the base model's).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
-import torch
+LORA_MODES = ("none", "all", "gated")
+DRAFTING_MODES = ("exact", "argmax")
+MAX_STRIDE = 16
 
-from idlm.engine.sequence import Sequence
 
-
-@dataclass
+@dataclass(frozen=True)
 class StepPlan:
-    """Rows to feed after the sequence's cached prefix (positions kv.num_tokens ...).
-
-    logit_rows: rows whose output distributions the policy needs.
-    lora_gate: per row 1.0 where an adapter delta applies, 0.0 where not; None = no gating (adapter, if
-    any, on every row).
-    """
+    """Rows to feed at positions num_computed_tokens ...; logits for the last `num_logits` of them;
+    `lora_gate[i]` = 1 where an adapter delta applies."""
 
     token_ids: list[int]
-    logit_rows: list[int]
-    lora_gate: list[float] | None = None
+    lora_gate: list[int]
+    num_logits: int
 
 
-class DecodingPolicy(Protocol):
-    name: str
-    stride: int
+@dataclass(frozen=True)
+class Decoding:
+    """One request's decoding: `ar`, `isd` or `risd` at stride N (tokens a verify round can commit).
 
-    def plan(self, seq: Sequence) -> StepPlan:
-        """Decide what this sequence feeds in the next forward."""
+    Verification options follow the official release (see docs/architecture.md); all but the defaults
+    are lossy: `fast_verify` (accept drafts in the top-k logits), `confidence_accept_threshold`,
+    `verify_alpha` < 1, `verify_num_specs` < N - 1 (later drafts accepted untested), `argmax` drafting
+    under sampling.
+    """
 
-    def commit(self, seq: Sequence, plan: StepPlan, logits: torch.Tensor) -> None:
-        """Consume the logits of `plan.logit_rows`: emit tokens, roll back unkept KV rows."""
+    name: str = "ar"
+    stride: int = 1
+    lora: str = "none"
+    drafting: str = "exact"
+    verify_alpha: float = 1.0
+    fast_verify: bool = False
+    fast_verify_topk: int = 5
+    confidence_accept_threshold: float = 0.0
+    verify_num_specs: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in ("ar", "isd", "risd"):
+            raise ValueError(f"unknown decoding {self.name!r}; choose ar, isd or risd")
+        if self.name == "ar":
+            if self.stride != 1:
+                raise ValueError("ar decodes one token per step (stride 1)")
+        elif not 2 <= self.stride <= MAX_STRIDE:
+            raise ValueError(f"stride must be between 2 and {MAX_STRIDE}, got {self.stride}")
+        if self.lora not in LORA_MODES:
+            raise ValueError(f"lora must be one of {LORA_MODES}, got {self.lora!r}")
+        if self.lora == "gated" and self.name != "risd":
+            raise ValueError("a gated adapter acts on MASK rows: only risd has them")
+        if self.drafting not in DRAFTING_MODES:
+            raise ValueError(f"drafting must be one of {DRAFTING_MODES}, got {self.drafting!r}")
+        if self.fast_verify_topk < 1:
+            raise ValueError("fast_verify_topk must be >= 1")
+        if not 0.0 <= self.confidence_accept_threshold <= 1.0:
+            raise ValueError("confidence_accept_threshold must be in [0, 1]")
+        if self.verify_num_specs is not None and self.verify_num_specs < 0:
+            raise ValueError("verify_num_specs must be >= 0")
+
+    @property
+    def num_masks(self) -> int:
+        """MASK rows per step (N - 1): the new drafts."""
+        return self.stride - 1
+
+    @property
+    def num_verified(self) -> int:
+        """Drafts tested per verify round; later ones are accepted untested."""
+        k = self.num_masks if self.verify_num_specs is None else self.verify_num_specs
+        return max(0, min(self.num_masks, k))
+
+    @property
+    def kv_salt(self) -> int:
+        """What the KV of committed tokens depends on beyond the tokens: 1 when the adapter acts on them."""
+        return int(self.lora == "all")
+
+    def step_rows(self, num_uncomputed: int, num_drafts: int) -> int:
+        return num_uncomputed + num_drafts + self.num_masks
+
+    def plan(self, uncomputed: list[int], drafts: list[int], mask_token_id: int) -> StepPlan:
+        """The full step: feed the uncomputed committed tokens, the drafts, the MASK rows."""
+        if not uncomputed:
+            raise ValueError("a step feeds at least one committed token (its row predicts the next one)")
+        m = self.num_masks
+        committed_gate = 1 if self.lora == "all" else 0
+        mask_gate = 1 if self.lora in ("all", "gated") else 0
+        gate = [committed_gate] * (len(uncomputed) + len(drafts)) + [mask_gate] * m
+        return StepPlan(uncomputed + drafts + [mask_token_id] * m, gate, len(drafts) + 1 + m)
+
+    def chunk(self, tokens: list[int]) -> StepPlan:
+        """A prefill chunk: committed tokens only, no logits."""
+        return StepPlan(list(tokens), [1 if self.lora == "all" else 0] * len(tokens), 0)

@@ -2,12 +2,13 @@
 
 `distribution` is the single place that turns logits into the probabilities a token is drawn
 from. AR sampling draws from it, and ISD verification compares p and q that both come from it,
-so the accept/resample rule preserves exactly the distribution the user asked for.
+so the accept/resample rule preserves exactly the distribution the user asked for. It runs on all
+logit rows of a step at once (per-row parameters as tensors). The randomness of every draw is keyed by
+(seed, position, stream) and hashed on the device, so one op serves all rows of a step.
 """
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -86,122 +87,151 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
-class PenaltyState:
-    """A request's committed token history as the penalties read it.
+class RowSampling:
+    """The sampling parameters of a step's logit rows as tensors (one entry per row), so that one pipeline
+    serves every row of every request in a step with a fixed number of tensor ops.
 
-    `seen[v]`: token v occurs in the prompt or the generated text (repetition penalty);
-    `counts[v]`: how often v was generated (presence / frequency penalties). Committed tokens only
-    grow, so the state is built once and updated with `append`.
+    `seen` [R, V] (token in the prompt or the generated text: repetition penalty) and `counts` [R, V] (times
+    generated: presence / frequency penalties) are each row's history; needed only when a row uses penalties.
     """
 
-    def __init__(self, prompt_ids: Sequence[int], vocab_size: int, device: torch.device | str = "cpu"):
-        self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-        self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
-        if len(prompt_ids):
-            self.seen[torch.as_tensor(prompt_ids, dtype=torch.long, device=device)] = True
+    def __init__(
+        self,
+        params: Sequence[SamplingParams],
+        device: torch.device | str = "cpu",
+        seen: Tensor | None = None,
+        counts: Tensor | None = None,
+    ):
+        def col(values, dtype=torch.float32):
+            return torch.tensor(values, dtype=dtype, device=device)
 
-    def append(self, token_ids: Sequence[int] | Tensor) -> None:
-        """Record newly committed generated tokens."""
-        ids = torch.as_tensor(token_ids, dtype=torch.long, device=self.counts.device).reshape(-1)
-        self.counts.index_add_(0, ids, torch.ones(ids.numel(), dtype=torch.float32, device=ids.device))
-        self.seen[ids] = True
-
-
-def _penalize(logits: Tensor, params: SamplingParams, seen: Tensor, counts: Tensor) -> Tensor:
-    """Apply repetition, then presence and frequency penalties (seen/counts broadcast to logits)."""
-    if params.repetition_penalty != 1.0:
-        rp = params.repetition_penalty
-        logits = torch.where(seen, torch.where(logits > 0, logits / rp, logits * rp), logits)
-    if params.presence_penalty != 0.0:
-        logits = logits - params.presence_penalty * (counts > 0).to(logits.dtype)
-    if params.frequency_penalty != 0.0:
-        logits = logits - params.frequency_penalty * counts
-    return logits
-
-
-def _apply_penalties(
-    logits: Tensor, params: SamplingParams, history: PenaltyState | None, row_extra: list[list[int]] | None
-) -> Tensor:
-    if history is None:
-        raise ValueError("penalties are set but no PenaltyState was given")
-    out = _penalize(logits, params, history.seen, history.counts)
-    if not row_extra:
-        return out
-    if len(row_extra) != logits.shape[0]:
-        raise ValueError(f"row_extra has {len(row_extra)} rows, logits have {logits.shape[0]}")
-    # Only the tokens a row adds to the committed history change; recompute those entries.
-    rows, cols, extra = [], [], []
-    for r, tokens in enumerate(row_extra):
-        for tok, n in Counter(tokens).items():
-            rows.append(r)
-            cols.append(tok)
-            extra.append(float(n))
-    if not rows:
-        return out
-    device = logits.device
-    rows_t = torch.tensor(rows, dtype=torch.long, device=device)
-    cols_t = torch.tensor(cols, dtype=torch.long, device=device)
-    counts = history.counts[cols_t] + torch.tensor(extra, dtype=torch.float32, device=device)
-    seen = torch.ones(len(rows), dtype=torch.bool, device=device)
-    out[rows_t, cols_t] = _penalize(logits[rows_t, cols_t], params, seen, counts)
-    return out
+        self.num_rows = len(params)
+        self.greedy_all = all(p.greedy for p in params)
+        self.temperature = col([p.temperature for p in params])
+        self.top_k = col([p.top_k if p.top_k > 0 else 0 for p in params], torch.long)
+        self.max_top_k = max((p.top_k for p in params), default=0)
+        top_p_rows = [i for i, p in enumerate(params) if p.top_p < 1.0 and not p.greedy]
+        self.top_p_rows = col(top_p_rows, torch.long) if top_p_rows else None  # only these rows pay for a sort
+        self.top_p = col([params[i].top_p for i in top_p_rows]) if top_p_rows else None
+        self.min_p = col([p.min_p for p in params]) if any(p.min_p > 0.0 for p in params) else None
+        self.penalized = any(p.uses_penalties for p in params)
+        if self.penalized:
+            if seen is None or counts is None:
+                raise ValueError("penalties are set but no token history (seen, counts) was given")
+            self.repetition = col([p.repetition_penalty for p in params])[:, None]
+            self.presence = col([p.presence_penalty for p in params])[:, None]
+            self.frequency = col([p.frequency_penalty for p in params])[:, None]
+            self.seen, self.counts = seen, counts
 
 
-def distribution(
-    logits: Tensor,
-    params: SamplingParams,
-    history: PenaltyState | None = None,
-    row_extra: list[list[int]] | None = None,
-) -> Tensor:
-    """The probabilities [R, V] (float32) a token is drawn from, for logits [R, V].
+def _penalize(logits: Tensor, rows: RowSampling) -> Tensor:
+    """Repetition (transformers: positive logits divided, negative multiplied, over seen tokens), then
+    presence and frequency (OpenAI: over generated tokens, subtracted). Neutral values change nothing."""
+    rp = rows.repetition
+    logits = torch.where(rows.seen, torch.where(logits > 0, logits / rp, logits * rp), logits)
+    return logits - rows.presence * (rows.counts > 0).to(logits.dtype) - rows.frequency * rows.counts
+
+
+def distribution(logits: Tensor, rows: RowSampling) -> Tensor:
+    """The probabilities [R, V] (float32) each row's token is drawn from, for logits [R, V].
 
     Order: penalties (repetition, presence, frequency) -> temperature -> top-k -> top-p -> min-p ->
-    softmax. Greedy gives a one-hot at the argmax of the penalized logits. Row r's history is
-    `history` plus the generated tokens `row_extra[r]` (ISD: the drafts row r conditions on).
+    softmax. A greedy row (temperature 0) gives a one-hot at the argmax of its penalized logits.
     """
     logits = logits.float()
-    if params.uses_penalties:
-        logits = _apply_penalties(logits, params, history, row_extra)
-    if params.greedy:
-        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    if params.temperature != 1.0:
-        # Shift by the max first so that a tiny temperature cannot overflow to inf.
-        logits = (logits - logits.amax(-1, keepdim=True)) / params.temperature
+    if rows.penalized:
+        logits = _penalize(logits, rows)
+    greedy = rows.temperature == 0
+    onehot = torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    if rows.greedy_all:
+        return onehot
+    # Shift by the max first so that a tiny temperature cannot overflow to inf.
+    temperature = torch.where(greedy, torch.ones_like(rows.temperature), rows.temperature)[:, None]
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     vocab = logits.shape[-1]
-    if 0 < params.top_k < vocab:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    if params.top_p < 1.0:
-        probs, order = torch.sort(torch.softmax(logits, -1), dim=-1, descending=True, stable=True)
-        mass_before = probs.cumsum(-1) - probs  # probability of the tokens ranked above
-        drop = torch.zeros_like(mass_before, dtype=torch.bool).scatter_(-1, order, mass_before >= params.top_p)
-        logits = logits.masked_fill(drop, -math.inf)
-    if params.min_p > 0.0:
-        # p(v) < min_p * max p  <=>  logit(v) < max logit + log(min_p)
-        floor = logits.amax(-1, keepdim=True) + math.log(params.min_p)
+    if 0 < rows.max_top_k:
+        k = torch.where(rows.top_k >= vocab, 0, rows.top_k)
+        top = torch.topk(logits, min(rows.max_top_k, vocab), dim=-1).values
+        kth = top.gather(-1, (k - 1).clamp(min=0)[:, None])
+        logits = logits.masked_fill((k > 0)[:, None] & (logits < kth), -math.inf)
+    if rows.top_p_rows is not None:
+        sub = logits.index_select(0, rows.top_p_rows)
+        logits = logits.index_copy(0, rows.top_p_rows, sub.masked_fill(_top_p_drop(sub, rows.top_p), -math.inf))
+    if rows.min_p is not None:
+        # p(v) < min_p * max p  <=>  logit(v) < max logit + log(min_p)   (log 0 = -inf: off)
+        floor = logits.amax(-1, keepdim=True) + torch.log(rows.min_p)[:, None]
         logits = logits.masked_fill(logits < floor, -math.inf)
-    return torch.softmax(logits, -1)
+    return torch.where(greedy[:, None], onehot, torch.softmax(logits, -1))
 
 
-def sample(probs: Tensor, generator: torch.Generator) -> Tensor:
-    """Draw one token per row of probs [R, V]; returns int64 [R].
+TOP_P_CANDIDATES = 1024
 
-    Exponential race: argmax(p / E) with E ~ Exp(1) i.i.d. picks v with probability p(v), never a
-    zero-probability token, and a one-hot always yields its argmax.
+
+def _top_p_drop(logits: Tensor, top_p: Tensor) -> Tensor:
+    """Tokens outside the nucleus: those whose higher-ranked tokens already hold `top_p` of the mass.
+
+    The nucleus almost always lies within the top TOP_P_CANDIDATES tokens, so those are ranked first (a
+    partial sort); only when some row's nucleus is wider are all tokens sorted.
     """
-    u = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=torch.float32)
-    e = -torch.log(u.clamp_min_(torch.finfo(torch.float32).tiny))
+    probs = torch.softmax(logits, -1)
+    k = min(TOP_P_CANDIDATES, probs.shape[-1])
+    ranked, order = torch.topk(probs, k, dim=-1, sorted=True)
+    if k < probs.shape[-1] and not bool((ranked.sum(-1) >= top_p).all()):
+        ranked, order = torch.sort(probs, dim=-1, descending=True, stable=True)
+    mass_before = ranked.cumsum(-1) - ranked  # probability of the tokens ranked above
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, mass_before < top_p[:, None])
+    return ~keep
+
+
+def sample(probs: Tensor, keys: Tensor) -> Tensor:
+    """One token per row of probs [R, V] (need not sum to 1), with the randomness of the row's key [R].
+
+    Exponential race: argmax(p / E) with E ~ Exp(1) i.i.d. picks v with probability p(v) / sum(p), never a
+    zero-probability token, and a one-hot always yields its argmax. Unlike inverting the CDF with one uniform,
+    the winner only changes when two candidates are nearly tied, so the tiny differences between a batched
+    and a lone forward almost never change a seeded request's tokens.
+    """
+    e = -torch.log(uniforms(keys, probs.shape[-1]))
     return (probs.float() / e).argmax(-1)
 
 
-def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator on `device`, seeded with `seed`, or from system entropy when seed is None."""
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    return generator
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _signed(x: int) -> int:
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finalizer: a bijection on 64-bit integers with full avalanche."""
+    x = (x ^ (x >> 30)) * _MIX1 & _MASK64
+    x = (x ^ (x >> 27)) * _MIX2 & _MASK64
+    return x ^ (x >> 31)
+
+
+def row_key(seed: int, position: int, stream: int) -> int:
+    """The key of one draw: (seed, token position, stream). Counter-based, so a request's draws do not depend
+    on what else ran, in which batch, or whether it was preempted and recomputed."""
+    x = _mix64((seed & _MASK64) ^ _GOLDEN)
+    return _signed(_mix64(x ^ ((position & 0xFFFFFFFFFF) << 8 | (stream & 0xFF))))
+
+
+def _mix64_tensor(x: Tensor) -> Tensor:
+    """`_mix64` on int64 tensors (multiplication wraps mod 2^64; shifts made logical by masking)."""
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * _signed(_MIX1)
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * _signed(_MIX2)
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def uniforms(keys: Tensor, n: int) -> Tensor:
+    """[R, n] float32 uniforms strictly inside (0, 1): element i of row r hashes (keys[r], i)."""
+    x = keys.long()[:, None] + torch.arange(1, n + 1, device=keys.device) * _signed(_GOLDEN)
+    bits = (_mix64_tensor(x) >> 41) & ((1 << 23) - 1)  # 23 bits: (k + 1/2) / 2^23 is exact in float32
+    return (bits.float() + 0.5) * (1.0 / (1 << 23))
 
 
 def residual_distribution(p: Tensor, q: Tensor) -> Tensor:

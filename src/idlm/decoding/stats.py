@@ -21,6 +21,8 @@ class RequestStats:
     accepted_by_position: list[int] = field(default_factory=list)
     acceptance_sum: float = 0.0  # sum over tested drafts of min(1, p(x)/q(x))
     drafts_tested: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    preemptions: int = 0  # times the request's KV was dropped under memory pressure (recomputed after)
 
     @property
     def tokens_per_forward(self) -> float:
@@ -38,14 +40,13 @@ class RequestStats:
     def introspective_acceptance(self) -> float:
         return self.acceptance_sum / self.drafts_tested if self.drafts_tested else 0.0
 
-    def record_test(self, position: int, accepted: bool, ratio: float) -> None:
-        """Account one draft tested at block position `position` (0-based)."""
+    def record_test(self, position: int, accepted: bool) -> None:
+        """Account one draft tested at draft position `position` (0-based)."""
         while len(self.proposed_by_position) <= position:
             self.proposed_by_position.append(0)
             self.accepted_by_position.append(0)
         self.proposed_by_position[position] += 1
         self.accepted_by_position[position] += int(accepted)
-        self.acceptance_sum += min(1.0, ratio)
         self.drafts_tested += 1
 
     def merge(self, other: "RequestStats") -> None:
@@ -64,6 +65,8 @@ class RequestStats:
             self.accepted_by_position[i] += a
         self.acceptance_sum += other.acceptance_sum
         self.drafts_tested += other.drafts_tested
+        self.cached_tokens += other.cached_tokens
+        self.preemptions += other.preemptions
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -75,6 +78,8 @@ class RequestStats:
             "tokens_per_second": round(self.tokens_per_second, 2),
             "decoding": self.decoding,
             "stride": self.stride,
+            "cached_tokens": self.cached_tokens,
+            "preemptions": self.preemptions,
         }
         if self.decoding != "ar":
             d["rounds"] = dict(self.rounds)

@@ -1,4 +1,8 @@
-"""The Python API users know from vLLM: `LLM(model).generate(prompts, params)` and `.chat(messages, params)`."""
+"""The Python API users know from vLLM: `LLM(model).generate(prompts, params)` and `.chat(messages, params)`.
+
+`LLM` is the one offline driver of the engine: batches, streaming chat, distillation and the acceptance
+evaluation all submit requests here and step the same engine (continuous batching, preemption, prefix cache).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -6,14 +10,13 @@ from typing import Any, Iterator, Sequence as Seq
 
 import torch
 
-from idlm.decoding.ar import ARDecoding
-from idlm.decoding.isd import ISDDecoding
-from idlm.decoding.policy import DecodingPolicy
+from idlm.decoding.policy import Decoding
 from idlm.decoding.sampling import SamplingParams
 from idlm.decoding.stats import RequestStats
 from idlm.engine.llm_engine import EngineConfig, LLMEngine
 from idlm.engine.sequence import Sequence
 from idlm.loading import load_checkpoint
+from idlm.models.llama import CausalLM
 from idlm.models.lora import AdapterConfig, load_adapter
 
 DECODINGS = ("ar", "isd", "risd")
@@ -30,7 +33,7 @@ class RequestOutput:
 
 
 def _output(prompt: str | None, seq: Sequence) -> RequestOutput:
-    return RequestOutput(prompt, seq.prompt_ids, seq.text, list(seq.output_ids), seq.finish_reason, seq.stats)
+    return RequestOutput(prompt, seq.prompt_ids, seq.text, seq.output_ids, seq.finish_reason, seq.stats)
 
 
 def default_device() -> str:
@@ -62,14 +65,14 @@ class LLM:
         *,
         dtype: str | torch.dtype | None = None,
         device: str | None = None,
-        kv_cache_tokens: int = 32768,
-        max_num_seqs: int = 64,
-        max_model_len: int | None = None,
         adapter: str | None = None,
         pack_cpu_weights: bool = True,
+        **engine: Any,
     ):
         """adapter: a PEFT/idlm adapter dir; None = the model's default adapter if it ships one; "none" = no adapter.
-        pack_cpu_weights: on CPU, pre-pack frozen weights for oneDNN (few-row forwards cost near one row)."""
+        pack_cpu_weights: on CPU, pre-pack frozen weights for oneDNN (few-row forwards cost near one row).
+        engine: `EngineConfig` fields (kv_cache_tokens, max_num_seqs, max_num_batched_tokens, max_model_len,
+        kv_block_size, enable_prefix_caching, clamp_max_tokens)."""
         device = device or default_device()
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("device cuda requested but torch sees no CUDA device")
@@ -86,12 +89,30 @@ class LLM:
                 raise ValueError(f"cannot load adapter {self.adapter_path}: {e}") from e
         if device == "cpu" and pack_cpu_weights:
             self.checkpoint.model.pack_for_cpu_inference()
-        self.engine = LLMEngine(
-            self.checkpoint.model,
-            self.tokenizer,
-            self.checkpoint.eos_token_ids,
-            EngineConfig(kv_cache_tokens=kv_cache_tokens, max_num_seqs=max_num_seqs, max_model_len=max_model_len),
-        )
+        self.name = self.checkpoint.name
+        self._start(self.checkpoint.model, self.checkpoint.eos_token_ids, self.checkpoint.config.draft_len, engine)
+
+    @classmethod
+    def from_model(cls, model: CausalLM, tokenizer: Any, eos_token_ids: list[int],
+                   adapter: AdapterConfig | None = None, name: str = "in-memory", **engine: Any) -> "LLM":
+        """Drive an in-memory model (e.g. during training); `adapter` describes the LoRA already attached to it."""
+        self = cls.__new__(cls)
+        p = next(model.parameters())
+        self.device, self.dtype = str(p.device), p.dtype
+        self.checkpoint = None
+        self.tokenizer = tokenizer
+        self.adapter, self.adapter_path, self.name = adapter, None, name
+        self._start(model, eos_token_ids, model.config.draft_len, engine)
+        return self
+
+    def _start(self, model: CausalLM, eos_token_ids: list[int], draft_len: int | None, engine: dict) -> None:
+        try:
+            config = EngineConfig(**engine)
+        except TypeError as e:
+            raise ValueError(f"unknown engine option: {e}") from e
+        self.model = model
+        self.model_draft_len = draft_len
+        self.engine = LLMEngine(model, self.tokenizer, eos_token_ids, config)
 
     # ---- prompts -------------------------------------------------------------------------------
     def encode(self, prompt: str) -> list[int]:
@@ -112,17 +133,17 @@ class LLM:
 
     @property
     def default_stride(self) -> int:
-        """From the adapter (trained stride, or block_size + 1), an official checkpoint's block_size + 1, else 4."""
+        """From the adapter (trained stride, or its draft length + 1), an official checkpoint's, else 4."""
         a = self.adapter
         if a is not None and a.trained_stride:
             return int(a.trained_stride)
-        if a is not None and a.block_size:
-            return int(a.block_size) + 1
-        if self.checkpoint.config.block_size:
-            return int(self.checkpoint.config.block_size) + 1
+        if a is not None and a.draft_len:
+            return int(a.draft_len) + 1
+        if self.model_draft_len:
+            return int(self.model_draft_len) + 1
         return 4
 
-    def make_policy(self, decoding: str | None = None, stride: int | None = None, **options: Any) -> DecodingPolicy:
+    def make_decoding(self, decoding: str | None = None, stride: int | None = None, **options: Any) -> Decoding:
         """ar | isd (the model, or base + adapter on every row) | risd (base + gated adapter on MASK rows)."""
         decoding = decoding or self.default_decoding
         if decoding not in DECODINGS:
@@ -131,50 +152,56 @@ class LLM:
         if decoding == "ar":
             if options:
                 raise ValueError(f"options {sorted(options)} apply to isd/risd only")
-            return ARDecoding(base_only=gated_adapter)
+            return Decoding("ar", 1, "all" if self.adapter is not None and not gated_adapter else "none")
         if decoding == "risd" and self.adapter is None:
             raise ValueError(
-                f"risd needs a gated adapter: pass adapter=PATH (model {self.checkpoint.name!r} ships no default adapter)"
+                f"risd needs a gated adapter: pass adapter=PATH (model {self.name!r} ships no default adapter)"
             )
-        model = self.checkpoint.model
-        if model.config.mask_token_id is None and model.mask_embedding is None:
-            model.init_mask_embedding()  # untrained MASK: the mean embedding
+        if self.model.config.mask_token_id is None and self.model.mask_embedding is None:
+            self.model.init_mask_embedding()  # untrained MASK: the mean embedding
         if self.adapter is None:
             lora = "none"
         else:
             lora = "gated" if (decoding == "risd" or gated_adapter) else "all"
-        return ISDDecoding(stride or self.default_stride, model.mask_token_id, lora=lora, **options)
+        name = "risd" if lora == "gated" else "isd"  # a gated adapter always acts on MASK rows only
+        return Decoding(name, stride or self.default_stride, lora, **options)
 
-    def _run(
-        self,
-        prompts: list[tuple[str | None, list[int]]],
-        params: SamplingParams | list[SamplingParams] | None,
-        policy: DecodingPolicy,
-    ) -> list[RequestOutput]:
+    def _decodings(self, n: int, decoding: Any, stride: Any, options: dict[str, Any]) -> list[Decoding]:
+        """One decoding per request: `decoding` / `stride` may be lists (mixed layouts share each forward)."""
+        if isinstance(decoding, Decoding):
+            return [decoding] * n
+        ds = decoding if isinstance(decoding, (list, tuple)) else [decoding] * n
+        ns = stride if isinstance(stride, (list, tuple)) else [stride] * n
+        if len(ds) != n or len(ns) != n:
+            raise ValueError(f"decoding / stride lists must have one entry per prompt ({n})")
+        made: dict[tuple, Decoding] = {}
+        return [made.setdefault((d, k), d if isinstance(d, Decoding) else self.make_decoding(d, k, **options))
+                for d, k in zip(ds, ns)]
+
+    def _run(self, prompts: list[tuple[str | None, list[int]]], params: Any, decodings: list[Decoding],
+             progress: Any = None) -> list[RequestOutput]:
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} sampling params for {len(prompts)} prompts")
-        seqs: list[Sequence] = [self.engine.add_request(ids, p, policy) for (_, ids), p in zip(prompts, plist)]
+        seqs: list[Sequence] = []
         try:
-            self.engine.run_to_completion(seqs)
+            for (_, ids), p, d in zip(prompts, plist, decodings):
+                seqs.append(self.engine.add_request(ids, p, d))
+            while any(not s.finished for s in seqs):
+                done = self.engine.step()
+                if progress is not None and done:
+                    progress(len(done))
         finally:
             for s in seqs:
                 if not s.finished:
                     self.engine.abort(s)
         return [_output(text_in, s) for (text_in, _), s in zip(prompts, seqs)]
 
-    def stream_chat(
-        self,
-        messages: list[dict[str, str]],
-        params: SamplingParams | None = None,
-        *,
-        decoding: str | None = None,
-        stride: int | None = None,
-        **options: Any,
-    ) -> Iterator[tuple[str, RequestOutput | None]]:
+    def stream(self, prompt_ids: list[int], params: SamplingParams | None = None, *, decoding: Any = None,
+               stride: int | None = None, **options: Any) -> Iterator[tuple[str, RequestOutput | None]]:
         """Yield (text delta, None) as tokens commit, then ("", final output). Closing early aborts the request."""
-        policy = self.make_policy(decoding, stride, **options)
-        seq = self.engine.add_request(self.apply_chat_template(messages), params or SamplingParams(), policy)
+        d = self._decodings(1, decoding, stride, options)[0]
+        seq = self.engine.add_request(prompt_ids, params or SamplingParams(), d)
         try:
             while not seq.finished:
                 self.engine.step()
@@ -186,31 +213,37 @@ class LLM:
             if not seq.finished:
                 self.engine.abort(seq)
 
+    def stream_chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None,
+                    **kw: Any) -> Iterator[tuple[str, RequestOutput | None]]:
+        return self.stream(self.apply_chat_template(messages), params, **kw)
+
     def generate(
         self,
         prompts: str | list[str] | list[list[int]],
         params: SamplingParams | list[SamplingParams] | None = None,
         *,
-        decoding: str | None = None,
-        stride: int | None = None,
+        decoding: Any = None,
+        stride: Any = None,
+        progress: Any = None,
         **options: Any,
     ) -> list[RequestOutput]:
-        """Raw-text (or token-id) prompts, no chat template."""
+        """Raw-text (or token-id) prompts, no chat template. `progress(n)` is called as requests finish."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         items = [(p, self.encode(p)) if isinstance(p, str) else (None, list(p)) for p in prompts]
-        return self._run(items, params, self.make_policy(decoding, stride, **options))
+        return self._run(items, params, self._decodings(len(items), decoding, stride, options), progress)
 
     def chat(
         self,
         messages: list[dict[str, str]] | list[list[dict[str, str]]],
         params: SamplingParams | list[SamplingParams] | None = None,
         *,
-        decoding: str | None = None,
-        stride: int | None = None,
+        decoding: Any = None,
+        stride: Any = None,
+        progress: Any = None,
         **options: Any,
     ) -> list[RequestOutput]:
         """One conversation (a list of messages) or a batch of them, with the model's chat template."""
         convs: Seq[list[dict[str, str]]] = [messages] if messages and isinstance(messages[0], dict) else messages  # type: ignore
         items = [(None, self.apply_chat_template(list(c))) for c in convs]
-        return self._run(items, params, self.make_policy(decoding, stride, **options))
+        return self._run(items, params, self._decodings(len(items), decoding, stride, options), progress)

@@ -1,36 +1,55 @@
-"""The engine loop: schedule, plan each sequence's step, run one batched forward, commit."""
+"""The engine loop: schedule -> one batched forward -> batched decoding -> commit.
+
+    request -> Scheduler.schedule (who runs, how many rows; kv blocks) -> ModelRunner.run (tensors, model)
+            -> Decoder.decode (sample / verify / draft for the whole step) -> Sequence.emit (stop checks, text)
+            -> Scheduler.postprocess (computed tokens, rollback, prefix cache, frees)
+"""
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import random
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from idlm.decoding.policy import DecodingPolicy
+from idlm.decoding.decoder import DecodeItem, Decoder, DecodeResult
+from idlm.decoding.policy import Decoding
 from idlm.decoding.sampling import SamplingParams
+from idlm.engine.block_manager import BlockManager
 from idlm.engine.kv_cache import KVCache
-from idlm.engine.model_runner import ModelRunner
-from idlm.engine.scheduler import Scheduler
+from idlm.engine.model_runner import ModelRunner, RunnerInput
+from idlm.engine.scheduler import Scheduled, Scheduler
 from idlm.engine.sequence import Sequence
 from idlm.models.llama import CausalLM
 
 
 class PromptTooLongError(ValueError):
-    """The prompt (plus the room generation needs) does not fit the model's context."""
+    """The request (prompt + max_tokens + one step's rows) can never fit the context or the KV pool."""
 
 
 @dataclass
 class EngineConfig:
     kv_cache_tokens: int = 32768
-    block_size: int = 16
+    kv_block_size: int = 16
     max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048  # rows per forward (prefill chunks, drafts and MASK rows count)
     max_model_len: int | None = None  # default: the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    clamp_max_tokens: bool = False  # shorten max_tokens to what fits instead of refusing the request
+
+    def __post_init__(self) -> None:
+        for name in ("kv_cache_tokens", "kv_block_size", "max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 
 
 class LLMEngine:
-    """Requests in, committed tokens out. Decoding policies decide what each step feeds and keeps."""
+    """Requests in, committed tokens out; one `step` is one forward."""
 
     def __init__(self, model: CausalLM, tokenizer: Any, eos_token_ids: list[int], config: EngineConfig):
         p = next(model.parameters())
@@ -40,60 +59,100 @@ class LLMEngine:
         self.eos_token_ids = list(eos_token_ids)
         self.config = config
         self.max_model_len = config.max_model_len or model.config.max_position_embeddings
-        num_blocks = -(-config.kv_cache_tokens // config.block_size)
-        self.kv = KVCache(model.config, num_blocks, config.block_size, self.dtype, self.device)
+        num_blocks = -(-config.kv_cache_tokens // config.kv_block_size)
+        self.kv = KVCache(model.config, num_blocks, config.kv_block_size, self.dtype, self.device)
         self.runner = ModelRunner(model, self.kv, self.device)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs)
-        self._policies: dict[int, DecodingPolicy] = {}
+        self.blocks = BlockManager(num_blocks, config.kv_block_size)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.enable_prefix_caching)
+        self.decoder = Decoder(model.config.vocab_size, config.max_num_seqs, self.device)
         self._ids = itertools.count()
+        self._entropy = random.SystemRandom()
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, policy: DecodingPolicy) -> Sequence:
+    # ---- requests --------------------------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, decoding: Decoding) -> Sequence:
         if not prompt_ids:
             raise ValueError("empty prompt")
-        room = len(prompt_ids) + 2 * policy.stride
-        if room > self.max_model_len:
-            raise PromptTooLongError(
-                f"prompt has {len(prompt_ids)} tokens; the model's context is {self.max_model_len} tokens"
-            )
-        if room > self.kv.allocator.num_blocks * self.kv.block_size:
-            raise PromptTooLongError(
-                f"prompt has {len(prompt_ids)} tokens; the KV cache holds {self.config.kv_cache_tokens} tokens"
-            )
-        # never generate past the context window
-        limit = self.max_model_len - len(prompt_ids) - 2 * policy.stride + 2
-        if params.max_tokens > limit:
-            params = dataclasses.replace(params, max_tokens=max(1, limit))
-        seq = Sequence(
-            next(self._ids), prompt_ids, params, self.tokenizer, self.eos_token_ids, self.kv.new_table(),
-            self.model.config.vocab_size, self.device,
-        )
-        seq.stats.decoding, seq.stats.stride = policy.name, policy.stride
-        self._policies[seq.seq_id] = policy
+        step = 2 * decoding.stride  # the rows one step can feed beyond the committed tokens, with margin
+        capacity = min(self.max_model_len, self.blocks.num_blocks * self.blocks.block_size)
+        where = "the model's context" if capacity == self.max_model_len else "the KV cache"
+        if len(prompt_ids) + step > capacity:
+            raise PromptTooLongError(f"prompt has {len(prompt_ids)} tokens; {where} holds {capacity} tokens")
+        if len(prompt_ids) + params.max_tokens + step > capacity:
+            room = capacity - len(prompt_ids) - step
+            if not self.config.clamp_max_tokens:
+                raise PromptTooLongError(
+                    f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) does not fit {where} "
+                    f"({capacity} tokens, {step} kept free for a step's rows): at most max_tokens={room}")
+            params = dataclasses.replace(params, max_tokens=max(1, room))
+        if decoding.step_rows(1, decoding.num_masks) > self.config.max_num_batched_tokens:
+            raise ValueError(f"max_num_batched_tokens {self.config.max_num_batched_tokens} is below one "
+                             f"{decoding.name} step at stride {decoding.stride}")
+        seed = params.seed if params.seed is not None else self._entropy.getrandbits(63)
+        seq = Sequence(next(self._ids), prompt_ids, params, decoding, seed, self.tokenizer, self.eos_token_ids)
         self.scheduler.add(seq)
         return seq
+
+    def abort(self, seq: Sequence) -> None:
+        """Stop a request (e.g. client gone) and free its kv blocks."""
+        self.scheduler.abort(seq)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    # ---- one step --------------------------------------------------------------------------------
+    @torch.inference_mode()
     def step(self) -> list[Sequence]:
-        """Run one forward over the running batch; returns the sequences it served."""
-        rows = {sid: 2 * p.stride for sid, p in self._policies.items()}
-        batch = self.scheduler.schedule(rows)
-        if not batch:
+        """Run one forward; returns the sequences that finished in it."""
+        step = self.scheduler.schedule()
+        if not step:
             return []
-        plans = [(seq, self._policies[seq.seq_id].plan(seq)) for seq in batch]
-        logits = self.runner.run(plans)
-        for (seq, plan), lg in zip(plans, logits):
-            self._policies[seq.seq_id].commit(seq, plan, lg)
-        for seq in batch:
-            if seq.finished:
-                self._policies.pop(seq.seq_id, None)
-        return batch
+        fresh = [s.seq for s in step if s.started and s.seq.params.uses_penalties]
+        self.decoder.start([s.slot for s in fresh], [s.token_ids for s in fresh])
+        mask_id = self.model.mask_token_id
+        inputs = []
+        for s in step:
+            seq = s.seq
+            uncomputed = seq.token_ids[seq.num_computed_tokens:]
+            plan = (seq.decoding.chunk(uncomputed[: s.num_rows]) if s.chunk
+                    else seq.decoding.plan(uncomputed, seq.drafts, mask_id))
+            inputs.append(RunnerInput(seq.block_table, seq.num_computed_tokens, plan))
+        logits = self.runner.run(inputs)
+        full = [s for s in step if not s.chunk]
+        results = self.decoder.decode([self._decode_item(s.seq) for s in full], logits) if full else []
+        by_seq = dict(zip((s.seq.seq_id for s in full), results))
+        kept, rec_slots, rec_tokens = [], [], []
+        for s in step:
+            seq = s.seq
+            seq.stats.forwards += 1
+            res = by_seq.get(seq.seq_id)
+            if res is None:
+                kept.append(s.num_rows)
+                continue
+            kept.append(seq.num_uncomputed + len(res.tokens) - 1)  # committed rows: uncomputed + accepted drafts
+            self._commit(seq, res)
+            if seq.params.uses_penalties and not seq.finish_reason:
+                rec_slots.extend([seq.slot] * len(res.tokens))
+                rec_tokens.extend(res.tokens)
+        self.decoder.record(rec_slots, rec_tokens)
+        return self.scheduler.postprocess(step, kept)
 
-    def abort(self, seq: Sequence) -> None:
-        """Stop a request (e.g. client gone) and free its KV blocks."""
-        self.scheduler.abort(seq)
-        self._policies.pop(seq.seq_id, None)
+    def _decode_item(self, seq: Sequence) -> DecodeItem:
+        return DecodeItem(seq.seq_id, seq.slot, seq.params, seq.decoding, seq.seed, seq.num_tokens, seq.drafts,
+                          seq.params.max_tokens - seq.num_output_tokens)
+
+    @staticmethod
+    def _commit(seq: Sequence, res: DecodeResult) -> None:
+        stats = seq.stats
+        k = len(seq.drafts)
+        if seq.decoding.name != "ar":
+            stats.rounds["R" if res.rejected else ("V" if k else "C")] += 1
+            accepted = len(res.tokens) - 1
+            for j in range(res.tested):
+                stats.record_test(j, j < accepted)
+            stats.acceptance_sum += res.ratio_sum
+        seq.emit(res.tokens)
+        seq.drafts = res.drafts
 
     @torch.inference_mode()
     def run_to_completion(self, seqs: list[Sequence]) -> None:

@@ -1,56 +1,61 @@
-"""Builds one batched forward from the sequences' step plans and returns each one's logit rows."""
+"""Builds one batched forward from the step's plans and returns the logit rows they ask for.
+
+The runner owns the model and the KV tensors and nothing else of a sequence: it is handed each sequence's
+block table, the position its new rows start at, and the rows (tokens, adapter gate, how many trailing
+rows need logits), all plain integers.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from idlm.decoding.policy import StepPlan
 from idlm.engine.kv_cache import KVCache
-from idlm.engine.sequence import Sequence
 from idlm.models.attention import PagedAttention
 from idlm.models.llama import LORA_OFF, CausalLM
 
 
-class ModelRunner:
-    """Owns the model and the KV pool; knows nothing about decoding rules."""
+@dataclass
+class RunnerInput:
+    block_table: list[int]  # covers start + len(plan.token_ids) positions
+    start: int  # position of the first new row (= tokens already in the KV cache)
+    plan: StepPlan
 
-    def __init__(self, model: CausalLM, kv_cache: KVCache, device: torch.device):
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, kv: KVCache, device: torch.device):
         self.model = model
-        self.kv = kv_cache
+        self.kv = kv
         self.device = device
         self.num_forwards = 0
+        self.num_rows = 0  # rows fed over all forwards
 
     @torch.inference_mode()
-    def run(self, batch: list[tuple[Sequence, StepPlan]]) -> list[torch.Tensor]:
-        """One forward for all plans; every fed row's KV is written (the policy rolls back what it drops)."""
-        ids, starts, lens, tables, gates, rows = [], [], [], [], [], []
+    def run(self, batch: list[RunnerInput]) -> torch.Tensor:
+        """One forward over all rows (every fed row's k/v is written); logits [sum of num_logits, V] float32."""
+        ids, gates, rows, positions = [], [], [], []
         offset = 0
-        gated = any(p.lora_gate is not None for _, p in batch)
-        for seq, plan in batch:
-            n = len(plan.token_ids)
-            start = seq.kv.num_tokens
-            seq.kv.reserve(start + n)
-            ids.extend(plan.token_ids)
-            starts.append(start)
-            lens.append(n)
-            tables.append(seq.kv.blocks)
-            if gated:
-                gates.extend(plan.lora_gate if plan.lora_gate is not None else [1.0] * n)
-            rows.extend(offset + r for r in plan.logit_rows)
+        for item in batch:
+            n = len(item.plan.token_ids)
+            ids.extend(item.plan.token_ids)
+            gates.extend(item.plan.lora_gate)
+            positions.extend(range(item.start, item.start + n))
+            rows.extend(range(offset + n - item.plan.num_logits, offset + n))
             offset += n
         dev = self.device
-        meta = PagedAttention.build(self.kv.k, self.kv.v, self.kv.block_size, tables, starts, lens, dev)
-        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lens)]).to(dev)
-        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
-        gate = None
-        if gated:
-            gate = torch.tensor(gates, device=dev) if any(gates) else LORA_OFF
-        hidden = self.model(input_ids, positions, meta, lora_gate=gate)
-        logits = self.model.logits(hidden[torch.tensor(rows, device=dev)]).float()
+        meta = PagedAttention.build(self.kv.k, self.kv.v, self.kv.block_size, [b.block_table for b in batch],
+                                    [b.start for b in batch], [len(b.plan.token_ids) for b in batch], dev)
+        if all(gates):
+            gate = None  # adapter (if any) on every row
+        elif not any(gates):
+            gate = LORA_OFF
+        else:
+            gate = torch.tensor(gates, device=dev)
+        hidden = self.model(torch.tensor(ids, dtype=torch.long, device=dev),
+                            torch.tensor(positions, dtype=torch.long, device=dev), meta, lora_gate=gate)
         self.num_forwards += 1
-        out, k = [], 0
-        for seq, plan in batch:
-            seq.kv.num_tokens += len(plan.token_ids)
-            seq.stats.forwards += 1
-            out.append(logits[k : k + len(plan.logit_rows)])
-            k += len(plan.logit_rows)
-        return out
+        self.num_rows += len(ids)
+        if not rows:
+            return hidden.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32)
+        return self.model.logits(hidden[torch.tensor(rows, device=dev)]).float()

@@ -1,4 +1,12 @@
-"""A request's life inside the engine: its tokens, KV blocks, sampler state, text and stats."""
+"""A request inside the engine: plain token state, its kv block table, text and stats.
+
+`token_ids` = prompt + committed output. The first `num_computed_tokens` of them have KV in the cache;
+the rest (the ISD anchor: the prompt before its first forward, the last clean token or correction after
+one) are fed by the next step, followed by the `drafts` to verify and the MASK rows. Only the scheduler
+changes `num_computed_tokens` and `block_table`. Per-request tensors (penalty history, the proposal q)
+live in the decoder's per-slot buffers under `slot`; random draws come from (`seed`, position), so a
+request needs no generator object and gives the same output batched, alone or preempted.
+"""
 from __future__ import annotations
 
 import enum
@@ -6,9 +14,9 @@ import time
 from typing import Any
 
 from idlm.decoding.detokenize import IncrementalDetokenizer, StopChecker
-from idlm.decoding.sampling import PenaltyState, SamplingParams, make_generator
+from idlm.decoding.policy import Decoding
+from idlm.decoding.sampling import SamplingParams
 from idlm.decoding.stats import RequestStats
-from idlm.engine.kv_cache import BlockTable
 
 
 class Status(enum.Enum):
@@ -18,71 +26,81 @@ class Status(enum.Enum):
 
 
 class Sequence:
-    """Prompt + committed output. KV holds `kv.num_tokens` leading tokens of prompt + output."""
-
     def __init__(
         self,
         seq_id: int,
         prompt_ids: list[int],
         params: SamplingParams,
+        decoding: Decoding,
+        seed: int,
         tokenizer: Any,
         eos_token_ids: list[int],
-        kv: BlockTable,
-        vocab_size: int,
-        device: Any = "cpu",
     ):
         self.seq_id = seq_id
-        self.prompt_ids = list(prompt_ids)
-        self.output_ids: list[int] = []
-        self.params = params
-        self.kv = kv
+        self.token_ids = list(prompt_ids)
+        self.num_prompt_tokens = len(prompt_ids)
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # hash chain of the registered full kv blocks
         self.status = Status.WAITING
         self.finish_reason: str | None = None
-        self.generator = make_generator(params.seed, device)
-        self.penalties = PenaltyState(self.prompt_ids, vocab_size, device) if params.uses_penalties else None
-        self.detok = IncrementalDetokenizer(tokenizer, self.prompt_ids)
+        self.params = params
+        self.decoding = decoding
+        self.seed = seed
+        self.drafts: list[int] = []  # ISD: drafted last step, verified by the next (q in the decoder's slot)
+        self.slot: int | None = None
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids)
         self.stop = StopChecker.from_params(params, eos_token_ids)
-        self.stats = RequestStats(prompt_tokens=len(self.prompt_ids))
-        self.decoding_state: Any = None  # owned by the decoding policy (ISD: pending token, drafts, q)
-        self._started = time.perf_counter()
+        self.stats = RequestStats(prompt_tokens=len(prompt_ids), decoding=decoding.name, stride=decoding.stride)
+        self.started = time.perf_counter()
+
+    # ---- token state -------------------------------------------------------------------------
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed(self) -> int:
+        """Committed tokens the next step must feed before any drafts (prefill, anchor)."""
+        return len(self.token_ids) - self.num_computed_tokens
 
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
 
-    @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
-
-    def emit(self, tokens: list[int]) -> int:
-        """Commit tokens in order, stopping at the first one that ends generation; returns how many were kept."""
-        kept = 0
+    def emit(self, tokens: list[int]) -> list[int]:
+        """Commit tokens in order, stopping at the first one that ends generation; returns those kept."""
+        kept = []
         for t in tokens:
-            if self.finished:
+            if self.finish_reason is not None:
                 break
-            self.output_ids.append(t)
-            if self.penalties is not None:
-                self.penalties.append([t])
-            kept += 1
+            self.token_ids.append(t)
+            kept.append(t)
             end = self.stop.step(t, self.detok)
             if end is not None:
-                self.finish(end.reason)
-        self.stats.generated_tokens = len(self.output_ids)
+                self.finish_reason = end.reason
+        self.stats.generated_tokens = self.num_output_tokens
         return kept
 
-    def finish(self, reason: str) -> None:
-        """End the request and give its KV blocks back."""
-        if self.finished:
-            return
+    def mark_finished(self, reason: str | None = None) -> None:
+        if reason is not None and self.finish_reason is None:
+            self.finish_reason = reason
         self.status = Status.FINISHED
-        self.finish_reason = reason
-        self.kv.free()
-        self.stats.seconds = time.perf_counter() - self._started
+        self.stats.seconds = time.perf_counter() - self.started
 
+    # ---- text --------------------------------------------------------------------------------
     def read_text_delta(self) -> str:
         """Text produced since the last call that can be streamed (a possible stop-string start waits)."""
         return self.stop.pop_delta()

@@ -54,34 +54,27 @@ def evaluate_isd(
     max_tokens: int,
     lora: str,
 ) -> dict[str, Any]:
-    """Greedy ISD over the prompts through the engine: aggregate TPF and acceptance by draft position.
-
-    Raises ImportError when the ISD policy is not available."""
-    from idlm.decoding.isd import ISDDecoding
+    """Greedy ISD over the prompts, batched through `LLM`: aggregate TPF and acceptance by draft position.
+    lora: where the model's adapter acts (none | all | gated)."""
+    from idlm.decoding.policy import Decoding
     from idlm.decoding.sampling import SamplingParams
     from idlm.decoding.stats import RequestStats
-    from idlm.engine.llm_engine import EngineConfig, LLMEngine
+    from idlm.engine.llm import LLM
 
     need = sum(len(p) + max_tokens + 4 * stride + 32 for p in prompts)
-    engine = LLMEngine(
-        model,
-        tokenizer if tokenizer is not None else IdTokenizer(),
-        eos_token_ids,
-        EngineConfig(kv_cache_tokens=need, block_size=16, max_num_seqs=max(1, len(prompts))),
-    )
-    policy = ISDDecoding(stride=stride, mask_token_id=model.mask_token_id, lora=lora)
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    llm = LLM.from_model(model, tokenizer if tokenizer is not None else IdTokenizer(), eos_token_ids,
+                         kv_cache_tokens=need, max_num_seqs=max(1, len(prompts)))
+    decoding = Decoding("risd" if lora == "gated" else "isd", stride, lora)
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
     try:
-        seqs = [engine.add_request(p, params, policy) for p in prompts]
-        engine.run_to_completion(seqs)
+        outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens), decoding=decoding)
     finally:
         model.train(was_training)
-    total = RequestStats(decoding=policy.name, stride=stride)
-    for s in seqs:
-        total.merge(s.stats)
+    total = RequestStats(decoding=decoding.name, stride=stride)
+    for o in outs:
+        total.merge(o.stats)
     return {
         "stride": stride,
         "prompts": len(prompts),

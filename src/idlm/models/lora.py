@@ -4,8 +4,8 @@ y = W x + g * (alpha / r) * B (A x), with g per row: 1 everywhere for a plain ad
 rows for a gated (R-ISD) adapter. The gate is chosen by the caller (training: MASK positions; serving:
 the decoding policy), so what is trained is what is served.
 
-Files: `adapter_config.json` (PEFT fields + idlm fields `gated`, `mask_token_id`, `block_size`,
-`trained_stride`) and `adapter_model.safetensors` (PEFT key names, plus `idlm.mask_embedding` when the
+Files: `adapter_config.json` (PEFT fields + idlm fields `gated`, `mask_token_id`, `draft_len` (files written
+before it was named so say `block_size`), `trained_stride`) and `adapter_model.safetensors` (PEFT key names, plus `idlm.mask_embedding` when the
 MASK token is an extra input embedding).
 """
 from __future__ import annotations
@@ -68,7 +68,7 @@ class AdapterConfig:
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
     gated: bool = True
     mask_token_id: int | None = None
-    block_size: int | None = None  # b = N - 1 used in training
+    draft_len: int | None = None  # b = N - 1 MASKs per training block
     trained_stride: int | None = None
     base_model_name_or_path: str | None = None
 
@@ -89,14 +89,14 @@ class AdapterConfig:
             target_modules=tuple(targets),
             gated=bool(d.get("gated", False)),
             mask_token_id=d.get("mask_token_id"),
-            block_size=d.get("block_size"),
+            draft_len=d.get("draft_len", d.get("block_size")),
             trained_stride=d.get("trained_stride"),
             base_model_name_or_path=d.get("base_model_name_or_path"),
         )
 
     @property
     def has_idlm_fields(self) -> bool:
-        return self.block_size is not None or self.trained_stride is not None
+        return self.draft_len is not None or self.trained_stride is not None
 
 
 def add_lora(model: CausalLM, cfg: AdapterConfig) -> list[LoRAProj]:

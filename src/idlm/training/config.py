@@ -39,7 +39,7 @@ class EvalSection:
     prompts: str | None = None  # JSONL of chat prompts; default: the packaged held-out prompts
     num_prompts: int = 8
     max_tokens: int = 64
-    stride: int | None = None  # default block_size + 1
+    stride: int | None = None  # default draft_len + 1
     at_end: bool = True
 
 
@@ -50,7 +50,7 @@ class TrainConfig:
     model_config: dict[str, Any] | None = None  # HF-style config.json dict for a random-init model (tests)
     mode: str = "gated_lora"  # full | lora | gated_lora
     lora: LoRASection = field(default_factory=LoRASection)
-    block_size: int = 3  # b = N - 1 MASK slots per training block (stride N = b + 1)
+    draft_len: int = 3  # b = N - 1 MASK slots per training block (stride N = b + 1)
     alpha: float = 0.2  # weight of the clean (AR) loss term
     loss_auto_balance: bool = False
     data: DataSection = field(default_factory=DataSection)
@@ -83,13 +83,13 @@ class TrainConfig:
 
     @property
     def stride(self) -> int:
-        return self.block_size + 1
+        return self.draft_len + 1
 
     def validate(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.block_size < 1:
-            raise ConfigError("block_size must be >= 1")
+        if self.draft_len < 1:
+            raise ConfigError("draft_len must be >= 1")
         if self.micro_batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("micro_batch_size and grad_accum must be >= 1")
         if not self.data.train:
@@ -117,6 +117,8 @@ def _build(cls, d: dict[str, Any], where: str):
     if not isinstance(d, dict):
         raise ConfigError(f"{where or 'config'} must be a mapping")
     names = {f.name: f for f in dataclasses.fields(cls)}
+    if cls is TrainConfig and "block_size" in d and "draft_len" not in d:
+        d = {("draft_len" if k == "block_size" else k): v for k, v in d.items()}  # configs from before the rename
     unknown = sorted(set(d) - set(names))
     if unknown:
         raise ConfigError(f"unknown key(s) in {where or 'config'}: {', '.join(unknown)}")

@@ -336,17 +336,12 @@ class Generator:
     """Batched generation with idlm's engine around the pure base model (no adapter)."""
 
     def __init__(self, model: str, device: str | None, dtype: str | None, batch_size: int, max_len: int):
-        import torch
-
         from idlm.engine.llm import LLM
 
         self.llm = LLM(model, adapter="none", dtype=dtype, device=device,
                        kv_cache_tokens=batch_size * max_len + 256, max_num_seqs=batch_size)
-        self.ckpt = self.llm.checkpoint
         self.tokenizer = self.llm.tokenizer
         self.batch_size = batch_size
-        self.engine = self.llm.engine
-        self._torch = torch
 
     def chat_ids(self, prompt: str, system: str | None = None) -> list[int]:
         from idlm.training.data import _ids
@@ -356,16 +351,11 @@ class Generator:
 
     def run(self, prompt_ids: list[list[int]], temperature: float, max_tokens: int, seed: int,
             top_p: float = 1.0) -> list[Any]:
-        from idlm.decoding.ar import ARDecoding
         from idlm.decoding.sampling import SamplingParams
 
-        seqs = []
-        for i, ids in enumerate(prompt_ids):
-            params = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                                    seed=None if temperature == 0 else seed + i)
-            seqs.append(self.engine.add_request(ids, params, ARDecoding()))
-        self.engine.run_to_completion(seqs)
-        return seqs
+        params = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                 seed=None if temperature == 0 else seed + i) for i in range(len(prompt_ids))]
+        return self.llm.generate(prompt_ids, params, decoding="ar")
 
     def texts(self, prompts: list[str], temperature: float, max_tokens: int) -> list[str]:
         out = []
@@ -418,12 +408,12 @@ def distill(
                     "source": p.get("source"),
                     "messages": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": s.text}],
                     "prompt_ids": ids,
-                    "response_ids": list(s.output_ids),
+                    "response_ids": list(s.token_ids),
                     "finish_reason": s.finish_reason,
                 }
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 stats["written"] += 1
-                stats["response_tokens"] += len(s.output_ids)
+                stats["response_tokens"] += len(s.token_ids)
                 stats["finished_eos"] += int(s.finish_reason == "stop")
             f.flush()
             bar.update(len(chunk))

@@ -54,14 +54,14 @@ class Example:
         return int(self.input_ids.shape[0])
 
 
-def allmasked_attention_mask(length: int, block_size: int) -> torch.Tensor:
+def allmasked_attention_mask(length: int, draft_len: int) -> torch.Tensor:
     """The 2L x 2L boolean mask of B.2.5 for one sample of L tokens (rows = queries)."""
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if draft_len < 1:
+        raise ValueError(f"draft_len must be >= 1, got {draft_len}")
     i = torch.arange(length)
     q, k = i[:, None], i[None, :]
     causal = k <= q
-    bq, bk = q // block_size, k // block_size
+    bq, bk = q // draft_len, k // draft_len
     clean_clean = causal
     noisy_noisy = (bk == bq) & causal
     noisy_clean = bk < bq
@@ -97,7 +97,7 @@ def build_example(
     ids: Sequence[int] | torch.Tensor,
     prompt_len: int,
     mask_id: int,
-    block_size: int,
+    draft_len: int,
     response_mask: Sequence[bool] | torch.Tensor | None = None,
 ) -> Example:
     """Build `[x_t | x_0]` for x_0 = `ids`, whose tokens from `prompt_len` on are the response.
@@ -113,7 +113,7 @@ def build_example(
     return Example(
         input_ids=torch.cat([xt, x0]),
         positions=torch.cat([pos, pos]),
-        attn_mask=allmasked_attention_mask(n, block_size),
+        attn_mask=allmasked_attention_mask(n, draft_len),
         targets=torch.cat([shifted, shifted]),
         task_mask=torch.cat([task, torch.zeros(n, dtype=torch.bool)]),
         clean_mask=torch.cat([torch.zeros(n, dtype=torch.bool), valid]),
@@ -182,19 +182,19 @@ def build_gated_example(
     ids: Sequence[int] | torch.Tensor,
     prompt_len: int,
     mask_id: int,
-    block_size: int,
+    draft_len: int,
     response_mask: Sequence[bool] | torch.Tensor | None = None,
 ) -> GatedExample:
     """Two-pass form of `build_example(...)`: same loss, same gradients for a gated adapter."""
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if draft_len < 1:
+        raise ValueError(f"draft_len must be >= 1, got {draft_len}")
     x0, resp, shifted = _response_targets(ids, prompt_len, response_mask)
     n = int(x0.shape[0])
     pos = torch.arange(n)
-    blk = pos // block_size
+    blk = pos // draft_len
     # differs[j]: some response token at or before j inside j's block (a running count reset per block)
     count = torch.cumsum(resp.long(), 0)
-    before_block = torch.where(blk > 0, count[(blk * block_size - 1).clamp(min=0)], torch.zeros_like(count))
+    before_block = torch.where(blk > 0, count[(blk * draft_len - 1).clamp(min=0)], torch.zeros_like(count))
     differs = (count - before_block) > 0
     rows = differs.nonzero().flatten()
     bq = blk[rows][:, None]

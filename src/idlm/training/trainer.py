@@ -95,16 +95,16 @@ def prepare_model(model: CausalLM, cfg: TrainConfig) -> tuple[AdapterConfig | No
         target_modules=tuple(cfg.lora.targets),
         gated=cfg.mode == "gated_lora",
         mask_token_id=model.mask_token_id,
-        block_size=cfg.block_size,
+        draft_len=cfg.draft_len,
         trained_stride=cfg.stride,
         base_model_name_or_path=cfg.model if cfg.model != "random" else None,
     )
     if cfg.lora.init:  # continue an adapter: its shape and gating must be the configured ones
         init = read_adapter_config(cfg.lora.init)
-        have = (init.r, init.lora_alpha, sorted(init.target_modules), init.gated, init.block_size)
-        want = (acfg.r, acfg.lora_alpha, sorted(acfg.target_modules), acfg.gated, acfg.block_size)
+        have = (init.r, init.lora_alpha, sorted(init.target_modules), init.gated, init.draft_len)
+        want = (acfg.r, acfg.lora_alpha, sorted(acfg.target_modules), acfg.gated, acfg.draft_len)
         if have != want:
-            raise TrainingError(f"lora.init {cfg.lora.init}: (r, alpha, targets, gated, block_size) {have} != config {want}")
+            raise TrainingError(f"lora.init {cfg.lora.init}: (r, alpha, targets, gated, draft_len) {have} != config {want}")
         load_adapter(model, cfg.lora.init)  # its MASK embedding too
     else:
         add_lora(model, acfg)  # keeps an extra MASK embedding the checkpoint already trained
@@ -165,17 +165,18 @@ def set_rng_state(s: dict[str, Any]) -> None:
 
 # ---- export ---------------------------------------------------------------------------------------
 def export_full_model(
-    state: dict[str, torch.Tensor], mask_token_id: int, hf_config: dict[str, Any], tokenizer: Any, block_size: int,
+    state: dict[str, torch.Tensor], mask_token_id: int, hf_config: dict[str, Any], tokenizer: Any, draft_len: int,
     path: Path, dtype: torch.dtype,
 ) -> None:
     """Write an HF-layout model dir from the model's full named parameters: config.json with `mask_token_id`
-    and `block_size`, model.safetensors, tokenizer files. A MASK outside the vocabulary keeps its id
+    and `block_size` (the draft length, under the key official I-DLM checkpoints use), model.safetensors,
+    tokenizer files. A MASK outside the vocabulary keeps its id
     (= vocab_size) and is stored as the extra tensor `mask_embedding` (what CausalLM.load_hf_state_dict
     restores); the vocabulary is unchanged."""
     state = {n: t.to(dtype).cpu().contiguous() for n, t in state.items()}
     cfg = dict(hf_config)
     cfg["mask_token_id"] = mask_token_id
-    cfg["block_size"] = block_size
+    cfg["block_size"] = draft_len
     cfg["torch_dtype"] = cfg["dtype"] = str(dtype).replace("torch.", "")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(path.parent / f".{path.name}.tmp-{os.getpid()}")
@@ -389,11 +390,6 @@ class Trainer:
         e = self.cfg.eval
         if not self.dist.main and not self.parallel.sharded:  # sharded forwards need every rank
             return None
-        try:
-            import idlm.decoding.isd  # noqa: F401
-        except ImportError as ex:
-            log.warning("held-out ISD evaluation skipped: %s", ex)
-            return None
         prompts = load_eval_prompts(e.prompts, self.tokenizer, e.num_prompts)
         if not prompts:
             log.warning("held-out ISD evaluation skipped: no usable prompts")
@@ -410,8 +406,8 @@ class Trainer:
         exs = [self.examples[self.order[i]] for i in idx]
         pad = self.eos_ids[0] if self.eos_ids else 0
         if cfg.mode == "gated_lora":  # the two-pass form: same loss and gradients, fewer rows
-            return collate_gated([build_gated_example(e.ids, e.prompt_len, mask_id, cfg.block_size) for e in exs], pad)
-        return collate([build_example(e.ids, e.prompt_len, mask_id, cfg.block_size) for e in exs], pad_id=pad)
+            return collate_gated([build_gated_example(e.ids, e.prompt_len, mask_id, cfg.draft_len) for e in exs], pad)
+        return collate([build_example(e.ids, e.prompt_len, mask_id, cfg.draft_len) for e in exs], pad_id=pad)
 
     def train(self) -> dict[str, Any]:
         """Run to the last step (or until a signal); returns a summary dict. Exported weights on completion."""
@@ -529,7 +525,7 @@ class Trainer:
                 state.pop("lm_head.weight", None)
             if self.dist.main:
                 export_full_model(state, self.model.mask_token_id, self.hf_config, self.tokenizer,
-                                  self.cfg.block_size, path, dtype)
+                                  self.cfg.draft_len, path, dtype)
             return path
         path = self.out / "adapter"
         tensors = {k: full_tensor(v) for k, v in lora_state_dict(self.model).items()}
