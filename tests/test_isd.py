@@ -21,7 +21,8 @@ AR = Decoding()
 
 
 def isd(stride: int, **options) -> Decoding:
-    return Decoding("isd", stride, **options)
+    """ISD with a branch at every draft position unless `branches` says otherwise."""
+    return Decoding("isd", stride, **{"branches": None, **options})
 
 
 # ---- the accept / resample rule, through the batched decoder ------------------------------------------
@@ -115,24 +116,23 @@ def test_decode_ops_do_not_grow_with_batch_or_drafts(tiny_engine):
 
 # ---- oracle drafter: MASK rows replaced by the true AR continuation ---------------------------------
 
-def _oracle(reference: dict[int, list[int]], corrupt: dict[int, float] | None = None, seed: int = 0):
+def _oracle(reference: dict[int, list[int]], prompt_len: dict[int, int], corrupt: dict[int, float] | None = None,
+            seed: int = 0):
     """A drafter proposing the true AR continuation (corrupted with the given per-request probability)."""
     rng = random.Random(seed)
     corrupt = corrupt or {}
 
-    def drafter(item: DecodeItem, n: int) -> list[int]:
+    def drafter(item: DecodeItem, first: int, n: int) -> list[int]:
         ref = reference[item.request_id]
         out = []
         for m in range(n):
-            pos = item.position - item_prompt_len[item.request_id] + len(item.drafts) + 1 + m
+            pos = first - prompt_len[item.request_id] + m
             t = ref[pos] if pos < len(ref) else 0
             if rng.random() < corrupt.get(item.request_id, 0.0):
                 t = (t + 1) % 49152
             out.append(t)
         return out
 
-    item_prompt_len: dict[int, int] = {}
-    drafter.prompt_len = item_prompt_len  # type: ignore[attr-defined]
     return drafter
 
 
@@ -142,13 +142,12 @@ def _ar_reference(engine, prompt, params):
     return seq
 
 
-def _oracle_runs(engine, prompts, params, refs, strides, corrupt=(), seed=0):
+def _oracle_runs(engine, prompts, params, refs, strides, corrupt=(), seed=0, **options):
     """Requests drafted by the oracle, all in one batch; returns the sequences."""
-    seqs = [engine.add_request(p, sp, isd(n)) for p, sp, n in zip(prompts, params, strides)]
-    drafter = _oracle({s.seq_id: r for s, r in zip(seqs, refs)},
-                      {s.seq_id: c for s, c in zip(seqs, corrupt)}, seed)
-    drafter.prompt_len.update({s.seq_id: len(p) for s, p in zip(seqs, prompts)})
-    engine.decoder.drafter = drafter
+    seqs = [engine.add_request(p, sp, isd(n, **options)) for p, sp, n in zip(prompts, params, strides)]
+    engine.decoder.drafter = _oracle({s.seq_id: r for s, r in zip(seqs, refs)},
+                                     {s.seq_id: len(p) for s, p in zip(seqs, prompts)},
+                                     {s.seq_id: c for s, c in zip(seqs, corrupt)}, seed)
     try:
         engine.run_to_completion(seqs)
     finally:
@@ -289,10 +288,88 @@ def test_risd_greedy_equals_ar_greedy(embedded_llm, random_gated_adapter):
     params = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
     ar = embedded_llm.chat(convs, params, decoding="ar")
     model = embedded_llm.model
-    for stride in (2, 3, 4, 8):
-        outs = llm.chat(convs, params, decoding="risd", stride=stride)
+    for stride, branches in ((2, None), (3, None), (4, None), (8, None), (4, 0)):
+        outs = llm.chat(convs, params, decoding="risd", stride=stride, branches=branches)
         for conv, a, r in zip(convs, ar, outs):
             assert r.stats.decoding == "risd" and r.stats.stride == stride
             assert_same_tokens(r.token_ids, a.token_ids, embedded_llm.apply_chat_template(conv), model,
-                               f"stride {stride}: {conv[0]['content']}")
+                               f"stride {stride}, branches {branches}: {conv[0]['content']}")
+        assert (branches == 0) == (sum(r.stats.branched for r in outs) == 0)
     assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
+
+
+# ---- branches: drafts ready after every rejection ------------------------------------------------
+
+@pytest.mark.parametrize("wrong_at", [0, 1, 2])
+def test_oracle_wrong_at_one_draft_never_starts_cold(tiny_engine, wrong_at):
+    """An oracle wrong exactly at draft `wrong_at` of every step: each verify round commits wrong_at + 1 tokens
+    and, with branches, is followed by another verify round (only the first step is cold); without branches
+    every rejection is followed by a cold round."""
+    prompt = list(range(5000, 5011))
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    ref = _ar_reference(tiny_engine, prompt, params).output_ids
+
+    def run(**options):
+        seq = tiny_engine.add_request(prompt, params, isd(4, **options))
+        truth = _oracle({seq.seq_id: ref}, {seq.seq_id: len(prompt)})
+
+        def drafter(item, first, n):
+            out = truth(item, first, n)
+            out[wrong_at] = (out[wrong_at] + 1) % 49152
+            return out
+
+        tiny_engine.decoder.drafter = drafter
+        try:
+            tiny_engine.run_to_completion([seq])
+        finally:
+            tiny_engine.decoder.drafter = None
+        return seq
+
+    seq = run()
+    assert seq.output_ids == ref
+    s = seq.stats
+    # (the last round may test fewer drafts than it holds: those past max_tokens are never tested)
+    assert s.rounds["C"] == 1 and s.rounds["V"] <= 1 and s.branched == s.rounds["R"] > 0
+    assert s.forwards == 1 + -(-(40 - 1) // (wrong_at + 1))
+    cold = run(branches=0).stats
+    assert cold.rounds["C"] >= cold.rounds["R"] > 0 and cold.branched == 0
+    assert cold.forwards > s.forwards if wrong_at else cold.forwards == s.forwards  # 1 token a forward either way
+
+
+def test_sampled_isd_with_branches_is_distribution_exact(tokenizer):
+    """Seeded sampling through ISD stride 3 with branches (model drafts, many rejections) commits 3-token
+    continuations distributed exactly as AR sampling: the exact joint law from the model's own conditionals."""
+    from idlm.engine.llm_engine import EngineConfig, LLMEngine
+    from idlm.eval.acceptance import IdTokenizer
+    from idlm.models.attention import DenseAttention
+
+    from conftest import tiny_model
+
+    v = 12
+    model = tiny_model(vocab_size=v, seed=3)
+    prompt = [1, 5, 7]
+    with torch.no_grad():
+        def cond(prefix):
+            h = model(torch.tensor([prompt + prefix]), torch.arange(len(prompt) + len(prefix))[None], DenseAttention())
+            return torch.softmax(model.logits(h[0, -1]).double() / 0.9, -1)
+
+        p1 = cond([])
+        joint = torch.zeros(v, v, v, dtype=torch.float64)
+        for a in range(v):
+            p2 = cond([a])
+            for b in range(v):
+                joint[a, b] = p1[a] * p2[b] * cond([a, b])
+    engine = LLMEngine(model, IdTokenizer(), [], EngineConfig(kv_cache_tokens=65536, kv_block_size=8, max_num_seqs=256))
+    n = 6000
+    params = [SamplingParams(temperature=0.9, seed=i, max_tokens=3, ignore_eos=True) for i in range(n)]
+    seqs = [engine.add_request(prompt, sp, isd(3)) for sp in params]
+    engine.run_to_completion(seqs)
+    assert sum(s.stats.branched for s in seqs) > n // 4  # the branches were used
+    counts = np.zeros((v, v, v))
+    for s in seqs:
+        counts[tuple(s.output_ids)] += 1
+    for axes, cells in (((1, 2), v), ((0, 2), v), ((0,), v * v), ((1,), v * v)):
+        got = counts.sum(axis=axes).reshape(-1)
+        exp = joint.sum(dim=axes).reshape(-1).numpy() * n
+        keep = exp > 5
+        assert chisquare(got[keep], exp[keep] / exp[keep].sum() * got[keep].sum()).pvalue > 1e-3, axes

@@ -201,11 +201,11 @@ def test_continuous_batching_staggered_arrivals_mixed_strides(tokenizer):
     llm = _tiny_llm(tokenizer, gated=None, max_num_batched_tokens=96)
     eng = llm.engine
     prompts = _prompts(10, 3, 120, seed=3)
-    specs = [("ar", None), ("isd", 2), ("isd", 4), ("isd", 8)]
+    specs = [("ar", None, {}), ("isd", 2, {}), ("isd", 4, {"branches": None}), ("isd", 8, {"branches": 2})]
     params = [SamplingParams(temperature=0 if i % 3 == 0 else 0.8, seed=i, top_k=0 if i % 2 else 40,
                              presence_penalty=0.3 if i % 4 == 1 else 0.0, max_tokens=20 + 3 * i, ignore_eos=True)
               for i in range(10)]
-    decodings = [llm.make_decoding(*specs[i % 4]) for i in range(10)]
+    decodings = [llm.make_decoding(specs[i % 4][0], specs[i % 4][1], **specs[i % 4][2]) for i in range(10)]
     alone = [llm.generate([p], sp, decoding=d)[0].token_ids for p, sp, d in zip(prompts, params, decodings)]
     seqs, arrivals = [], {0: [0, 1], 2: [2, 3, 4], 5: [5], 6: [6, 7], 11: [8, 9]}
     step = 0
@@ -254,7 +254,7 @@ def test_chunked_prefill_equals_unchunked(tokenizer):
         llm = _tiny_llm(tokenizer, max_num_batched_tokens=budget)
         seen = []
         decode = llm.engine.decoder.decode
-        llm.engine.decoder.decode = lambda items, lg, _d=decode: (seen.append(lg.clone()), _d(items, lg))[1]
+        llm.engine.decoder.decode = lambda items, lg, *rest, _d=decode: (seen.append(lg.clone()), _d(items, lg, *rest))[1]
         outs[budget] = llm.generate([prompt], params, decoding="risd")[0]
         logits[budget] = seen[0]
     assert outs[64].stats.forwards > outs[2048].stats.forwards  # 300 rows in chunks of at most 64
@@ -267,7 +267,7 @@ def test_a_thousand_mixed_requests_leak_nothing_and_reproduce(tokenizer):
     import random
 
     rng = random.Random(0)
-    llm = _tiny_llm(tokenizer, kv_cache_tokens=1536, max_num_seqs=32, max_num_batched_tokens=256)
+    llm = _tiny_llm(tokenizer, kv_cache_tokens=768, max_num_seqs=32, max_num_batched_tokens=256)
     eng = llm.engine
     start = eng.blocks.num_free_blocks
     reqs, live, seeded = [], [], []
@@ -276,7 +276,9 @@ def test_a_thousand_mixed_requests_leak_nothing_and_reproduce(tokenizer):
         params = SamplingParams(temperature=rng.choice([0.0, 0.7, 1.0]), seed=i, max_tokens=rng.choice([1, 2, 9, 30]),
                                 top_p=rng.choice([1.0, 0.9]), stop=[rng.choice(["e", "th"])] if rng.random() < 0.2 else [],
                                 ignore_eos=True)
-        decoding = llm.make_decoding(*rng.choice([("ar", None), ("risd", 2), ("risd", 4), ("risd", 8), ("isd", 3)]))
+        name, stride, branches = rng.choice([("ar", None, 0), ("risd", 2, 0), ("risd", 4, None), ("risd", 8, 0),
+                                             ("risd", 8, 3), ("isd", 3, 0)])
+        decoding = llm.make_decoding(name, stride, **({} if name == "ar" else {"branches": branches}))
         seq = eng.add_request(prompt, params, decoding)
         live.append(seq)
         reqs.append((prompt, params, decoding, seq))

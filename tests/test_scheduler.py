@@ -68,7 +68,7 @@ def test_token_budget_chunks_prefill_beside_decodes():
     assert fake_step(s) == {d.seq_id: (1, False), long.seq_id: (7, False)}
     assert long.num_output_tokens == 1 and long.num_computed_tokens == 25
     # an ISD step counts its drafts and MASK rows: 1 + 3 + 3 = 7 of the 10
-    isd = seq(4, decoding=Decoding("isd", 4), first=900)
+    isd = seq(4, decoding=Decoding("isd", 4, branches=0), first=900)
     s.add(isd)
     fake_step(s)
     assert isd.drafts == [7, 7, 7]
@@ -79,7 +79,8 @@ def test_token_budget_chunks_prefill_beside_decodes():
 def test_preemption_takes_the_newest_and_keeps_its_state():
     bm = BlockManager(6, 4)  # 24 tokens of KV
     s = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=100)
-    old, new = seq(8, decoding=Decoding("isd", 3)), seq(8, decoding=Decoding("isd", 3), first=100)
+    old, new = seq(8, decoding=Decoding("isd", 3, branches=0)), seq(8, decoding=Decoding("isd", 3, branches=0),
+                                                                     first=100)
     s.add(old)
     s.add(new)
     fake_step(s, accepted=2)  # both prefilled; each step of theirs needs 5 more rows
@@ -117,11 +118,11 @@ def test_prefix_cache_hit_skips_prompt_blocks_and_salt_separates_kv():
 def test_isd_rollback_and_blocks_all_return():
     bm = BlockManager(64, 4)
     s = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=100)
-    q = seq(6, decoding=Decoding("isd", 4))
+    q = seq(6, decoding=Decoding("isd", 4, branches=None))  # with a branch per draft: 3 x 3 more MASK rows per verify step
     s.add(q)
     fake_step(s)  # 6 prompt rows + 3 MASK rows fed; the prompt kept
     assert q.num_computed_tokens == 6 and len(q.block_table) == 2
-    fake_step(s, accepted=1)  # [clean | 3 drafts | 3 MASK] fed; clean + 1 draft kept
+    assert fake_step(s, accepted=1)[q.seq_id] == (1 + 3 + 3 + 9, False)  # clean + 1 draft kept
     assert q.num_computed_tokens == 8 and len(q.block_table) == 2
     fake_step(s, accepted=0)
     assert q.num_computed_tokens == 9 and len(q.block_table) == 3  # rollback crossed into a new block

@@ -48,6 +48,9 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fast-verify-topk", type=int, default=None)
     p.add_argument("--confidence-accept-threshold", type=float, default=None)
     p.add_argument("--verify-num-specs", type=int, default=None)
+    p.add_argument("--branches", type=int, default=None,
+                   help="feed a branch of MASK rows at each of the first B draft positions, so a rejection there "
+                        "needs no cold start (default 0; -1: every position)")
 
 
 def sampling_params(args: argparse.Namespace):
@@ -63,8 +66,11 @@ def sampling_params(args: argparse.Namespace):
 
 def decoding_options(args: argparse.Namespace) -> dict[str, Any]:
     names = ["drafting", "verify_alpha", "fast_verify", "fast_verify_topk", "confidence_accept_threshold",
-             "verify_num_specs"]
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+             "verify_num_specs", "branches"]
+    out = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    if out.get("branches") == -1:
+        out["branches"] = None  # every draft position
+    return out
 
 
 def load_llm(args: argparse.Namespace):

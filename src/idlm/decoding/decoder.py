@@ -43,9 +43,11 @@ class DecodeItem:
     position: int  # index in the token list that the first new token takes
     drafts: list[int]
     budget: int  # tokens the request may still emit
+    num_branches: int = 0  # branch rows fed this step (each N - 1 MASK rows, hidden states given apart)
 
     @property
     def num_rows(self) -> int:
+        """Logit rows: p of each draft, the next token, q of each MASK row (branches are given apart)."""
         return len(self.drafts) + 1 + self.decoding.num_masks
 
 
@@ -56,6 +58,7 @@ class DecodeResult:
     drafts: list[int]  # new drafts (empty after a rejection and for AR)
     tested: int  # drafts actually tested
     ratio_sum: float  # sum over tested drafts of min(1, p(x) / q(x))
+    branched: bool = False  # after a rejection, the new drafts came from the branch at the rejected draft
 
 
 class Decoder:
@@ -68,8 +71,8 @@ class Decoder:
         self.seen: Tensor | None = None  # [S, V] token in prompt or output (repetition penalty)
         self.counts: Tensor | None = None  # [S, V] times generated (presence / frequency penalties)
         self.q: Tensor | None = None  # [S, D, V] proposal of each pending draft (non-greedy requests)
-        # Test hook: drafter(item, n) -> n draft tokens that replace the model's (their q is the one-hot).
-        self.drafter: Callable[[DecodeItem, int], list[int]] | None = None
+        # Test hook: drafter(item, first_position, n) -> n drafts replacing the model's (q: their one-hot).
+        self.drafter: Callable[[DecodeItem, int, int], list[int]] | None = None
 
     # ---- per-slot history ----------------------------------------------------------------------
     def start(self, slots: list[int], prompts: list[list[int]]) -> None:
@@ -99,58 +102,76 @@ class Decoder:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
     # ---- one step ------------------------------------------------------------------------------
-    def decode(self, items: list[DecodeItem], logits: Tensor) -> list[DecodeResult]:
-        """logits: [sum of item.num_rows, V], the items' rows in order."""
+    def _history(self, row_slot: list[int], extra_rows: list[int], extra_toks: list[int], dev) -> tuple:
+        """(seen, counts) [R, V] of each row: its slot's history plus the drafts the row conditions on."""
+        idx = torch.tensor(row_slot, dtype=torch.long, device=dev)
+        seen, counts = self.seen.index_select(0, idx), self.counts.index_select(0, idx)
+        if extra_rows:
+            r = torch.tensor(extra_rows, dtype=torch.long, device=dev)
+            c = torch.tensor(extra_toks, dtype=torch.long, device=dev)
+            counts.index_put_((r, c), torch.ones(len(extra_rows), device=dev), accumulate=True)
+            seen[r, c] = True
+        return seen, counts
+
+    def decode(self, items: list[DecodeItem], logits: Tensor, branch_hidden: Tensor | None = None,
+               head: Callable[[Tensor], Tensor] | None = None) -> list[DecodeResult]:
+        """logits: [sum of item.num_rows, V], the items' rows in order. branch_hidden: the hidden states of the
+        items' branch rows (item.num_branches * N-1 each, in order); `head` turns the chosen ones into logits."""
         dev = logits.device
         b = len(items)
         kmax = max(len(it.drafts) for it in items)
         mmax = max(it.decoding.num_masks for it in items)
+        penalized = any(it.params.uses_penalties for it in items)
+        greedy_step = all(it.params.greedy for it in items)
         # ---- layout (Python, integers) ------------------------------------------------------------
         row_params: list[SamplingParams] = []
         row_slot: list[int] = []
         extra_rows: list[int] = []  # penalty history a p row adds: the drafts before it
         extra_toks: list[int] = []
         p_index = []  # [B, kmax + 1] logit row of p_j (padded with p_K)
-        mask_rows, mask_item, mask_j, key_draft = [], [], [], []
-        draft_tok, valid, tested, key_accept, next_keys = [], [], [], [], []
-        alpha, fast, topk, conf, fix_argmax, argmax_draft, greedy = [], [], [], [], [], [], []
-        q_store_rows, q_store_slot, q_store_j = [], [], []
-        base = 0
+        main_index = []  # [B, mmax] logit row of each new draft's q (padded with row 0)
+        draft_tok, valid, tested, key_accept, next_keys, key_draft = [], [], [], [], [], []
+        alpha, fast, topk, conf, fix_argmax, argmax_draft, greedy, k_of, m_of = [], [], [], [], [], [], [], [], []
+        branched, branch_base, key_branch = [], [], []  # items with branches: index, first hidden row, keys
+        base = hbase = 0
         for i, it in enumerate(items):
             k, m, d = len(it.drafts), it.decoding.num_masks, it.decoding
             stochastic = not it.params.greedy
-            for j in range(k + 1 + m):
-                row_params.append(it.params)
-                row_slot.append(it.slot)
+            row_params += [it.params] * (k + 1 + m)
+            row_slot += [it.slot] * (k + 1 + m)
             if it.params.uses_penalties:
                 for j in range(1, k + 1):
-                    extra_rows.extend([base + j] * j)
-                    extra_toks.extend(it.drafts[:j])
+                    extra_rows += [base + j] * j
+                    extra_toks += it.drafts[:j]
             p_index.append([base + j for j in range(k)] + [base + k] * (kmax + 1 - k))
+            main_index.append([base + k + 1 + j for j in range(m)] + [0] * (mmax - m))
             n_test = min(k, d.num_verified, max(it.budget, 0))
             draft_tok.append(it.drafts + [0] * (kmax - k))
             valid.append([j < k for j in range(kmax)])
             tested.append([j < n_test for j in range(kmax)])
-            key_accept.append([row_key(it.seed, it.position + j, ACCEPT) if stochastic and j < n_test else 0
-                             for j in range(kmax)])
-            next_keys.append([row_key(it.seed, it.position + j, NEXT) if stochastic and j <= k else 0
-                           for j in range(kmax + 1)])
+
+            def keys(first: int, n: int, stream: int, width: int) -> list[int]:
+                return [row_key(it.seed, it.position + first + j, stream) if stochastic and j < n else 0
+                        for j in range(width)]
+
+            key_accept.append(keys(0, n_test, ACCEPT, kmax))
+            next_keys.append(keys(0, k + 1, NEXT, kmax + 1))
+            key_draft.append(keys(k + 1, m, DRAFT, mmax))
             greedy.append(not stochastic)
             alpha.append(1.0 if not stochastic else d.verify_alpha)
             fast.append(d.fast_verify)
             topk.append(min(d.fast_verify_topk, self.vocab_size))
             conf.append(d.confidence_accept_threshold if not d.fast_verify else 0.0)
             fix_argmax.append(d.fast_verify or d.confidence_accept_threshold > 0)
-            for j in range(m):
-                mask_rows.append(base + k + 1 + j)
-                mask_item.append(i)
-                mask_j.append(j)
-                key_draft.append(row_key(it.seed, it.position + k + 1 + j, DRAFT) if stochastic else 0)
-                argmax_draft.append(d.drafting == "argmax")
-                if stochastic:
-                    q_store_rows.append(base + k + 1 + j)
-                    q_store_slot.append(it.slot)
-                    q_store_j.append(j)
+            argmax_draft.append(d.drafting == "argmax")
+            k_of.append(k)
+            m_of.append(m)
+            if it.num_branches:
+                branched.append(i)
+                branch_base.append(hbase)
+                key_branch.append([keys(j + 1, m, DRAFT, mmax) for j in range(it.num_branches)]
+                                  + [[0] * mmax] * (kmax - it.num_branches))
+                hbase += it.num_branches * m
             base += k + 1 + m
         if base != logits.shape[0]:
             raise ValueError(f"{logits.shape[0]} logit rows for items that need {base}")
@@ -158,37 +179,27 @@ class Decoder:
         def t(values, dtype=torch.long):
             return torch.tensor(values, dtype=dtype, device=dev)
 
-        # ---- distributions of every row --------------------------------------------------------
-        seen = counts = None
-        if any(p.uses_penalties for p in row_params):
-            slot_idx = t(row_slot)
-            seen, counts = self.seen.index_select(0, slot_idx), self.counts.index_select(0, slot_idx)
-            if extra_rows:
-                r, c = t(extra_rows), t(extra_toks)
-                counts.index_put_((r, c), torch.ones(len(extra_rows), device=dev), accumulate=True)
-                seen[r, c] = True
-        probs = distribution(logits, RowSampling(row_params, dev, seen, counts))
-        p_idx = t(p_index)  # [B, kmax + 1]
-        next_probs = probs[p_idx[:, -1]] if kmax == 0 else None
-        key_next = t(next_keys)  # [B, kmax + 1] key of the next-token draw at each possible position
-        greedy_step = all(greedy)
-
         def draw(dist: Tensor, keys: Tensor) -> Tensor:
             return dist.argmax(-1) if greedy_step else sample(dist, keys)
+
+        # ---- distributions of every row --------------------------------------------------------
+        seen, counts = self._history(row_slot, extra_rows, extra_toks, dev) if penalized else (None, None)
+        probs = distribution(logits, RowSampling(row_params, dev, seen, counts))
+        p_idx = t(p_index)  # [B, kmax + 1]
+        key_next = t(next_keys)  # [B, kmax + 1] key of the next-token draw at each possible position
         arange_b = torch.arange(b, device=dev)
+        k_t = t(k_of)
 
         # ---- verify the drafts ---------------------------------------------------------------------
         if kmax:
             x = t(draft_tok)  # [B, K]
-            k_of = t([len(it.drafts) for it in items])
             p_rows = probs[p_idx[:, :kmax]]  # [B, K, V]
             px = p_rows.gather(-1, x[..., None]).squeeze(-1)
             onehot_x = torch.zeros_like(p_rows).scatter_(-1, x[..., None], 1.0)
-            greedy_t = t(greedy, torch.bool)
-            if self.q is not None and not all(greedy):
+            if self.q is not None and not greedy_step:
                 self._ensure_q(kmax)  # greedy requests' rows are never stored or read
                 q_rows = self.q[t([it.slot for it in items])[:, None], torch.arange(kmax, device=dev)[None, :]]
-                q_rows = torch.where(greedy_t[:, None, None], onehot_x, q_rows)
+                q_rows = torch.where(t(greedy, torch.bool)[:, None, None], onehot_x, q_rows)
             else:
                 q_rows = onehot_x  # greedy: q is the one-hot of the draft
             qx = q_rows.gather(-1, x[..., None]).squeeze(-1)
@@ -199,70 +210,103 @@ class Decoder:
             accept = (r >= 1) | (u < r) | (alpha_t <= 0)
             if any(fast):
                 raw_rows = logits[p_idx[:, :kmax]].float()
-                kth = torch.topk(raw_rows, max(topk), dim=-1).values.gather(-1, (t(topk) - 1)[:, None, None]
-                                                                            .expand(b, kmax, 1))
-                accept_fast = raw_rows.gather(-1, x[..., None]) >= kth
-                accept = torch.where(t(fast, torch.bool)[:, None], accept_fast.squeeze(-1), accept)
+                kth = torch.topk(raw_rows, max(topk), dim=-1).values.gather(
+                    -1, (t(topk) - 1)[:, None, None].expand(b, kmax, 1))
+                accept = torch.where(t(fast, torch.bool)[:, None], (raw_rows.gather(-1, x[..., None]) >= kth)
+                                     .squeeze(-1), accept)
             if any(c > 0 for c in conf):
                 conf_t = t(conf, torch.float32)[:, None]
                 accept = torch.where(conf_t > 0, px >= conf_t, accept)
             tested_t = t(tested, torch.bool)
             ok = (accept | ~tested_t) & t(valid, torch.bool)
             s = ok.long().cumprod(-1).sum(-1)  # leading accepted drafts
-            rejected = s < k_of
+            rejected = s < k_t
             s_row = s.clamp(max=kmax - 1)
             p_s, q_s = p_rows[arange_b, s_row], q_rows[arange_b, s_row]
             argmax_fix = torch.zeros_like(p_s).scatter_(-1, p_s.argmax(-1, keepdim=True), 1.0)
             correction = torch.where(t(fix_argmax, torch.bool)[:, None], argmax_fix, residual_distribution(p_s, q_s))
-            clean = probs[p_idx.gather(1, k_of[:, None]).squeeze(1)]
-            dist = torch.where(rejected[:, None], correction, clean)
-            token = draw(dist, key_next.gather(1, s[:, None]).squeeze(1))
+            clean = probs[p_idx.gather(1, k_t[:, None]).squeeze(1)]
+            token = draw(torch.where(rejected[:, None], correction, clean), key_next.gather(1, s[:, None]).squeeze(1))
             counted = tested_t & (torch.arange(kmax, device=dev)[None, :] <= s[:, None])
             ratio_sum = (ratio.clamp(max=1.0) * counted).sum(-1)
         else:
             s = torch.zeros(b, dtype=torch.long, device=dev)
-            token = draw(next_probs, key_next[:, 0])
+            rejected = torch.zeros(b, dtype=torch.bool, device=dev)
+            token = draw(probs[p_idx[:, -1]], key_next[:, 0])
             ratio_sum = torch.zeros(b, device=dev)
 
-        # ---- new drafts from the MASK rows --------------------------------------------------------
+        # ---- new drafts: the main MASK rows, or after a rejection the branch at the rejected draft ------
         drafts = torch.zeros(b, mmax, dtype=torch.long, device=dev)
-        if mask_rows:
-            q_new = probs[t(mask_rows)]
-            drawn = draw(q_new, t(key_draft))
-            drawn = torch.where(t(argmax_draft, torch.bool), q_new.argmax(-1), drawn)
-            drafts[t(mask_item), t(mask_j)] = drawn
-            if q_store_rows:  # after verification read the old proposals
-                self._store_q(t(q_store_slot), t(q_store_j), probs[t(q_store_rows)], max(q_store_j) + 1)
+        use_branch = torch.zeros(b, dtype=torch.bool, device=dev)
+        if mmax:
+            q_new = probs[t(main_index)]  # [B, M, V]
+            drafts = draw(q_new.reshape(b * mmax, -1), t(key_draft).reshape(-1)).reshape(b, mmax)
+            if branched:
+                q_new, drafts, use_branch = self._branch_drafts(
+                    items, branched, branch_base, key_branch, s, rejected, q_new, drafts, branch_hidden, head, draw)
+            drafts = torch.where(t(argmax_draft, torch.bool)[:, None], q_new.argmax(-1), drafts)
+            store = [(it.slot, j, i) for i, it in enumerate(items) if not it.params.greedy
+                     for j in range(it.decoding.num_masks)]
+            if store:  # after verification read the old proposals
+                slots, js, src = zip(*store)
+                self._store_q(t(slots), t(js), q_new[t(src), t(js)], mmax)
 
         packed = torch.cat([s[:, None].double(), token[:, None].double(), ratio_sum[:, None].double(),
-                            drafts.double()], dim=1).tolist()
+                            use_branch[:, None].double(), drafts.double()], dim=1).tolist()
         if self.drafter is not None:
             self._external_drafts(items, packed)
         out = []
         for it, row in zip(items, packed):
             k = len(it.drafts)
-            acc, tok = int(row[0]), int(row[1])
+            acc, tok, from_branch = int(row[0]), int(row[1]), bool(row[3])
             rejected_py = acc < k
             n_test = min(k, it.decoding.num_verified, max(it.budget, 0))
-            new = [] if rejected_py else [int(v) for v in row[3 : 3 + it.decoding.num_masks]]
+            new = [int(v) for v in row[4 : 4 + it.decoding.num_masks]] if (not rejected_py or from_branch) else []
             out.append(DecodeResult(it.drafts[:acc] + [tok], rejected_py, new, acc + 1 if rejected_py else n_test,
-                                    row[2]))
+                                    row[2], from_branch))
         return out
 
+    def _branch_drafts(self, items, branched, branch_base, key_branch, s, rejected, q_new, drafts, branch_hidden,
+                       head, draw):
+        """For items rejected at draft j < num_branches: q and drafts from branch j's rows (head on those only)."""
+        dev = q_new.device
+        mmax = q_new.shape[1]
+        bi = torch.tensor(branched, dtype=torch.long, device=dev)
+        nb = torch.tensor([items[i].num_branches for i in branched], dtype=torch.long, device=dev)
+        m = torch.tensor([items[i].decoding.num_masks for i in branched], dtype=torch.long, device=dev)
+        j = s[bi].clamp(max=nb - 1)
+        within = torch.arange(mmax, device=dev)[None, :]
+        rows = torch.tensor(branch_base, device=dev)[:, None] + j[:, None] * m[:, None] + within.clamp(max=m[:, None] - 1)
+        params = [items[i].params for i in branched for _ in range(mmax)]
+        slots = [items[i].slot for i in branched for _ in range(mmax)]
+        hist = self._history(slots, [], [], dev) if any(p.uses_penalties for p in params) else (None, None)
+        q_b = distribution(head(branch_hidden[rows.reshape(-1)]), RowSampling(params, dev, *hist))
+        keys = torch.tensor(key_branch, dtype=torch.long, device=dev)  # [B', K, M]
+        d_b = draw(q_b, keys[torch.arange(len(branched), device=dev), j].reshape(-1)).reshape(len(branched), mmax)
+        use = torch.zeros_like(rejected)
+        use[bi] = rejected[bi] & (s[bi] < nb)
+        q_new = q_new.index_copy(0, bi, torch.where(use[bi][:, None, None], q_b.reshape(len(branched), mmax, -1),
+                                                    q_new[bi]))
+        drafts = drafts.index_copy(0, bi, torch.where(use[bi][:, None], d_b, drafts[bi]))
+        return q_new, drafts, use
+
     def _external_drafts(self, items: list[DecodeItem], packed: list[list[float]]) -> None:
-        """Replace the model's new drafts by the drafter's; their proposal is a one-hot (a deterministic draft)."""
+        """Replace the model's new drafts by the drafter's (drafter(item, first_position, n) -> n tokens for
+        positions first_position ...); their proposal is a one-hot (a deterministic draft)."""
         slots, js, toks = [], [], []
         for it, row in zip(items, packed):
-            m = it.decoding.num_masks
-            if m:
-                row[3 : 3 + m] = self.drafter(it, m)
-                if not it.params.greedy:
-                    slots.extend([it.slot] * m)
-                    js.extend(range(m))
-                    toks.extend(row[3 : 3 + m])
+            m, k, acc = it.decoding.num_masks, len(it.drafts), int(row[0])
+            if not m or (acc < k and not row[3]):
+                continue
+            first = it.position + (k + 1 if acc == k else acc + 1)
+            row[4 : 4 + m] = self.drafter(it, first, m)
+            if not it.params.greedy:
+                slots += [it.slot] * m
+                js += range(m)
+                toks += row[4 : 4 + m]
         if slots:
             q = torch.zeros(len(slots), self.vocab_size, device=self.device)
-            q[torch.arange(len(slots)), torch.tensor(toks, dtype=torch.long)] = 1.0
+            q[torch.arange(len(slots)), torch.tensor([int(x) for x in toks], dtype=torch.long)] = 1.0
             self._store_q(self._index(slots), self._index(js), q, max(js) + 1)
 
     def _store_q(self, slots: Tensor, js: Tensor, q: Tensor, depth: int) -> None:

@@ -20,12 +20,27 @@ MAX_STRIDE = 16
 
 @dataclass(frozen=True)
 class StepPlan:
-    """Rows to feed at positions num_computed_tokens ...; logits for the last `num_logits` of them;
-    `lora_gate[i]` = 1 where an adapter delta applies."""
+    """Rows to feed after the cached prefix, in KV-slot order (row r's k/v goes to slot num_computed + r).
+
+    `num_logits`: logits are needed for rows [logit_start, logit_start + num_logits); `lora_gate[r]` = 1 where an
+    adapter delta applies. A plain plan is causal with positions num_computed + r. A plan with branches also
+    has, per row, its RoPE `offsets` (position = num_computed + offset; branch rows repeat positions of the
+    main block) and its attention: row r sees the cached prefix, rows [0, lead[r]) and rows
+    [run_start[r], r] (a causal row: lead = run_start = r).
+    """
 
     token_ids: list[int]
     lora_gate: list[int]
     num_logits: int
+    logit_start: int = -1  # default: the last num_logits rows
+    offsets: list[int] | None = None
+    lead: list[int] | None = None
+    run_start: list[int] | None = None
+    branch_start: int = -1  # first row of the branches (each num_masks rows), -1 = none
+
+    @property
+    def first_logit(self) -> int:
+        return len(self.token_ids) - self.num_logits if self.logit_start < 0 else self.logit_start
 
 
 @dataclass(frozen=True)
@@ -47,6 +62,9 @@ class Decoding:
     fast_verify_topk: int = 5
     confidence_accept_threshold: float = 0.0
     verify_num_specs: int | None = None
+    # Drafts ready after a rejection at draft j < branches (None: every j). Off by default: measured on a
+    # 2-core CPU (docs/architecture.md), the extra rows cost more time than the cold rounds they save.
+    branches: int | None = 0
 
     def __post_init__(self) -> None:
         if self.name not in ("ar", "isd", "risd"):
@@ -68,6 +86,8 @@ class Decoding:
             raise ValueError("confidence_accept_threshold must be in [0, 1]")
         if self.verify_num_specs is not None and self.verify_num_specs < 0:
             raise ValueError("verify_num_specs must be >= 0")
+        if self.branches is not None and self.branches < 0:
+            raise ValueError("branches must be >= 0")
 
     @property
     def num_masks(self) -> int:
@@ -85,18 +105,44 @@ class Decoding:
         """What the KV of committed tokens depends on beyond the tokens: 1 when the adapter acts on them."""
         return int(self.lora == "all")
 
+    def num_branches(self, num_drafts: int) -> int:
+        """Branches a verify step of `num_drafts` drafts feeds: one per shorter accepted prefix j < branches."""
+        return num_drafts if self.branches is None else min(num_drafts, self.branches)
+
+    @property
+    def max_step_rows(self) -> int:
+        """Rows a step can feed beyond its first committed token (drafts, MASK rows, branches)."""
+        return 2 * self.num_masks + self.num_branches(self.num_masks) * self.num_masks
+
     def step_rows(self, num_uncomputed: int, num_drafts: int) -> int:
-        return num_uncomputed + num_drafts + self.num_masks
+        return num_uncomputed + num_drafts + self.num_masks * (1 + self.num_branches(num_drafts))
 
     def plan(self, uncomputed: list[int], drafts: list[int], mask_token_id: int) -> StepPlan:
-        """The full step: feed the uncomputed committed tokens, the drafts, the MASK rows."""
+        """The full step: the uncomputed committed tokens, the drafts, the MASK rows, then the branches.
+
+        Branch j (the first j drafts accepted, draft j + 1 rejected) is N - 1 MASK rows whose first sits at
+        draft j + 1's position, where the correction goes; it sees the prefix, the anchor, drafts 1..j and its
+        own earlier rows, and drafts the N - 1 tokens after the correction, so a rejection needs no cold start.
+        """
         if not uncomputed:
             raise ValueError("a step feeds at least one committed token (its row predicts the next one)")
-        m = self.num_masks
+        c, k, m = len(uncomputed), len(drafts), self.num_masks
         committed_gate = 1 if self.lora == "all" else 0
         mask_gate = 1 if self.lora in ("all", "gated") else 0
-        gate = [committed_gate] * (len(uncomputed) + len(drafts)) + [mask_gate] * m
-        return StepPlan(uncomputed + drafts + [mask_token_id] * m, gate, len(drafts) + 1 + m)
+        main = c + k + m
+        tokens = uncomputed + drafts + [mask_token_id] * m
+        gate = [committed_gate] * (c + k) + [mask_gate] * m
+        nb = self.num_branches(k) if m else 0
+        if not nb:
+            return StepPlan(tokens, gate, k + 1 + m)
+        offsets, lead, run_start = list(range(main)), list(range(main)), list(range(main))
+        for j in range(nb):
+            first = main + j * m
+            offsets += [c + j + i for i in range(m)]
+            lead += [c + j] * m
+            run_start += [first] * m
+        return StepPlan(tokens + [mask_token_id] * (nb * m), gate + [mask_gate] * (nb * m), k + 1 + m,
+                        logit_start=c - 1, offsets=offsets, lead=lead, run_start=run_start, branch_start=main)
 
     def chunk(self, tokens: list[int]) -> StepPlan:
         """A prefill chunk: committed tokens only, no logits."""

@@ -15,8 +15,10 @@ class RequestStats:
     seconds: float = 0.0
     decoding: str = "ar"
     stride: int = 1
-    # ISD only: verify rounds with all drafts accepted (V), with a rejection (R), cold starts (C)
+    # ISD only: verify rounds with all drafts accepted (V), with a rejection (R), cold starts (C); `branched`:
+    # rejections after which a branch's drafts were ready (the next round verifies instead of starting cold)
     rounds: dict[str, int] = field(default_factory=lambda: {"V": 0, "R": 0, "C": 0})
+    branched: int = 0
     proposed_by_position: list[int] = field(default_factory=list)
     accepted_by_position: list[int] = field(default_factory=list)
     acceptance_sum: float = 0.0  # sum over tested drafts of min(1, p(x)/q(x))
@@ -65,6 +67,7 @@ class RequestStats:
             self.accepted_by_position[i] += a
         self.acceptance_sum += other.acceptance_sum
         self.drafts_tested += other.drafts_tested
+        self.branched += other.branched
         self.cached_tokens += other.cached_tokens
         self.preemptions += other.preemptions
 
@@ -83,6 +86,9 @@ class RequestStats:
         }
         if self.decoding != "ar":
             d["rounds"] = dict(self.rounds)
+            d["branched"] = self.branched
+            forwards = sum(self.rounds.values())
+            d["cold_share"] = round(self.rounds["C"] / forwards, 4) if forwards else 0.0
             d["acceptance_by_position"] = [round(x, 4) for x in self.acceptance_by_position]
             d["introspective_acceptance"] = round(self.introspective_acceptance, 4)
         return d

@@ -73,7 +73,7 @@ class LLMEngine:
     def add_request(self, prompt_ids: list[int], params: SamplingParams, decoding: Decoding) -> Sequence:
         if not prompt_ids:
             raise ValueError("empty prompt")
-        step = 2 * decoding.stride  # the rows one step can feed beyond the committed tokens, with margin
+        step = decoding.max_step_rows + 2  # the rows one step can feed beyond the committed tokens, with margin
         capacity = min(self.max_model_len, self.blocks.num_blocks * self.blocks.block_size)
         where = "the model's context" if capacity == self.max_model_len else "the KV cache"
         if len(prompt_ids) + step > capacity:
@@ -117,9 +117,10 @@ class LLMEngine:
             plan = (seq.decoding.chunk(uncomputed[: s.num_rows]) if s.chunk
                     else seq.decoding.plan(uncomputed, seq.drafts, mask_id))
             inputs.append(RunnerInput(seq.block_table, seq.num_computed_tokens, plan))
-        logits = self.runner.run(inputs)
+        logits, branch_hidden = self.runner.run(inputs)
         full = [s for s in step if not s.chunk]
-        results = self.decoder.decode([self._decode_item(s.seq) for s in full], logits) if full else []
+        items = [self._decode_item(s.seq) for s in full]
+        results = self.decoder.decode(items, logits, branch_hidden, self.runner.head) if full else []
         by_seq = dict(zip((s.seq.seq_id for s in full), results))
         kept, rec_slots, rec_tokens = [], [], []
         for s in step:
@@ -138,8 +139,10 @@ class LLMEngine:
         return self.scheduler.postprocess(step, kept)
 
     def _decode_item(self, seq: Sequence) -> DecodeItem:
-        return DecodeItem(seq.seq_id, seq.slot, seq.params, seq.decoding, seq.seed, seq.num_tokens, seq.drafts,
-                          seq.params.max_tokens - seq.num_output_tokens)
+        d = seq.decoding
+        return DecodeItem(seq.seq_id, seq.slot, seq.params, d, seq.seed, seq.num_tokens, seq.drafts,
+                          seq.params.max_tokens - seq.num_output_tokens,
+                          d.num_branches(len(seq.drafts)) if d.num_masks else 0)
 
     @staticmethod
     def _commit(seq: Sequence, res: DecodeResult) -> None:
@@ -147,6 +150,7 @@ class LLMEngine:
         k = len(seq.drafts)
         if seq.decoding.name != "ar":
             stats.rounds["R" if res.rejected else ("V" if k else "C")] += 1
+            stats.branched += int(res.branched)
             accepted = len(res.tokens) - 1
             for j in range(res.tested):
                 stats.record_test(j, j < accepted)

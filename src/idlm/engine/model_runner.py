@@ -32,20 +32,30 @@ class ModelRunner:
         self.num_rows = 0  # rows fed over all forwards
 
     @torch.inference_mode()
-    def run(self, batch: list[RunnerInput]) -> torch.Tensor:
-        """One forward over all rows (every fed row's k/v is written); logits [sum of num_logits, V] float32."""
-        ids, gates, rows, positions = [], [], [], []
+    def run(self, batch: list[RunnerInput]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One forward over all rows (every fed row's k/v is written). Returns the logits [rows, V] (float32) of
+        each plan's logit rows, in order, and the hidden states of the branch rows (their logits are computed
+        later, for the one branch each request needs), or None when no plan has branches."""
+        ids, gates, rows, positions, branch_rows = [], [], [], [], []
         offset = 0
         for item in batch:
-            n = len(item.plan.token_ids)
-            ids.extend(item.plan.token_ids)
-            gates.extend(item.plan.lora_gate)
-            positions.extend(range(item.start, item.start + n))
-            rows.extend(range(offset + n - item.plan.num_logits, offset + n))
+            plan = item.plan
+            n = len(plan.token_ids)
+            ids.extend(plan.token_ids)
+            gates.extend(plan.lora_gate)
+            if plan.offsets is None:
+                positions.extend(range(item.start, item.start + n))
+            else:
+                positions.extend(item.start + o for o in plan.offsets)
+            first = offset + plan.first_logit
+            rows.extend(range(first, first + plan.num_logits))
+            if plan.branch_start >= 0:
+                branch_rows.extend(range(offset + plan.branch_start, offset + n))
             offset += n
         dev = self.device
         meta = PagedAttention.build(self.kv.k, self.kv.v, self.kv.block_size, [b.block_table for b in batch],
-                                    [b.start for b in batch], [len(b.plan.token_ids) for b in batch], dev)
+                                    [b.start for b in batch], [len(b.plan.token_ids) for b in batch], dev,
+                                    lead=[b.plan.lead for b in batch], run_start=[b.plan.run_start for b in batch])
         if all(gates):
             gate = None  # adapter (if any) on every row
         elif not any(gates):
@@ -56,6 +66,11 @@ class ModelRunner:
                             torch.tensor(positions, dtype=torch.long, device=dev), meta, lora_gate=gate)
         self.num_forwards += 1
         self.num_rows += len(ids)
+        branches = hidden[torch.tensor(branch_rows, device=dev)] if branch_rows else None
         if not rows:
-            return hidden.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32)
-        return self.model.logits(hidden[torch.tensor(rows, device=dev)]).float()
+            return hidden.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32), branches
+        return self.head(hidden[torch.tensor(rows, device=dev)]), branches
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (float32) of hidden rows."""
+        return self.model.logits(hidden).float()

@@ -88,7 +88,7 @@ class PagedAttention:
     block_tables: [B, nb] block ids of each sequence (padded with any valid id; masked out).
     q_index: [B, Qmax] index of each sequence's rows in [0, T] (T = padding row), or None when B == 1.
     out_index: [T] positions of the real rows in the flattened [B * Qmax] output, or None when B == 1.
-    mask: [B, 1, Qmax, nb * block_size] bool, key position <= query position.
+    mask: [B, 1, Qmax, nb * block_size] bool: which cached and new keys each row sees.
     """
 
     k_pool: list[torch.Tensor]
@@ -126,8 +126,15 @@ class PagedAttention:
         start_positions: list[int],
         query_lens: list[int],
         device: torch.device,
+        lead: list[list[int] | None] | None = None,
+        run_start: list[list[int] | None] | None = None,
     ) -> "PagedAttention":
-        """Metadata for sequences whose new rows sit at positions start .. start + qlen - 1."""
+        """Metadata for sequences whose new rows take KV slots start .. start + qlen - 1 (in that order).
+
+        By default row r attends causally: the cached prefix and rows 0..r. With `lead[i]` / `run_start[i]`
+        for sequence i (a tree of branches), its row r sees the prefix, rows [0, lead[r]) and rows
+        [run_start[r], r] (causal: lead = run_start = r).
+        """
         b = len(query_lens)
         qmax = max(query_lens)
         nb = max(len(t) for t in block_tables)
@@ -135,17 +142,23 @@ class PagedAttention:
         slots, q_index, out_index = [], [], []
         total = sum(query_lens)
         row = 0
-        qpos = torch.zeros((b, qmax), dtype=torch.long)  # padding rows see key 0 only (no NaN)
+        # padding rows see key 0 only (no NaN)
+        upto = torch.zeros((b, qmax), dtype=torch.long)  # keys < upto: prefix and the rows before `lead`
+        run_lo = torch.zeros((b, qmax), dtype=torch.long)  # keys in [run_lo, self]: the row's own run
+        own = torch.zeros((b, qmax), dtype=torch.long)
         for i, (table, start, n) in enumerate(zip(block_tables, start_positions, query_lens)):
-            pos = torch.arange(start, start + n)
+            kv = torch.arange(start, start + n)
             tt = torch.tensor(table, dtype=torch.long)
-            slots.append(tt[pos // block_size] * block_size + pos % block_size)
+            slots.append(tt[kv // block_size] * block_size + kv % block_size)
             q_index.append(list(range(row, row + n)) + [total] * (qmax - n))
             out_index.extend(range(i * qmax, i * qmax + n))
-            qpos[i, :n] = pos
+            tree = lead is not None and lead[i] is not None
+            upto[i, :n] = start + torch.tensor(lead[i]) if tree else kv
+            run_lo[i, :n] = start + torch.tensor(run_start[i]) if tree else kv
+            own[i, :n] = kv
             row += n
-        keypos = torch.arange(nb * block_size)
-        mask = (keypos[None, None, :] <= qpos[:, :, None]).unsqueeze(1)
+        keys = torch.arange(nb * block_size)[None, None, :]
+        mask = (keys < upto[..., None]) | ((keys >= run_lo[..., None]) & (keys <= own[..., None]))
         single = b == 1
         return cls(
             k_pool=k_pool,
@@ -154,5 +167,5 @@ class PagedAttention:
             block_tables=tables.to(device),
             q_index=None if single else torch.tensor(q_index, dtype=torch.long, device=device),
             out_index=None if single else torch.tensor(out_index, dtype=torch.long, device=device),
-            mask=mask.to(device),
+            mask=mask.unsqueeze(1).to(device),
         )
