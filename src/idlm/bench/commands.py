@@ -12,6 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--adapter", default=None)
     d.add_argument("--decoding", default="ar", help="comma list of ar,isd,risd")
     d.add_argument("--stride", default="4", help="comma list of strides for isd/risd")
+    d.add_argument("--branches", default="0", help="comma list of branch counts for isd/risd (-1 = every draft)")
     d.add_argument("--prompts", type=int, default=5, help="number of bench prompts (batch 1 each)")
     d.add_argument("--max-tokens", type=int, default=128)
     d.add_argument("--device", choices=["cpu", "cuda"], default=None)

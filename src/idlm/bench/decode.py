@@ -44,7 +44,7 @@ def bench_prompts(n: int) -> list[str]:
 
 
 def _median_row(name: str, dtype: str, runs: list[dict[str, float]]) -> dict[str, Any]:
-    return {
+    row = {
         "engine": name,
         "dtype": dtype,
         "tok_per_s": round(statistics.median(r["tok_per_s"] for r in runs), 2),
@@ -52,20 +52,27 @@ def _median_row(name: str, dtype: str, runs: list[dict[str, float]]) -> dict[str
         "generated_tokens": int(sum(r["tokens"] for r in runs)),
         "runs": runs,
     }
+    if runs and "rows_per_forward" in runs[0]:
+        row["rows_per_forward"] = round(statistics.median(r["rows_per_forward"] for r in runs), 3)
+        row["cold_share"] = round(statistics.median(r["cold_share"] for r in runs), 4)
+    return row
 
 
-def run_ours(llm, prompts: list[str], max_tokens: int, decoding: str, stride: int | None) -> list[dict[str, float]]:
+def run_ours(llm, prompts: list[str], max_tokens: int, decoding: str, stride: int | None,
+             **options: Any) -> list[dict[str, float]]:
     from idlm.decoding.sampling import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     llm.chat([{"role": "user", "content": prompts[0]}], SamplingParams(temperature=0.0, max_tokens=8),
-             decoding=decoding, stride=stride)  # warm-up
+             decoding=decoding, stride=stride, **options)  # warm-up
     runs = []
     for p in prompts:
-        out = llm.chat([{"role": "user", "content": p}], params, decoding=decoding, stride=stride)[0]
+        out = llm.chat([{"role": "user", "content": p}], params, decoding=decoding, stride=stride, **options)[0]
         s = out.stats
+        d = s.to_dict()
         runs.append({"tok_per_s": s.tokens_per_second, "tpf": s.tokens_per_forward, "tokens": s.generated_tokens,
-                     "seconds": s.seconds})
+                     "seconds": s.seconds, "rows_per_forward": d["rows_per_forward"],
+                     "cold_share": d.get("cold_share", 0.0)})
     return runs
 
 
@@ -103,6 +110,7 @@ def run_decode_bench(args: argparse.Namespace) -> dict[str, Any]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     decodings = [d.strip() for d in args.decoding.split(",") if d.strip()]
     strides = [int(s) for s in str(args.stride).split(",") if s.strip()]
+    branches = [int(b) for b in str(args.branches).split(",") if b.strip()]
     prompts = bench_prompts(args.prompts)
     dtypes = ["float32"] + (["bfloat16"] if args.bf16 else [])
     if device == "cuda" and not args.bf16:
@@ -116,10 +124,15 @@ def run_decode_bench(args: argparse.Namespace) -> dict[str, Any]:
             if decoding == "risd" and llm.adapter is None:
                 notes.append(f"risd skipped: {args.model} has no adapter")
                 continue
-            for stride in ([None] if decoding == "ar" else strides):
-                runs = run_ours(llm, prompts, args.max_tokens, decoding, stride)
-                row = _median_row(f"idlm {decoding}" + (f" N={stride}" if stride else ""), dtype, runs)
-                row.update(decoding=decoding, stride=stride or 1)
+            layouts = [(None, None)] if decoding == "ar" else [(n, b) for n in strides for b in branches]
+            for stride, b in layouts:
+                options = {} if decoding == "ar" else {"branches": None if b == -1 else b}
+                runs = run_ours(llm, prompts, args.max_tokens, decoding, stride, **options)
+                name = f"idlm {decoding}" + (f" N={stride}" if stride else "")
+                if b:
+                    name += " branches=" + ("all" if b == -1 else str(b))
+                row = _median_row(name, dtype, runs)
+                row.update(decoding=decoding, stride=stride or 1, branches=b)
                 if decoding == "ar":
                     ar_speed = row["tok_per_s"]
                 rows.append(row)
@@ -148,7 +161,7 @@ def run_decode_bench(args: argparse.Namespace) -> dict[str, Any]:
         "greedy": True,
         "max_tokens": args.max_tokens,
         "prompts": prompts,
-        "machine": machine_info(device),
+        "machine": {**machine_info(device), "cpu_capability": torch.backends.cpu.get_cpu_capability()},
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "rows": rows,
         "notes": notes,
@@ -158,14 +171,16 @@ def run_decode_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def markdown_table(result: dict[str, Any]) -> str:
-    lines = ["| engine | dtype | tok/s | tokens/forward | speedup vs idlm AR | ratio vs transformers |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| engine | dtype | tok/s | tokens/forward | rows/forward | cold share | speedup vs idlm AR | "
+             "ratio vs transformers |", "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['engine']} | {r['dtype']} | {r['tok_per_s']} | {r['tokens_per_forward']} | "
+                     f"{r.get('rows_per_forward', '')} | {r.get('cold_share', '')} | "
                      f"{r.get('speedup_vs_idlm_ar', '')} | {r.get('ratio_vs_transformers', '')} |")
     m = result["machine"]
     lines.append("")
-    lines.append(f"{m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads), torch {m['torch']}, "
+    lines.append(f"{m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads, capability "
+                 f"{m.get('cpu_capability')}), torch {m['torch']}, "
                  f"batch 1, greedy, {result['max_tokens']} new tokens, median over {len(result['prompts'])} prompts.")
     lines.extend(f"Note: {n}" for n in result["notes"])
     return "\n".join(lines) + "\n"

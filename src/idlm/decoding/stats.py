@@ -23,6 +23,7 @@ class RequestStats:
     accepted_by_position: list[int] = field(default_factory=list)
     acceptance_sum: float = 0.0  # sum over tested drafts of min(1, p(x)/q(x))
     drafts_tested: int = 0
+    rows: int = 0  # rows fed to the model for this request (prefill, drafts, MASK rows, branches)
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     preemptions: int = 0  # times the request's KV was dropped under memory pressure (recomputed after)
 
@@ -68,6 +69,7 @@ class RequestStats:
         self.acceptance_sum += other.acceptance_sum
         self.drafts_tested += other.drafts_tested
         self.branched += other.branched
+        self.rows += other.rows
         self.cached_tokens += other.cached_tokens
         self.preemptions += other.preemptions
 
@@ -81,6 +83,7 @@ class RequestStats:
             "tokens_per_second": round(self.tokens_per_second, 2),
             "decoding": self.decoding,
             "stride": self.stride,
+            "rows_per_forward": round(self.rows / self.forwards, 3) if self.forwards else 0.0,
             "cached_tokens": self.cached_tokens,
             "preemptions": self.preemptions,
         }

@@ -126,6 +126,7 @@ class LLMEngine:
         for s in step:
             seq = s.seq
             seq.stats.forwards += 1
+            seq.stats.rows += s.num_rows
             res = by_seq.get(seq.seq_id)
             if res is None:
                 kept.append(s.num_rows)
