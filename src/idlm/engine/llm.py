@@ -13,9 +13,11 @@ import torch
 from idlm.decoding.policy import Decoding
 from idlm.decoding.sampling import SamplingParams
 from idlm.decoding.stats import RequestStats
+from idlm.engine.cost_model import CostModel, machine_key, measure
 from idlm.engine.llm_engine import EngineConfig, LLMEngine
 from idlm.engine.sequence import Sequence
 from idlm.loading import load_checkpoint
+from idlm.loading.cache import cache_dir
 from idlm.models.llama import CausalLM
 from idlm.models.lora import AdapterConfig, load_adapter
 
@@ -124,6 +126,24 @@ class LLM:
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return list(ids)
+
+    # ---- costs --------------------------------------------------------------------------------
+    def cost_model(self, decodings: list[Decoding] | None = None, batches: tuple[int, ...] = (1, 4, 16),
+                   repeats: int = 5) -> CostModel:
+        """Forward times of AR and the given decodings' layouts on this machine: read from the cache
+        ($IDLM_CACHE/cost/) or measured now (the engine must be idle) and cached."""
+
+        decodings = decodings or [self.make_decoding("risd" if self.adapter is not None else "isd")]
+        key = {**machine_key(), "model": self.name, "dtype": str(self.dtype), "device": str(self.device),
+               "adapter": str(self.adapter_path), "batches": list(batches),
+               "layouts": sorted({repr(d) for d in decodings})}
+        root = cache_dir()
+        found = CostModel.load(root, key)
+        if found is not None:
+            return found
+        model = measure(self.engine, decodings, list(batches), repeats=repeats, key=key)
+        model.save(root)
+        return model
 
     # ---- decoding -----------------------------------------------------------------------------
     @property
