@@ -270,7 +270,7 @@ def test_a_thousand_mixed_requests_leak_nothing_and_reproduce(tokenizer):
     llm = _tiny_llm(tokenizer, kv_cache_tokens=768, max_num_seqs=32, max_num_batched_tokens=256)
     eng = llm.engine
     start = eng.blocks.num_free_blocks
-    reqs, live, seeded = [], [], []
+    reqs, live = [], []
     for i in range(1000):
         prompt = [rng.randrange(100, 40000) for _ in range(rng.randint(1, 80))]
         params = SamplingParams(temperature=rng.choice([0.0, 0.7, 1.0]), seed=i, max_tokens=rng.choice([1, 2, 9, 30]),

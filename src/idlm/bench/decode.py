@@ -19,20 +19,15 @@ from typing import Any
 import torch
 
 from idlm.bench.results import write_results
+from idlm.engine.cost_model import machine_key
 
 
 def machine_info(device: str) -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
-            "device": device}
+    """The machine a figure was measured on, with the CPU capability that picks the kernels."""
+    key = machine_key()
+    info = {"platform": platform.platform(), "cpu": key["cpu"], "cpu_capability": key["capability"],
+            "cores": os.cpu_count(), "torch_threads": key["threads"], "torch": key["torch"],
+            "python": platform.python_version(), "device": device}
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -161,7 +156,7 @@ def run_decode_bench(args: argparse.Namespace) -> dict[str, Any]:
         "greedy": True,
         "max_tokens": args.max_tokens,
         "prompts": prompts,
-        "machine": {**machine_info(device), "cpu_capability": torch.backends.cpu.get_cpu_capability()},
+        "machine": machine_info(device),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "rows": rows,
         "notes": notes,

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from idlm.bench.decode import bench_prompts, machine_info
 from idlm.bench.results import write_results
@@ -115,7 +114,7 @@ def run_throughput_bench(args: argparse.Namespace) -> dict[str, Any]:
         "max_tokens": args.max_tokens,
         "repeats": args.repeats,
         "engines": {w.name: {"src": str(w.src), **w.info} for w in workers},
-        "machine": {**machine_info("cpu"), "cpu_capability": torch.backends.cpu.get_cpu_capability()},
+        "machine": machine_info("cpu"),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "rows": rows,
     }

@@ -105,7 +105,6 @@ class RowSampling:
         def col(values, dtype=torch.float32):
             return torch.tensor(values, dtype=dtype, device=device)
 
-        self.num_rows = len(params)
         self.greedy_all = all(p.greedy for p in params)
         self.temperature = col([p.temperature for p in params])
         self.top_k = col([p.top_k if p.top_k > 0 else 0 for p in params], torch.long)

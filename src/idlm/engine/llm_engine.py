@@ -20,7 +20,7 @@ from idlm.decoding.sampling import SamplingParams
 from idlm.engine.block_manager import BlockManager
 from idlm.engine.kv_cache import KVCache
 from idlm.engine.model_runner import ModelRunner, RunnerInput
-from idlm.engine.scheduler import Scheduled, Scheduler
+from idlm.engine.scheduler import Scheduler
 from idlm.engine.sequence import Sequence
 from idlm.models.llama import CausalLM
 

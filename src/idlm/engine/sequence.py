@@ -94,9 +94,7 @@ class Sequence:
         self.stats.generated_tokens = self.num_output_tokens
         return kept
 
-    def mark_finished(self, reason: str | None = None) -> None:
-        if reason is not None and self.finish_reason is None:
-            self.finish_reason = reason
+    def mark_finished(self) -> None:
         self.status = Status.FINISHED
         self.stats.seconds = time.perf_counter() - self.started
 
