@@ -64,8 +64,12 @@ class Dist:
         dist.all_reduce(t)
         return bool(t.item() > 0)
 
-    def close(self) -> None:
+    def close(self, synchronize: bool = True) -> None:
+        """Leave the process group; `synchronize` (a clean end on every rank) waits for all ranks first: gloo
+        aborts a process whose group is destroyed while a peer still talks to it (seen as a rare SIGABRT)."""
         if self.owns_group and dist.is_initialized():
+            if synchronize and self.enabled:
+                dist.barrier()
             dist.destroy_process_group()
 
 

@@ -411,12 +411,15 @@ class Trainer:
 
     def train(self) -> dict[str, Any]:
         """Run to the last step (or until a signal); returns a summary dict. Exported weights on completion."""
+        clean = False
         try:
             with self._signal_handlers():
                 self._setup()
-                return self._loop()
+                summary = self._loop()
+                clean = True
+                return summary
         finally:
-            self.dist.close()
+            self.dist.close(synchronize=clean)
 
     def _loop(self) -> dict[str, Any]:
         from tqdm import tqdm
