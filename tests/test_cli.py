@@ -60,6 +60,22 @@ def test_json_output_is_one_object(embedded_llm):  # the fixture makes sure the 
 
 
 @requires_embedded
+def test_default_decoding_is_auto_with_its_choices_in_the_stats(embedded_llm, tmp_path):
+    """The README's command: the shipped adapter, `auto` decoding (its cost model measured once, cached)."""
+    log = tmp_path / "stats.jsonl"
+    proc = idlm("generate", "Name a color.", "--chat", "--json", "--max-tokens", "24", "--stats-jsonl", str(log))
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads(proc.stdout)["stats"]
+    assert stats["decoding"] == "auto" and stats["stride"] == 4
+    assert sum(stats["choices"].values()) == stats["forwards"] and set(stats) >= {"rounds", "acceptance_by_position"}
+    assert json.loads(log.read_text())["choices"] == stats["choices"]
+    ar = json.loads(idlm("generate", "Name a color.", "--chat", "--json", "--max-tokens", "24",
+                         "--decoding", "ar").stdout)
+    assert ar["token_ids"] == json.loads(proc.stdout)["token_ids"]
+    _one_error_line(idlm("generate", "hi", "--decoding", "auto", "--fast-verify"), "auto chooses")
+
+
+@requires_embedded
 def test_risd_without_adapter_is_a_clear_error(embedded_llm):
     _one_error_line(idlm("generate", "hi", "--decoding", "risd", "--adapter", "none"), "risd needs a gated adapter")
 

@@ -6,7 +6,7 @@ import pytest
 
 from idlm import SamplingParams
 from idlm.decoding.policy import Decoding
-from idlm.engine.cost_model import CostModel, layouts, machine_key, measure
+from idlm.engine.cost_model import CostModel, machine_key, measure
 
 
 def test_measures_every_layout_and_leaves_the_engine_as_it_was(tiny_engine, tmp_path):
@@ -22,7 +22,7 @@ def test_measures_every_layout_and_leaves_the_engine_as_it_was(tiny_engine, tmp_
     assert again.output_ids == ref.output_ids and again.stats.cached_tokens == 32  # cached KV intact
     mask = eng.model.mask_token_id
     for d in [Decoding()] + decodings:
-        for plan in layouts(d, mask).values():
+        for plan in d.layouts(mask).values():
             assert all(cm.time(plan, b) > 0 for b in (1, 2, 4, 8))
     cm.save(tmp_path)
     loaded = CostModel.load(tmp_path, cm.key)
@@ -36,7 +36,7 @@ def test_speedup_combines_rounds_and_costs():
     mask = 99
     d0, dall = Decoding("risd", 4, "gated"), Decoding("risd", 4, "gated", branches=None)
     names = {CostModel.layout_name(p): len(p.token_ids) for d in (Decoding(), d0, dall)
-             for p in layouts(d, mask).values()}
+             for p in d.layouts(mask).values()}
     acc = [0.39, 0.36, 0.35]
     flat = CostModel({}, {n: {1: 1.0} for n in names})
     assert flat.speedup(d0, acc, 1, mask) == pytest.approx(1.297, abs=1e-3)

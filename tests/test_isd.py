@@ -15,7 +15,7 @@ from idlm.decoding.policy import Decoding
 from idlm.models.lora import AdapterConfig, add_lora, save_adapter
 
 from conftest import CHAT_PROMPTS, requires_embedded
-from oracles import assert_same_tokens
+from oracles import assert_same_tokens, assert_sampling_is_exact
 
 AR = Decoding()
 
@@ -283,7 +283,7 @@ def random_gated_adapter(tmp_path_factory, embedded_llm):
 @requires_embedded
 def test_risd_greedy_equals_ar_greedy(embedded_llm, random_gated_adapter):
     llm = LLM("smollm2-135m", adapter=str(random_gated_adapter), dtype="float32", device="cpu")
-    assert llm.default_decoding == "risd" and llm.default_stride == 4
+    assert llm.default_decoding == "auto" and llm.default_stride == 4
     convs = [[{"role": "user", "content": p}] for p in CHAT_PROMPTS[:10]]
     params = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
     ar = embedded_llm.chat(convs, params, decoding="ar")
@@ -295,6 +295,9 @@ def test_risd_greedy_equals_ar_greedy(embedded_llm, random_gated_adapter):
             assert_same_tokens(r.token_ids, a.token_ids, embedded_llm.apply_chat_template(conv), model,
                                f"stride {stride}, branches {branches}: {conv[0]['content']}")
         assert (branches == 0) == (sum(r.stats.branched for r in outs) == 0)
+    for conv, a, r in zip(convs, ar, llm.chat(convs, params)):  # the default, auto
+        assert r.stats.decoding == "auto" and sum(r.stats.choices.values()) == r.stats.forwards
+        assert_same_tokens(r.token_ids, a.token_ids, embedded_llm.apply_chat_template(conv), model, "auto")
     assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
 
 
@@ -336,40 +339,101 @@ def test_oracle_wrong_at_one_draft_never_starts_cold(tiny_engine, wrong_at):
     assert cold.forwards > s.forwards if wrong_at else cold.forwards == s.forwards  # 1 token a forward either way
 
 
-def test_sampled_isd_with_branches_is_distribution_exact(tokenizer):
+def test_sampled_isd_with_branches_is_distribution_exact():
     """Seeded sampling through ISD stride 3 with branches (model drafts, many rejections) commits 3-token
-    continuations distributed exactly as AR sampling: the exact joint law from the model's own conditionals."""
+    continuations distributed exactly as AR sampling."""
+    seqs = assert_sampling_is_exact(lambda: isd(3))
+    assert sum(s.stats.branched for s in seqs) > len(seqs) // 4  # the branches were used
+
+
+# ---- the first-position tree: alternatives verified by the exact multi-candidate rule ---------------
+
+def _tree_trials(p: torch.Tensor, q: torch.Tensor, k: int, trials: int, seed: int = 0):
+    """`trials` requests, each with a first draft x1 and alternatives x2..xk drawn from q without replacement
+    (q stored as the draft's proposal) and anchor p; the alternatives' own rows are given as logits."""
+    v = p.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    cands = torch.multinomial(q.expand(trials, v), k, replacement=False, generator=g).tolist()
+    dec = Decoder(v, trials)
+    dec.q = q.expand(trials, 1, v).clone()
+    params = SamplingParams(temperature=1.0)
+    d = Decoding("isd", 2, tree=k)
+    items = [DecodeItem(i, i, params, d, seed * 1_000_003 + i, 10, c[:1], 100, 0, c[1:]) for i, c in enumerate(cands)]
+    logits = torch.log(p.clamp_min(1e-30))[None].expand(3 * trials, v)  # p_0, p_1, q_0 of each request
+    after = torch.full((v,), -30.0)
+    after[v - 1] = 0.0  # the token after an accepted alternative: always v - 1
+    hidden = after[None].expand((k - 1) * trials, v)
+    return cands, dec.decode(items, logits, hidden, head=lambda h: h)
+
+
+@pytest.mark.parametrize("far", [False, True])
+def test_tree_rule_reproduces_p(far):
+    """Three candidates for one position, tested in turn against the residuals: the committed token is ~ p,
+    also when q is far from p (most candidates outside p's support, the residuals doing the work)."""
+    g = torch.Generator().manual_seed(7)
+    v = 8
+    p = torch.softmax(torch.randn(v, generator=g), -1)
+    q = torch.softmax(torch.randn(v, generator=g), -1)
+    if far:
+        p = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0, 0.0, 0.0, 0.0])
+        q = torch.tensor([0.01, 0.02, 0.01, 0.06, 0.3, 0.3, 0.2, 0.1])
+    trials = 40_000
+    cands, res = _tree_trials(p, q, 3, trials, seed=int(far))
+    first = np.array([r.tokens[0] for r in res])
+    counts = np.bincount(first, minlength=v).astype(float)
+    expected = p.double().numpy() * trials
+    support = expected > 0
+    assert counts[~support].sum() == 0
+    assert chisquare(counts[support], expected[support] / expected[support].sum() * trials).pvalue > 1e-3, counts
+    hits = [r for r in res if r.tree_hit]
+    assert len(hits) > trials // 50
+    for c, r in zip(cands, res):
+        if r.tree_hit:
+            assert r.tokens[0] in c[1:] and r.tokens[1] == v - 1 and r.kept_drafts == 0 and r.drafts == []
+        elif r.rejected:
+            assert r.tokens[0] not in c and len(r.tokens) == 1  # p_{k+1} is zero on every rejected candidate
+    # the rule with one candidate is the plain rule: acceptance of x1 stays sum min(p, q)
+    first_ok = sum(not r.rejected for r in res) / trials
+    assert abs(first_ok - float(torch.minimum(p, q).sum())) < 0.015
+
+
+def _small_vocab_engine(v: int = 12):
     from idlm.engine.llm_engine import EngineConfig, LLMEngine
     from idlm.eval.acceptance import IdTokenizer
-    from idlm.models.attention import DenseAttention
 
     from conftest import tiny_model
 
-    v = 12
-    model = tiny_model(vocab_size=v, seed=3)
-    prompt = [1, 5, 7]
-    with torch.no_grad():
-        def cond(prefix):
-            h = model(torch.tensor([prompt + prefix]), torch.arange(len(prompt) + len(prefix))[None], DenseAttention())
-            return torch.softmax(model.logits(h[0, -1]).double() / 0.9, -1)
+    return LLMEngine(tiny_model(vocab_size=v, seed=4), IdTokenizer(), [],
+                     EngineConfig(kv_cache_tokens=16384, kv_block_size=8, max_num_seqs=16))
 
-        p1 = cond([])
-        joint = torch.zeros(v, v, v, dtype=torch.float64)
-        for a in range(v):
-            p2 = cond([a])
-            for b in range(v):
-                joint[a, b] = p1[a] * p2[b] * cond([a, b])
-    engine = LLMEngine(model, IdTokenizer(), [], EngineConfig(kv_cache_tokens=65536, kv_block_size=8, max_num_seqs=256))
-    n = 6000
-    params = [SamplingParams(temperature=0.9, seed=i, max_tokens=3, ignore_eos=True) for i in range(n)]
-    seqs = [engine.add_request(prompt, sp, isd(3)) for sp in params]
-    engine.run_to_completion(seqs)
-    assert sum(s.stats.branched for s in seqs) > n // 4  # the branches were used
-    counts = np.zeros((v, v, v))
-    for s in seqs:
-        counts[tuple(s.output_ids)] += 1
-    for axes, cells in (((1, 2), v), ((0, 2), v), ((0,), v * v), ((1,), v * v)):
-        got = counts.sum(axis=axes).reshape(-1)
-        exp = joint.sum(dim=axes).reshape(-1).numpy() * n
-        keep = exp > 5
-        assert chisquare(got[keep], exp[keep] / exp[keep].sum() * got[keep].sum()).pvalue > 1e-3, axes
+
+def test_greedy_tree_equals_ar():
+    """On a 12-token vocabulary the model's second and third guesses are often right: greedy ISD with a tree
+    of 3 (alone and with branches, strides 2 to 8, batched) commits AR's tokens."""
+    eng = _small_vocab_engine()
+    rng = random.Random(0)
+    prompts = [[rng.randrange(12) for _ in range(5 + i)] for i in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    ar = [_ar_reference(eng, p, params).output_ids for p in prompts]
+    for stride, branches in ((2, 0), (4, 0), (4, None), (8, 1)):
+        seqs = [eng.add_request(p, params, isd(stride, branches=branches, tree=3)) for p in prompts]
+        eng.run_to_completion(seqs)
+        assert [s.output_ids for s in seqs] == ar, (stride, branches)
+        assert sum(s.stats.tree_hits for s in seqs) > 0
+        assert all(s.stats.to_dict()["tree_hits"] == s.stats.tree_hits for s in seqs)
+    assert eng.blocks.num_free_blocks == eng.blocks.num_blocks
+
+
+def test_sampled_isd_with_a_tree_is_distribution_exact():
+    seqs = assert_sampling_is_exact(lambda: isd(3, branches=0, tree=3))
+    assert sum(s.stats.tree_hits for s in seqs) > len(seqs) // 20
+
+
+def test_tree_needs_exact_verification():
+    with pytest.raises(ValueError, match="exact verification"):
+        Decoding("isd", 4, tree=3, fast_verify=True)
+    with pytest.raises(ValueError, match="needs drafts"):
+        Decoding("ar", 1, tree=2)
+    with pytest.raises(ValueError, match="between 1 and"):
+        Decoding("isd", 4, tree=0)
+    assert Decoding("risd", 4, "gated", branches=None, tree=3).label == "risd4+b3+t3"

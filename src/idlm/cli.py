@@ -1,4 +1,4 @@
-"""Command line: `idlm generate | chat | models | bench | acceptance | train | distill`."""
+"""Command line: `idlm generate | chat | models | bench | explore | acceptance | train | distill`."""
 from __future__ import annotations
 
 import argparse
@@ -39,8 +39,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--decoding", choices=["ar", "isd", "risd"], default=None,
-                   help="default: risd when the model has an adapter, else ar")
+    p.add_argument("--decoding", choices=["auto", "ar", "isd", "risd"], default=None,
+                   help="default: auto when the model has an adapter (before every step, AR or the lossless "
+                        "R-ISD layout the cost model predicts fastest, up to --stride), else ar")
     p.add_argument("--stride", type=int, default=None, help="N tokens per step (default: from the adapter, else 4)")
     p.add_argument("--drafting", choices=["exact", "argmax"], default=None)
     p.add_argument("--verify-alpha", type=float, default=None)
@@ -51,6 +52,9 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--branches", type=int, default=None,
                    help="feed a branch of MASK rows at each of the first B draft positions, so a rejection there "
                         "needs no cold start (default 0; -1: every position)")
+    p.add_argument("--tree", type=int, default=None,
+                   help="K candidates at the first draft position, verified by the exact multi-candidate rule "
+                        "(default 1: off)")
 
 
 def sampling_params(args: argparse.Namespace):
@@ -66,7 +70,7 @@ def sampling_params(args: argparse.Namespace):
 
 def decoding_options(args: argparse.Namespace) -> dict[str, Any]:
     names = ["drafting", "verify_alpha", "fast_verify", "fast_verify_topk", "confidence_accept_threshold",
-             "verify_num_specs", "branches"]
+             "verify_num_specs", "branches", "tree"]
     out = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     if out.get("branches") == -1:
         out["branches"] = None  # every draft position
@@ -218,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     from idlm.bench import commands as bench_commands
 
     bench_commands.register(sub)
+    bench_commands.register_explore(sub)
     try:
         from idlm.training import commands as training_commands
     except ImportError:

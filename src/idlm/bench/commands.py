@@ -7,18 +7,24 @@ import argparse
 def register(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="measured benchmarks (JSON under benchmarks/results/)")
     bsub = bench.add_subparsers(dest="bench_command", required=True)
-    d = bsub.add_parser("decode", help="tok/s and tokens per forward: ar / isd / risd vs transformers generate")
+    d = bsub.add_parser("decode", help="tok/s, tokens and rows per forward by decoding and batch size, vs AR "
+                                       "and transformers generate (interleaved repeats)")
     d.add_argument("--model", default="smollm2-135m")
-    d.add_argument("--adapter", default=None)
-    d.add_argument("--decoding", default="ar", help="comma list of ar,isd,risd")
-    d.add_argument("--stride", default="4", help="comma list of strides for isd/risd")
+    d.add_argument("--adapter", default=None, help="adapter dir (default: the model's shipped adapter)")
+    d.add_argument("--decoding", default="ar,risd,auto", help="comma list of ar,isd,risd,auto")
+    d.add_argument("--stride", default="4", help="comma list of strides for isd/risd (auto: up to the largest)")
     d.add_argument("--branches", default="0", help="comma list of branch counts for isd/risd (-1 = every draft)")
-    d.add_argument("--prompts", type=int, default=5, help="number of bench prompts (batch 1 each)")
+    d.add_argument("--tree", default="1", help="comma list of first-position candidates for isd/risd (1 = off)")
+    d.add_argument("--batch", default="1", help="comma list of batch sizes (concurrent requests)")
+    d.add_argument("--prompts", type=int, default=5, help="prompts per batch size (at least the batch size)")
+    d.add_argument("--prompt-set", choices=["heldout", "bench"], default="heldout",
+                   help="held-out chat prompts (never trained on) or the short bench prompts")
+    d.add_argument("--repeats", type=int, default=1, help="interleaved repeats (medians and spread reported)")
     d.add_argument("--max-tokens", type=int, default=128)
     d.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    d.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: float32 on CPU")
     d.add_argument("--no-transformers", dest="transformers", action="store_false",
                    help="skip the transformers generate baseline")
-    d.add_argument("--bf16", action="store_true", help="add bfloat16 rows (ours and transformers)")
     d.add_argument("--out", default="benchmarks/results", help="directory for the JSON and markdown")
     d.set_defaults(func=_decode)
     f = bsub.add_parser("forward", help="cost of one forward by query rows per sequence and batch size")
@@ -43,6 +49,38 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the src dir of another idlm version (e.g. a git worktree) to run beside this one")
     t.add_argument("--out", default="benchmarks/results")
     t.set_defaults(func=_throughput)
+
+
+def register_explore(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser("explore", help="predicted ISD / R-ISD speed-up over AR by stride and batch size on this "
+                                       "machine (cost model x round model), with an optional measured check")
+    e.add_argument("--model", default="smollm2-135m")
+    e.add_argument("--adapter", default=None, help="adapter dir (default: the model's shipped adapter)")
+    e.add_argument("--acceptance", default=None,
+                   help="acceptance by draft position, e.g. 0.4,0.35,0.3 (default: the adapter's recorded "
+                        "held-out figure, else measured now)")
+    e.add_argument("--strides", default="2,3,4,5,6,7,8")
+    e.add_argument("--batches", default="1,2,4,8,16,32,64", help="batch sizes to predict")
+    e.add_argument("--measure-batches", default="1,4,16,64", help="batch sizes to measure (the rest: interpolated)")
+    e.add_argument("--max-rows", type=int, default=2048, help="steps with more rows are predicted by the fit")
+    e.add_argument("--repeats", type=int, default=3, help="interleaved repeats of every measured step")
+    e.add_argument("--quick", action="store_true", help="a small grid: strides 2,4, batches 1,2,4")
+    e.add_argument("--validate", action="store_true",
+                   help="also measure R-ISD N=3/4 (without / with branches) vs AR at batch 1, 4, 16")
+    e.add_argument("--validate-prompts", type=int, default=8)
+    e.add_argument("--validate-repeats", type=int, default=3)
+    e.add_argument("--max-tokens", type=int, default=128, help="new tokens per request when validating")
+    e.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    e.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    e.add_argument("--out", default="benchmarks/results")
+    e.set_defaults(func=_explore)
+
+
+def _explore(args: argparse.Namespace) -> int:
+    from idlm.bench.explore import run_explore
+
+    run_explore(args)
+    return 0
 
 
 def _decode(args: argparse.Namespace) -> int:

@@ -1,7 +1,11 @@
-"""Decode benchmark: our AR / ISD / R-ISD against transformers `generate`, same prompts, one run.
+"""Decode benchmark: our AR / ISD / R-ISD / auto against transformers `generate`, one interleaved run.
 
-Batch 1, greedy, every request forced to `max_tokens` new tokens (EOS ignored) so all rows time the
-same amount of work. Prints a table and writes JSON + markdown under the output directory.
+Greedy, every request forced to `max_tokens` new tokens (EOS ignored) so all rows time the same work. At
+batch size b the prompts run in waves of b concurrent requests (all with the same decoding; the engine's
+continuous batching serves each wave); tok/s is the total over the prompt set (at least b prompts). Each
+repeat runs every configuration at every batch size in turn, so all see the same machine state; the table
+gives medians over repeats, the ratio to AR measured within each repeat, and its spread. Prints a table and
+writes JSON + markdown under the output directory.
 """
 from __future__ import annotations
 
@@ -38,37 +42,45 @@ def bench_prompts(n: int) -> list[str]:
     return prompts[:n]
 
 
-def _median_row(name: str, dtype: str, runs: list[dict[str, float]]) -> dict[str, Any]:
-    row = {
-        "engine": name,
-        "dtype": dtype,
-        "tok_per_s": round(statistics.median(r["tok_per_s"] for r in runs), 2),
-        "tokens_per_forward": round(statistics.median(r["tpf"] for r in runs), 3),
-        "generated_tokens": int(sum(r["tokens"] for r in runs)),
-        "runs": runs,
-    }
-    if runs and "rows_per_forward" in runs[0]:
-        row["rows_per_forward"] = round(statistics.median(r["rows_per_forward"] for r in runs), 3)
-        row["cold_share"] = round(statistics.median(r["cold_share"] for r in runs), 4)
-    return row
+def heldout_prompts(n: int) -> list[str]:
+    """The first user turn of `n` held-out chat prompts (never trained on), spread over the file's kinds."""
+    from idlm.eval.acceptance import HELDOUT_PROMPTS
+
+    recs = [json.loads(l) for l in HELDOUT_PROMPTS.read_text().splitlines() if l.strip()]
+    if len(recs) > n:
+        recs = [recs[(i * len(recs)) // n] for i in range(n)]
+    return [r["messages"][-1]["content"] for r in recs]
 
 
-def run_ours(llm, prompts: list[str], max_tokens: int, decoding: str, stride: int | None,
-             **options: Any) -> list[dict[str, float]]:
+PROMPT_SETS = {"heldout": heldout_prompts, "bench": bench_prompts}
+
+
+def run_ours(llm, prompts: list[str], max_tokens: int, batch: int, decoding: str, stride: int | None,
+             **options: Any) -> dict[str, Any]:
+    """The prompts in waves of `batch` concurrent requests: total tok/s and per-request decoding figures."""
     from idlm.decoding.sampling import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    llm.chat([{"role": "user", "content": prompts[0]}], SamplingParams(temperature=0.0, max_tokens=8),
-             decoding=decoding, stride=stride, **options)  # warm-up
-    runs = []
-    for p in prompts:
-        out = llm.chat([{"role": "user", "content": p}], params, decoding=decoding, stride=stride, **options)[0]
-        s = out.stats
-        d = s.to_dict()
-        runs.append({"tok_per_s": s.tokens_per_second, "tpf": s.tokens_per_forward, "tokens": s.generated_tokens,
-                     "seconds": s.seconds, "rows_per_forward": d["rows_per_forward"],
-                     "cold_share": d.get("cold_share", 0.0)})
-    return runs
+    convs = [[{"role": "user", "content": p}] for p in prompts]
+    outs, t0 = [], time.perf_counter()
+    for i in range(0, len(convs), batch):
+        outs += llm.chat(convs[i : i + batch], params, decoding=decoding, stride=stride, **options)
+    seconds = time.perf_counter() - t0
+    stats = [o.stats.to_dict() for o in outs]
+    tokens = sum(s["generated_tokens"] for s in stats)
+    run = {"tok_per_s": tokens / seconds, "tokens": tokens, "seconds": seconds,
+           "tpf": tokens / sum(s["forwards"] for s in stats),
+           "rows_per_forward": statistics.mean(s["rows_per_forward"] for s in stats),
+           "cold_share": statistics.mean(s.get("cold_share", 0.0) for s in stats),
+           "tree_hits": sum(s.get("tree_hits", 0) for s in stats),
+           "token_ids": [o.token_ids for o in outs]}
+    choices: dict[str, int] = {}
+    for s in stats:
+        for k, v in s.get("choices", {}).items():
+            choices[k] = choices.get(k, 0) + v
+    if choices:
+        run["choices"] = choices
+    return run
 
 
 def run_transformers(hf_dir: Path, tokenizer, prompts: list[str], max_tokens: int, dtype: torch.dtype,
@@ -99,63 +111,100 @@ def run_transformers(hf_dir: Path, tokenizer, prompts: list[str], max_tokens: in
     return runs
 
 
+def configurations(args: argparse.Namespace, has_adapter: bool) -> tuple[list[dict[str, Any]], list[str]]:
+    """(name, decoding, stride, options) of every idlm row, and notes on what was skipped."""
+    strides = [int(x) for x in str(args.stride).split(",") if x.strip()]
+    branches = [int(b) for b in str(args.branches).split(",") if b.strip()]
+    trees = [int(k) for k in str(args.tree).split(",") if k.strip()]
+    configs, notes = [], []
+    for decoding in [d.strip() for d in args.decoding.split(",") if d.strip()]:
+        if decoding in ("risd", "auto") and not has_adapter:
+            notes.append(f"{decoding} skipped: {args.model} has no adapter")
+            continue
+        if decoding == "ar":
+            configs.append({"engine": "idlm ar", "decoding": "ar", "stride": None, "options": {}})
+        elif decoding == "auto":
+            configs.append({"engine": f"idlm auto N<={max(strides)}", "decoding": "auto", "stride": max(strides),
+                            "options": {}})
+        else:
+            for n in strides:
+                for b in branches:
+                    for k in trees:
+                        name = (f"idlm {decoding} N={n}" + (f" branches={'all' if b == -1 else b}" if b else "")
+                                + (f" tree={k}" if k > 1 else ""))
+                        options = {"branches": None if b == -1 else b, **({"tree": k} if k > 1 else {})}
+                        configs.append({"engine": name, "decoding": decoding, "stride": n, "options": options})
+    return configs, notes
+
+
+def _summary(runs: list[dict[str, Any]], ar_runs: list[dict[str, Any]] | None) -> dict[str, Any]:
+    row = {"tok_per_s": round(statistics.median(r["tok_per_s"] for r in runs), 2),
+           "tok_per_s_range": [round(min(r["tok_per_s"] for r in runs), 2), round(max(r["tok_per_s"] for r in runs), 2)],
+           "tokens_per_forward": round(statistics.median(r["tpf"] for r in runs), 3),
+           "rows_per_forward": round(statistics.median(r["rows_per_forward"] for r in runs), 3),
+           "cold_share": round(statistics.median(r["cold_share"] for r in runs), 4),
+           "tree_hits": runs[-1]["tree_hits"],
+           "runs": [{k: v for k, v in r.items() if k != "token_ids"} for r in runs]}
+    if runs[0].get("choices"):
+        row["choices"] = runs[-1]["choices"]
+    if ar_runs:
+        ratios = [r["tok_per_s"] / a["tok_per_s"] for r, a in zip(runs, ar_runs)]
+        row["speedup_vs_idlm_ar"] = round(statistics.median(ratios), 3)
+        row["speedup_range"] = [round(min(ratios), 3), round(max(ratios), 3)]
+        row["same_tokens_as_ar"] = all(r["token_ids"] == a["token_ids"] for r, a in zip(runs, ar_runs))
+    return row
+
+
 def run_decode_bench(args: argparse.Namespace) -> dict[str, Any]:
     from idlm import LLM
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    decodings = [d.strip() for d in args.decoding.split(",") if d.strip()]
-    strides = [int(s) for s in str(args.stride).split(",") if s.strip()]
-    branches = [int(b) for b in str(args.branches).split(",") if b.strip()]
-    prompts = bench_prompts(args.prompts)
-    dtypes = ["float32"] + (["bfloat16"] if args.bf16 else [])
-    if device == "cuda" and not args.bf16:
-        dtypes = ["bfloat16"]
-    rows: list[dict[str, Any]] = []
-    notes: list[str] = []
-    for dtype in dtypes:
-        llm = LLM(args.model, adapter=args.adapter, dtype=dtype, device=device)
-        ar_speed = None
-        for decoding in decodings:
-            if decoding == "risd" and llm.adapter is None:
-                notes.append(f"risd skipped: {args.model} has no adapter")
-                continue
-            layouts = [(None, None)] if decoding == "ar" else [(n, b) for n in strides for b in branches]
-            for stride, b in layouts:
-                options = {} if decoding == "ar" else {"branches": None if b == -1 else b}
-                runs = run_ours(llm, prompts, args.max_tokens, decoding, stride, **options)
-                name = f"idlm {decoding}" + (f" N={stride}" if stride else "")
-                if b:
-                    name += " branches=" + ("all" if b == -1 else str(b))
-                row = _median_row(name, dtype, runs)
-                row.update(decoding=decoding, stride=stride or 1, branches=b)
-                if decoding == "ar":
-                    ar_speed = row["tok_per_s"]
-                rows.append(row)
-                print(f"{row['engine']:>18} {dtype:>8}: {row['tok_per_s']:7.2f} tok/s, "
-                      f"TPF {row['tokens_per_forward']:.3f}", file=sys.stderr)
-        if ar_speed:
-            for r in rows:
-                if r["dtype"] == dtype and r["engine"].startswith("idlm"):
-                    r["speedup_vs_idlm_ar"] = round(r["tok_per_s"] / ar_speed, 3)
-        if args.transformers:
-            runs = run_transformers(llm.checkpoint.path, llm.tokenizer, prompts, args.max_tokens,
-                                    getattr(torch, dtype), device)
-            row = _median_row("transformers generate", dtype, runs)
-            rows.append(row)
-            print(f"{row['engine']:>18} {dtype:>8}: {row['tok_per_s']:7.2f} tok/s", file=sys.stderr)
-            if ar_speed:
-                for r in rows:
-                    if r["dtype"] == dtype and r["engine"].startswith("idlm"):
-                        r["ratio_vs_transformers"] = round(r["tok_per_s"] / row["tok_per_s"], 3)
-        del llm
+    batches = [int(b) for b in str(args.batch).split(",") if b.strip()]
+    make_prompts = PROMPT_SETS[args.prompt_set]
+    prompts = {b: make_prompts(max(args.prompts, b)) for b in batches}
+    dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    llm = LLM(args.model, adapter=args.adapter, dtype=dtype, device=device, max_num_seqs=max(batches),
+              kv_cache_tokens=max(batches) * (args.max_tokens + 320))
+    configs, notes = configurations(args, llm.adapter is not None)
+    for c in configs:  # warm-up (and the cost model of auto, measured once per machine and cached)
+        run_ours(llm, prompts[batches[0]][:1], 8, 1, c["decoding"], c["stride"], **c["options"])
+    runs: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for r in range(args.repeats):
+        for b in batches:
+            for i, c in enumerate(configs):
+                run = run_ours(llm, prompts[b], args.max_tokens, b, c["decoding"], c["stride"], **c["options"])
+                runs.setdefault((i, b), []).append(run)
+                print(f"repeat {r + 1}/{args.repeats} batch {b:>2} {c['engine']:>28}: {run['tok_per_s']:7.2f} tok/s, "
+                      f"TPF {run['tpf']:.3f}", file=sys.stderr)
+    ar_index = next((i for i, c in enumerate(configs) if c["decoding"] == "ar"), None)
+    rows = []
+    for b in batches:
+        for i, c in enumerate(configs):
+            ar_runs = runs[(ar_index, b)] if ar_index is not None and i != ar_index else None
+            rows.append({"engine": c["engine"], "dtype": dtype, "batch": b, "decoding": c["decoding"],
+                         "stride": c["stride"] or 1, "branches": c["options"].get("branches", 0),
+                         **_summary(runs[(i, b)], ar_runs)})
+    if args.transformers:
+        tf = run_transformers(llm.checkpoint.path, llm.tokenizer, prompts[1] if 1 in prompts else make_prompts(
+            args.prompts), args.max_tokens, getattr(torch, dtype), device)
+        row = {"engine": "transformers generate", "dtype": dtype, "batch": 1,
+               "tok_per_s": round(statistics.median(r["tok_per_s"] for r in tf), 2), "tokens_per_forward": 1.0,
+               "runs": tf}
+        rows.append(row)
+        for r in rows:
+            if r["batch"] == 1 and r["engine"].startswith("idlm"):
+                r["ratio_vs_transformers"] = round(r["tok_per_s"] / row["tok_per_s"], 3)
     result = {
         "benchmark": "decode",
         "command": "idlm " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("idlm") else None,
         "model": args.model,
-        "batch_size": 1,
+        "adapter": str(llm.adapter_path) if llm.adapter_path else None,
+        "batches": batches,
+        "repeats": args.repeats,
         "greedy": True,
         "max_tokens": args.max_tokens,
-        "prompts": prompts,
+        "prompt_set": args.prompt_set,
+        "prompts": prompts[max(batches)],
         "machine": machine_info(device),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "rows": rows,
@@ -165,18 +214,29 @@ def run_decode_bench(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _range(r: dict[str, Any], key: str) -> str:
+    lo_hi = r.get(key)
+    return f" ({lo_hi[0]}-{lo_hi[1]})" if lo_hi else ""
+
+
 def markdown_table(result: dict[str, Any]) -> str:
-    lines = ["| engine | dtype | tok/s | tokens/forward | rows/forward | cold share | speedup vs idlm AR | "
-             "ratio vs transformers |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| engine | batch | tok/s (range) | tokens/forward | rows/forward | cold share | vs idlm AR (range) | "
+             "same tokens as AR | vs transformers |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['engine']} | {r['dtype']} | {r['tok_per_s']} | {r['tokens_per_forward']} | "
-                     f"{r.get('rows_per_forward', '')} | {r.get('cold_share', '')} | "
-                     f"{r.get('speedup_vs_idlm_ar', '')} | {r.get('ratio_vs_transformers', '')} |")
+        same = r.get("same_tokens_as_ar")
+        lines.append(f"| {r['engine']} | {r['batch']} | {r['tok_per_s']}{_range(r, 'tok_per_s_range')} | "
+                     f"{r['tokens_per_forward']} | {r.get('rows_per_forward', '')} | {r.get('cold_share', '')} | "
+                     f"{r.get('speedup_vs_idlm_ar', '')}{_range(r, 'speedup_range')} | "
+                     f"{'' if same is None else ('yes' if same else 'NO')} | {r.get('ratio_vs_transformers', '')} |")
     m = result["machine"]
     lines.append("")
     lines.append(f"{m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads, capability "
-                 f"{m.get('cpu_capability')}), torch {m['torch']}, "
-                 f"batch 1, greedy, {result['max_tokens']} new tokens, median over {len(result['prompts'])} prompts.")
+                 f"{m.get('cpu_capability')}), torch {m['torch']}, {result['rows'][0]['dtype']}, greedy, "
+                 f"{result['max_tokens']} new tokens per request, {result['prompt_set']} prompts, median of "
+                 f"{result['repeats']} interleaved repeats; adapter {result.get('adapter')}.")
+    choices = [f"{r['engine']} batch {r['batch']}: {r['choices']}" for r in result["rows"] if r.get("choices")]
+    if choices:
+        lines.append("")
+        lines.extend(f"Choices of auto (steps by decoding, last repeat): {c}" for c in choices)
     lines.extend(f"Note: {n}" for n in result["notes"])
     return "\n".join(lines) + "\n"
-

@@ -7,7 +7,15 @@ Each request of a step brings its logit rows, laid out as `StepPlan` asks (decod
 p_j is the target distribution of draft j (conditioned on the drafts before it), p_K that of the next token,
 q_m the proposal of new draft m. Drafts are tested left to right with min(1, p(x) / (alpha q(x))); the first
 rejection at s takes the correction from normalize(max(0, p_s - q_s)) and drops the new drafts (the next step
-starts cold); full acceptance takes the next token from p_K and keeps the new drafts. p and q come from one
+starts cold, unless a branch drafted after that position); full acceptance takes the next token from p_K and
+keeps the new drafts.
+
+Alternatives (`tree` > 1): more candidates x_2..x_k for the first draft's position, drawn from q without
+replacement (greedy: the next best of q). When the first draft x_1 is rejected they are tested in turn, each
+against the residual of the one before: p_{i+1} = normalize(max(0, p_i - q_i)), q_{i+1} = q_i with x_i
+removed and renormalised, accept x_i with min(1, p_i(x_i) / q_i(x_i)); if all are rejected the correction
+comes from p_{k+1}. An accepted x_i commits x_i and a token from p after x_i (its own row); the next step
+starts cold. p and q come from one
 pipeline (`sampling.distribution`) with the request's parameters, and `exact` drafting draws x ~ q, so the
 committed text is distributed exactly as AR sampling from the anchor model. Under greedy decoding p and q are
 one-hots and the rule reduces to "accept while the draft is the argmax".
@@ -18,7 +26,7 @@ Per-request tensors live here in per-slot buffers: the penalty history and the p
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -28,7 +36,7 @@ from idlm.decoding.policy import Decoding
 from idlm.decoding.sampling import (RowSampling, SamplingParams, distribution, residual_distribution, row_key, sample,
                                    uniforms)
 
-ACCEPT, NEXT, DRAFT = 1, 2, 3  # random streams
+ACCEPT, NEXT, DRAFT, TREE, ALTERNATIVE = 1, 2, 3, 4, 5  # random streams
 
 
 @dataclass
@@ -43,12 +51,18 @@ class DecodeItem:
     position: int  # index in the token list that the first new token takes
     drafts: list[int]
     budget: int  # tokens the request may still emit
-    num_branches: int = 0  # branch rows fed this step (each N - 1 MASK rows, hidden states given apart)
+    num_branches: int = 0  # branches fed this step (each N - 1 MASK rows, hidden states given apart)
+    alternatives: list[int] = field(default_factory=list)  # other candidates for drafts[0] (rows given apart)
 
     @property
     def num_rows(self) -> int:
-        """Logit rows: p of each draft, the next token, q of each MASK row (branches are given apart)."""
+        """Logit rows: p of each draft, the next token, q of each MASK row (alternatives, branches given apart)."""
         return len(self.drafts) + 1 + self.decoding.num_masks
+
+    @property
+    def num_hidden(self) -> int:
+        """Rows given as hidden states: the alternatives, then the branches."""
+        return (len(self.alternatives) if self.drafts else 0) + self.num_branches * self.decoding.num_masks
 
 
 @dataclass
@@ -59,6 +73,37 @@ class DecodeResult:
     tested: int  # drafts actually tested
     ratio_sum: float  # sum over tested drafts of min(1, p(x) / q(x))
     branched: bool = False  # after a rejection, the new drafts came from the branch at the rejected draft
+    alternatives: list[int] = field(default_factory=list)  # other candidates for the new drafts[0]
+    tree_hit: bool = False  # the first draft was rejected and an alternative accepted (tokens: it, then next)
+
+    @property
+    def kept_drafts(self) -> int:
+        """Fed drafts whose KV stays: the accepted ones (an accepted alternative's row is not in that run)."""
+        return 0 if self.tree_hit else len(self.tokens) - 1
+
+
+DRAFTS = 6  # first column of the new drafts in a step's packed results
+
+
+@dataclass
+class Tree:
+    """The items of a step with alternatives to test: index, alternatives (padded), valid, first hidden row, keys."""
+
+    items: list[int]
+    tokens: list[list[int]]
+    valid: list[list[bool]]
+    base: list[int]
+    keys: list[list[int]]
+
+
+def draw_alternatives(q: Tensor, raw: Tensor, first: Tensor, greedy: Tensor, keys: Tensor, width: int):
+    """`width` more candidates besides each row's first draft: drawn from q without the draft, without
+    replacement (the leaders of one exponential race), or for greedy rows the next best of the raw logits.
+    Returns (tokens [R, width], valid [R, width]); a candidate outside q's support is not valid."""
+    e = -torch.log(uniforms(keys, q.shape[-1]))
+    score = torch.where(greedy[:, None], torch.softmax(raw, -1), q / e).scatter(-1, first[:, None], 0.0)
+    top = score.topk(width, dim=-1)
+    return top.indices, top.values > 0
 
 
 class Decoder:
@@ -113,14 +158,15 @@ class Decoder:
             seen[r, c] = True
         return seen, counts
 
-    def decode(self, items: list[DecodeItem], logits: Tensor, branch_hidden: Tensor | None = None,
+    def decode(self, items: list[DecodeItem], logits: Tensor, hidden: Tensor | None = None,
                head: Callable[[Tensor], Tensor] | None = None) -> list[DecodeResult]:
-        """logits: [sum of item.num_rows, V], the items' rows in order. branch_hidden: the hidden states of the
-        items' branch rows (item.num_branches * N-1 each, in order); `head` turns the chosen ones into logits."""
+        """logits: [sum of item.num_rows, V], the items' rows in order. hidden: the hidden states of the items'
+        alternative and branch rows (item.num_hidden each, in order); `head` turns the used ones into logits."""
         dev = logits.device
         b = len(items)
         kmax = max(len(it.drafts) for it in items)
         mmax = max(it.decoding.num_masks for it in items)
+        wmax = max(it.decoding.tree for it in items) - 1 if mmax else 0  # alternatives to draft
         penalized = any(it.params.uses_penalties for it in items)
         greedy_step = all(it.params.greedy for it in items)
         # ---- layout (Python, integers) ------------------------------------------------------------
@@ -130,9 +176,11 @@ class Decoder:
         extra_toks: list[int] = []
         p_index = []  # [B, kmax + 1] logit row of p_j (padded with p_K)
         main_index = []  # [B, mmax] logit row of each new draft's q (padded with row 0)
-        draft_tok, valid, tested, key_accept, next_keys, key_draft = [], [], [], [], [], []
+        draft_tok, valid, tested, key_accept, next_keys, key_draft, key_alt = [], [], [], [], [], [], []
         alpha, fast, topk, conf, fix_argmax, argmax_draft, greedy, k_of, m_of = [], [], [], [], [], [], [], [], []
         branched, branch_base, key_branch = [], [], []  # items with branches: index, first hidden row, keys
+        tree = Tree([], [], [], [], [])  # items with alternatives to test
+        amax = max((len(it.alternatives) for it in items if it.drafts), default=0)
         base = hbase = 0
         for i, it in enumerate(items):
             k, m, d = len(it.drafts), it.decoding.num_masks, it.decoding
@@ -157,6 +205,7 @@ class Decoder:
             key_accept.append(keys(0, n_test, ACCEPT, kmax))
             next_keys.append(keys(0, k + 1, NEXT, kmax + 1))
             key_draft.append(keys(k + 1, m, DRAFT, mmax))
+            key_alt.append(keys(k + 1, 1, ALTERNATIVE, 1)[0])
             greedy.append(not stochastic)
             alpha.append(1.0 if not stochastic else d.verify_alpha)
             fast.append(d.fast_verify)
@@ -166,12 +215,19 @@ class Decoder:
             argmax_draft.append(d.drafting == "argmax")
             k_of.append(k)
             m_of.append(m)
+            a = len(it.alternatives) if k else 0
+            if a:
+                tree.items.append(i)
+                tree.tokens.append(it.alternatives + [0] * (amax - a))
+                tree.valid.append([j < a for j in range(amax)])
+                tree.base.append(hbase)
+                tree.keys.append(keys(1, a, TREE, amax))
             if it.num_branches:
                 branched.append(i)
-                branch_base.append(hbase)
-                key_branch.append([keys(j + 1, m, DRAFT, mmax) for j in range(it.num_branches)]
-                                  + [[0] * mmax] * (kmax - it.num_branches))
-                hbase += it.num_branches * m
+                branch_base.append(hbase + a)
+                key_branch.append([keys(j + 1, m, DRAFT, mmax) + keys(j + 1, 1, ALTERNATIVE, 1)
+                                   for j in range(it.num_branches)] + [[0] * (mmax + 1)] * (kmax - it.num_branches))
+            hbase += a + it.num_branches * m
             base += k + 1 + m
         if base != logits.shape[0]:
             raise ValueError(f"{logits.shape[0]} logit rows for items that need {base}")
@@ -189,6 +245,9 @@ class Decoder:
         key_next = t(next_keys)  # [B, kmax + 1] key of the next-token draw at each possible position
         arange_b = torch.arange(b, device=dev)
         k_t = t(k_of)
+        greedy_t = t(greedy, torch.bool)
+        hit = torch.zeros(b, dtype=torch.bool, device=dev)  # an alternative was accepted
+        hit_token = hit_next = torch.zeros(b, dtype=torch.long, device=dev)  # it, and the token after it
 
         # ---- verify the drafts ---------------------------------------------------------------------
         if kmax:
@@ -199,7 +258,7 @@ class Decoder:
             if self.q is not None and not greedy_step:
                 self._ensure_q(kmax)  # greedy requests' rows are never stored or read
                 q_rows = self.q[t([it.slot for it in items])[:, None], torch.arange(kmax, device=dev)[None, :]]
-                q_rows = torch.where(t(greedy, torch.bool)[:, None, None], onehot_x, q_rows)
+                q_rows = torch.where(greedy_t[:, None, None], onehot_x, q_rows)
             else:
                 q_rows = onehot_x  # greedy: q is the one-hot of the draft
             qx = q_rows.gather(-1, x[..., None]).squeeze(-1)
@@ -225,8 +284,13 @@ class Decoder:
             p_s, q_s = p_rows[arange_b, s_row], q_rows[arange_b, s_row]
             argmax_fix = torch.zeros_like(p_s).scatter_(-1, p_s.argmax(-1, keepdim=True), 1.0)
             correction = torch.where(t(fix_argmax, torch.bool)[:, None], argmax_fix, residual_distribution(p_s, q_s))
+            if tree.items:
+                first_rejected = rejected & (s == 0) & tested_t[:, 0]
+                correction, hit, hit_token, hit_next = self._tree(items, tree, p_rows, q_rows, x, first_rejected,
+                                                                  correction, key_next, greedy_t, hidden, head, draw)
             clean = probs[p_idx.gather(1, k_t[:, None]).squeeze(1)]
             token = draw(torch.where(rejected[:, None], correction, clean), key_next.gather(1, s[:, None]).squeeze(1))
+            token = torch.where(hit, hit_token, token)
             counted = tested_t & (torch.arange(kmax, device=dev)[None, :] <= s[:, None])
             ratio_sum = (ratio.clamp(max=1.0) * counted).sum(-1)
         else:
@@ -238,13 +302,21 @@ class Decoder:
         # ---- new drafts: the main MASK rows, or after a rejection the branch at the rejected draft ------
         drafts = torch.zeros(b, mmax, dtype=torch.long, device=dev)
         use_branch = torch.zeros(b, dtype=torch.bool, device=dev)
+        alternatives = torch.zeros(b, wmax, dtype=torch.long, device=dev)
+        alternative_ok = torch.zeros(b, wmax, dtype=torch.bool, device=dev)
         if mmax:
-            q_new = probs[t(main_index)]  # [B, M, V]
+            main_t = t(main_index)
+            q_new = probs[main_t]  # [B, M, V]
             drafts = draw(q_new.reshape(b * mmax, -1), t(key_draft).reshape(-1)).reshape(b, mmax)
+            raw_first, alt_keys = logits[main_t[:, 0]].float(), t(key_alt)
             if branched:
-                q_new, drafts, use_branch = self._branch_drafts(
-                    items, branched, branch_base, key_branch, s, rejected, q_new, drafts, branch_hidden, head, draw)
+                q_new, drafts, use_branch, raw_first, alt_keys = self._branch_drafts(
+                    items, branched, branch_base, key_branch, s, rejected & ~hit, q_new, drafts, raw_first, alt_keys,
+                    hidden, head, draw)
             drafts = torch.where(t(argmax_draft, torch.bool)[:, None], q_new.argmax(-1), drafts)
+            if wmax:
+                alternatives, alternative_ok = draw_alternatives(q_new[:, 0], raw_first, drafts[:, 0], greedy_t,
+                                                                 alt_keys, wmax)
             store = [(it.slot, j, i) for i, it in enumerate(items) if not it.params.greedy
                      for j in range(it.decoding.num_masks)]
             if store:  # after verification read the old proposals
@@ -252,23 +324,76 @@ class Decoder:
                 self._store_q(t(slots), t(js), q_new[t(src), t(js)], mmax)
 
         packed = torch.cat([s[:, None].double(), token[:, None].double(), ratio_sum[:, None].double(),
-                            use_branch[:, None].double(), drafts.double()], dim=1).tolist()
+                            use_branch[:, None].double(), hit[:, None].double(), hit_next[:, None].double(),
+                            drafts.double(), alternatives.double(), alternative_ok.double()], dim=1).tolist()
         if self.drafter is not None:
-            self._external_drafts(items, packed)
+            self._external_drafts(items, packed, mmax, wmax)
         out = []
         for it, row in zip(items, packed):
-            k = len(it.drafts)
-            acc, tok, from_branch = int(row[0]), int(row[1]), bool(row[3])
+            k, m = len(it.drafts), it.decoding.num_masks
+            acc, tok, from_branch, tree_hit = int(row[0]), int(row[1]), bool(row[3]), bool(row[4])
             rejected_py = acc < k
             n_test = min(k, it.decoding.num_verified, max(it.budget, 0))
-            new = [int(v) for v in row[4 : 4 + it.decoding.num_masks]] if (not rejected_py or from_branch) else []
-            out.append(DecodeResult(it.drafts[:acc] + [tok], rejected_py, new, acc + 1 if rejected_py else n_test,
-                                    row[2], from_branch))
+            keep = not tree_hit and (not rejected_py or from_branch)
+            new = [int(v) for v in row[DRAFTS : DRAFTS + m]] if keep else []
+            alts = row[DRAFTS + mmax : DRAFTS + mmax + wmax]
+            oks = row[DRAFTS + mmax + wmax :]
+            alt = [int(alts[j]) for j in range(it.decoding.tree - 1) if oks[j]] if new else []
+            tokens = [tok, int(row[5])] if tree_hit else it.drafts[:acc] + [tok]
+            out.append(DecodeResult(tokens, rejected_py, new, acc + 1 if rejected_py else n_test, row[2], from_branch,
+                                    alt, tree_hit))
         return out
 
-    def _branch_drafts(self, items, branched, branch_base, key_branch, s, rejected, q_new, drafts, branch_hidden,
-                       head, draw):
-        """For items rejected at draft j < num_branches: q and drafts from branch j's rows (head on those only)."""
+    def _tree(self, items, tree, p_rows, q_rows, x, first_rejected, correction, key_next, greedy_t, hidden, head,
+              draw):
+        """The alternatives of items whose first draft was rejected, tested in turn against the residuals (see
+        the module doc). Returns the corrections (p_{k+1} where all were rejected), which items accepted one,
+        that alternative, and the token after it (from its own row's p)."""
+        dev = p_rows.device
+        ti = torch.tensor(tree.items, dtype=torch.long, device=dev)
+        alts = torch.tensor(tree.tokens, dtype=torch.long, device=dev)  # [T, A]
+        live_t = torch.tensor(tree.valid, dtype=torch.bool, device=dev) & first_rejected[ti, None]
+        u = uniforms(torch.tensor(tree.keys, dtype=torch.long, device=dev).reshape(-1), 1).reshape(alts.shape)
+        p, q, prev = p_rows[ti, 0], q_rows[ti, 0], x[ti, 0]
+        target, greedy = p.argmax(-1), greedy_t[ti]
+        hit = torch.zeros(len(tree.items), dtype=torch.bool, device=dev)
+        pick = torch.zeros(len(tree.items), dtype=torch.long, device=dev)
+        for a in range(alts.shape[1]):
+            live = live_t[:, a] & ~hit
+            xa = alts[:, a]
+            p_next = residual_distribution(p, q)
+            q_next = q.scatter(-1, prev[:, None], 0.0)
+            q_next = q_next / q_next.sum(-1, keepdim=True).clamp_min(1e-30)
+            px, qx = p_next.gather(-1, xa[:, None]).squeeze(-1), q_next.gather(-1, xa[:, None]).squeeze(-1)
+            accept = live & torch.where(greedy, xa == target, (qx > 0) & (u[:, a] * qx < px))
+            pick = torch.where(accept, a, pick)
+            hit = hit | accept
+            p = torch.where(live[:, None], p_next, p)
+            q = torch.where(live[:, None], q_next, q)
+            prev = torch.where(live, xa, prev)
+        final = torch.where(first_rejected[ti, None], residual_distribution(p, q), correction[ti])
+        correction = correction.index_copy(0, ti, final)
+        # the token after the accepted alternative, from p at its row (penalties: its history plus it)
+        chosen = alts.gather(1, pick[:, None]).squeeze(1)
+        rows = torch.tensor(tree.base, dtype=torch.long, device=dev) + pick
+        params = [items[i].params for i in tree.items]
+        hist = (None, None)
+        if any(pr.uses_penalties for pr in params):
+            seen, counts = self._history([items[i].slot for i in tree.items], [], [], dev)
+            n = torch.arange(len(tree.items), device=dev)
+            counts.index_put_((n, chosen), torch.ones(len(tree.items), device=dev), accumulate=True)
+            seen[n, chosen] = True
+            hist = (seen, counts)
+        after = draw(distribution(head(hidden[rows]), RowSampling(params, dev, *hist)), key_next[ti, 1])
+        b = x.shape[0]
+        zeros = torch.zeros(b, dtype=torch.long, device=dev)
+        return (correction, torch.zeros(b, dtype=torch.bool, device=dev).index_copy(0, ti, hit),
+                zeros.index_copy(0, ti, chosen), zeros.index_copy(0, ti, after))
+
+    def _branch_drafts(self, items, branched, branch_base, key_branch, s, rejected, q_new, drafts, raw_first,
+                       alt_keys, hidden, head, draw):
+        """For items rejected at draft j < num_branches: q, drafts, the first row's logits and the alternatives'
+        key from branch j's rows (head on those only)."""
         dev = q_new.device
         mmax = q_new.shape[1]
         bi = torch.tensor(branched, dtype=torch.long, device=dev)
@@ -280,30 +405,35 @@ class Decoder:
         params = [items[i].params for i in branched for _ in range(mmax)]
         slots = [items[i].slot for i in branched for _ in range(mmax)]
         hist = self._history(slots, [], [], dev) if any(p.uses_penalties for p in params) else (None, None)
-        q_b = distribution(head(branch_hidden[rows.reshape(-1)]), RowSampling(params, dev, *hist))
-        keys = torch.tensor(key_branch, dtype=torch.long, device=dev)  # [B', K, M]
-        d_b = draw(q_b, keys[torch.arange(len(branched), device=dev), j].reshape(-1)).reshape(len(branched), mmax)
+        raw_b = head(hidden[rows.reshape(-1)]).float()
+        q_b = distribution(raw_b, RowSampling(params, dev, *hist))
+        keys = torch.tensor(key_branch, dtype=torch.long, device=dev)[torch.arange(len(branched), device=dev), j]
+        d_b = draw(q_b, keys[:, :mmax].reshape(-1)).reshape(len(branched), mmax)
         use = torch.zeros_like(rejected)
         use[bi] = rejected[bi] & (s[bi] < nb)
-        q_new = q_new.index_copy(0, bi, torch.where(use[bi][:, None, None], q_b.reshape(len(branched), mmax, -1),
-                                                    q_new[bi]))
-        drafts = drafts.index_copy(0, bi, torch.where(use[bi][:, None], d_b, drafts[bi]))
-        return q_new, drafts, use
+        u = use[bi]
+        q_new = q_new.index_copy(0, bi, torch.where(u[:, None, None], q_b.reshape(len(branched), mmax, -1), q_new[bi]))
+        drafts = drafts.index_copy(0, bi, torch.where(u[:, None], d_b, drafts[bi]))
+        raw_first = raw_first.index_copy(0, bi, torch.where(u[:, None], raw_b.reshape(len(branched), mmax, -1)[:, 0],
+                                                            raw_first[bi]))
+        alt_keys = alt_keys.index_copy(0, bi, torch.where(u, keys[:, mmax], alt_keys[bi]))
+        return q_new, drafts, use, raw_first, alt_keys
 
-    def _external_drafts(self, items: list[DecodeItem], packed: list[list[float]]) -> None:
+    def _external_drafts(self, items: list[DecodeItem], packed: list[list[float]], mmax: int, wmax: int) -> None:
         """Replace the model's new drafts by the drafter's (drafter(item, first_position, n) -> n tokens for
-        positions first_position ...); their proposal is a one-hot (a deterministic draft)."""
+        positions first_position ...); their proposal is a one-hot (a deterministic draft, no alternatives)."""
         slots, js, toks = [], [], []
         for it, row in zip(items, packed):
             m, k, acc = it.decoding.num_masks, len(it.drafts), int(row[0])
-            if not m or (acc < k and not row[3]):
+            if not m or (acc < k and not row[3]) or row[4]:
                 continue
             first = it.position + (k + 1 if acc == k else acc + 1)
-            row[4 : 4 + m] = self.drafter(it, first, m)
+            row[DRAFTS : DRAFTS + m] = self.drafter(it, first, m)
+            row[DRAFTS + mmax + wmax :] = [0.0] * wmax
             if not it.params.greedy:
                 slots += [it.slot] * m
                 js += range(m)
-                toks += row[4 : 4 + m]
+                toks += row[DRAFTS : DRAFTS + m]
         if slots:
             q = torch.zeros(len(slots), self.vocab_size, device=self.device)
             q[torch.arange(len(slots)), torch.tensor([int(x) for x in toks], dtype=torch.long)] = 1.0

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 LORA_MODES = ("none", "all", "gated")
 DRAFTING_MODES = ("exact", "argmax")
 MAX_STRIDE = 16
+MAX_TREE = 8
 
 
 @dataclass(frozen=True)
@@ -23,10 +24,11 @@ class StepPlan:
     """Rows to feed after the cached prefix, in KV-slot order (row r's k/v goes to slot num_computed + r).
 
     `num_logits`: logits are needed for rows [logit_start, logit_start + num_logits); `lora_gate[r]` = 1 where an
-    adapter delta applies. A plain plan is causal with positions num_computed + r. A plan with branches also
-    has, per row, its RoPE `offsets` (position = num_computed + offset; branch rows repeat positions of the
-    main block) and its attention: row r sees the cached prefix, rows [0, lead[r]) and rows
-    [run_start[r], r] (a causal row: lead = run_start = r).
+    adapter delta applies. A plain plan is causal with positions num_computed + r. A plan with alternatives
+    or branches also has, per row, its RoPE `offsets` (position = num_computed + offset; those rows repeat
+    positions of the main block) and its attention: row r sees the cached prefix, rows [0, lead[r]) and rows
+    [run_start[r], r] (a causal row: lead = run_start = r). Rows from `hidden_start` on (alternatives, then
+    branches) come back as hidden states: the decoder computes logits only for the ones it uses.
     """
 
     token_ids: list[int]
@@ -36,7 +38,7 @@ class StepPlan:
     offsets: list[int] | None = None
     lead: list[int] | None = None
     run_start: list[int] | None = None
-    branch_start: int = -1  # first row of the branches (each num_masks rows), -1 = none
+    hidden_start: int = -1  # first row returned as hidden states (alternatives, then branches), -1 = none
 
     @property
     def first_logit(self) -> int:
@@ -65,6 +67,9 @@ class Decoding:
     # Drafts ready after a rejection at draft j < branches (None: every j). Off by default: measured on a
     # 2-core CPU (docs/architecture.md), the extra rows cost more time than the cold rounds they save.
     branches: int | None = 0
+    # Candidates at the first draft position (1: the draft alone); the others are verified after it by the
+    # exact multi-candidate rule (decoder.py). Off by default: each candidate is one more row.
+    tree: int = 1
 
     def __post_init__(self) -> None:
         if self.name not in ("ar", "isd", "risd"):
@@ -88,6 +93,29 @@ class Decoding:
             raise ValueError("verify_num_specs must be >= 0")
         if self.branches is not None and self.branches < 0:
             raise ValueError("branches must be >= 0")
+        if not 1 <= self.tree <= MAX_TREE:
+            raise ValueError(f"tree must be between 1 and {MAX_TREE} candidates, got {self.tree}")
+        if self.tree > 1 and self.name == "ar":
+            raise ValueError("a tree of first-draft candidates needs drafts: isd or risd")
+        if self.tree > 1 and not self.lossless:
+            raise ValueError("the tree of first-draft candidates needs exact verification (exact drafting, "
+                             "verify_alpha 1, no fast_verify / confidence threshold / verify_num_specs)")
+
+    @property
+    def label(self) -> str:
+        """Short name for stats: `ar`, `risd4`, `risd4+b3` (branches at the first 3 draft positions)."""
+        if self.name == "ar":
+            return "ar"
+        b = self.num_branches(self.num_masks)
+        return f"{self.name}{self.stride}" + (f"+b{b}" if b else "") + (f"+t{self.tree}" if self.tree > 1 else "")
+
+    @property
+    def lossless(self) -> bool:
+        """Commits tokens distributed exactly as AR with the same KV (greedy: the same tokens): exact drafting,
+        alpha = 1 and every draft verified by the exact rule."""
+        return self.name == "ar" or (
+            self.drafting == "exact" and self.verify_alpha == 1.0 and not self.fast_verify
+            and self.confidence_accept_threshold == 0.0 and self.num_verified == self.num_masks)
 
     @property
     def num_masks(self) -> int:
@@ -111,14 +139,20 @@ class Decoding:
 
     @property
     def max_step_rows(self) -> int:
-        """Rows a step can feed beyond its first committed token (drafts, MASK rows, branches)."""
-        return 2 * self.num_masks + self.num_branches(self.num_masks) * self.num_masks
+        """Rows a step can feed beyond its first committed token (drafts, MASK rows, alternatives, branches)."""
+        return 2 * self.num_masks + self.tree - 1 + self.num_branches(self.num_masks) * self.num_masks
 
-    def step_rows(self, num_uncomputed: int, num_drafts: int) -> int:
-        return num_uncomputed + num_drafts + self.num_masks * (1 + self.num_branches(num_drafts))
+    def step_rows(self, num_uncomputed: int, num_drafts: int, num_alternatives: int = 0) -> int:
+        alternatives = num_alternatives if num_drafts else 0
+        return num_uncomputed + num_drafts + alternatives + self.num_masks * (1 + self.num_branches(num_drafts))
 
-    def plan(self, uncomputed: list[int], drafts: list[int], mask_token_id: int) -> StepPlan:
-        """The full step: the uncomputed committed tokens, the drafts, the MASK rows, then the branches.
+    def plan(self, uncomputed: list[int], drafts: list[int], mask_token_id: int,
+             alternatives: list[int] | tuple[int, ...] = ()) -> StepPlan:
+        """The full step: the uncomputed committed tokens, the drafts, the MASK rows, the alternatives, then the
+        branches.
+
+        An alternative is another candidate for the first draft's position: one row holding it, which sees the
+        prefix and the anchor; its logits (p after it) are needed only when it is accepted.
 
         Branch j (the first j drafts accepted, draft j + 1 rejected) is N - 1 MASK rows whose first sits at
         draft j + 1's position, where the correction goes; it sees the prefix, the anchor, drafts 1..j and its
@@ -130,19 +164,28 @@ class Decoding:
         committed_gate = 1 if self.lora == "all" else 0
         mask_gate = 1 if self.lora in ("all", "gated") else 0
         main = c + k + m
-        tokens = uncomputed + drafts + [mask_token_id] * m
-        gate = [committed_gate] * (c + k) + [mask_gate] * m
+        a = len(alternatives) if k else 0
+        tokens = uncomputed + drafts + [mask_token_id] * m + list(alternatives[:a])
+        gate = [committed_gate] * (c + k) + [mask_gate] * m + [committed_gate] * a
         nb = self.num_branches(k) if m else 0
-        if not nb:
+        if not nb and not a:
             return StepPlan(tokens, gate, k + 1 + m)
-        offsets, lead, run_start = list(range(main)), list(range(main)), list(range(main))
+        rows = list(range(main + a))
+        offsets, lead, run_start = list(range(main)) + [c] * a, list(range(main)) + [c] * a, rows
         for j in range(nb):
-            first = main + j * m
+            first = main + a + j * m
             offsets += [c + j + i for i in range(m)]
             lead += [c + j] * m
             run_start += [first] * m
         return StepPlan(tokens + [mask_token_id] * (nb * m), gate + [mask_gate] * (nb * m), k + 1 + m,
-                        logit_start=c - 1, offsets=offsets, lead=lead, run_start=run_start, branch_start=main)
+                        logit_start=c - 1, offsets=offsets, lead=lead, run_start=run_start, hidden_start=main)
+
+    def layouts(self, mask_token_id: int) -> dict[str, StepPlan]:
+        """The step plans of one sequence (one committed token to feed): AR's, or its cold and verify rounds'."""
+        if self.num_masks == 0:
+            return {"ar": self.plan([1], [], mask_token_id)}
+        return {"cold": self.plan([1], [], mask_token_id),
+                "verify": self.plan([1], [2] * self.num_masks, mask_token_id, [3] * (self.tree - 1))}
 
     def chunk(self, tokens: list[int]) -> StepPlan:
         """A prefill chunk: committed tokens only, no logits."""

@@ -25,6 +25,11 @@ class RoundEstimate:
     rows_per_forward: float
     verify_tokens: float  # E[tokens committed by a verify round]
 
+    def speedup(self, verify_seconds: float, cold_seconds: float, ar_seconds: float) -> float:
+        """Tokens per second over AR's, given the seconds of a verify round, a cold round and an AR step."""
+        per_forward = (1 - self.cold_share) * verify_seconds + self.cold_share * cold_seconds
+        return self.tokens_per_forward * ar_seconds / per_forward
+
 
 def estimate(acceptance: list[float], stride: int, branches: int | None = 0) -> RoundEstimate:
     """Steady-state rounds of ISD at `stride` with conditional acceptance by draft position (missing positions

@@ -19,6 +19,7 @@ class RequestStats:
     # rejections after which a branch's drafts were ready (the next round verifies instead of starting cold)
     rounds: dict[str, int] = field(default_factory=lambda: {"V": 0, "R": 0, "C": 0})
     branched: int = 0
+    tree_hits: int = 0  # first draft rejected, an alternative candidate accepted (two tokens committed)
     proposed_by_position: list[int] = field(default_factory=list)
     accepted_by_position: list[int] = field(default_factory=list)
     acceptance_sum: float = 0.0  # sum over tested drafts of min(1, p(x)/q(x))
@@ -26,6 +27,7 @@ class RequestStats:
     rows: int = 0  # rows fed to the model for this request (prefill, drafts, MASK rows, branches)
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     preemptions: int = 0  # times the request's KV was dropped under memory pressure (recomputed after)
+    choices: dict[str, int] = field(default_factory=dict)  # sampling steps by decoding label (`auto` switches)
 
     @property
     def tokens_per_forward(self) -> float:
@@ -69,9 +71,12 @@ class RequestStats:
         self.acceptance_sum += other.acceptance_sum
         self.drafts_tested += other.drafts_tested
         self.branched += other.branched
+        self.tree_hits += other.tree_hits
         self.rows += other.rows
         self.cached_tokens += other.cached_tokens
         self.preemptions += other.preemptions
+        for k, v in other.choices.items():
+            self.choices[k] = self.choices.get(k, 0) + v
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -87,9 +92,12 @@ class RequestStats:
             "cached_tokens": self.cached_tokens,
             "preemptions": self.preemptions,
         }
+        if self.decoding == "auto":
+            d["choices"] = dict(self.choices)
         if self.decoding != "ar":
             d["rounds"] = dict(self.rounds)
             d["branched"] = self.branched
+            d["tree_hits"] = self.tree_hits
             forwards = sum(self.rounds.values())
             d["cold_share"] = round(self.rounds["C"] / forwards, 4) if forwards else 0.0
             d["acceptance_by_position"] = [round(x, 4) for x in self.acceptance_by_position]

@@ -5,11 +5,13 @@ evaluation all submit requests here and step the same engine (continuous batchin
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence as Seq
 
 import torch
 
+from idlm.decoding.adaptive import Adaptive
 from idlm.decoding.policy import Decoding
 from idlm.decoding.sampling import SamplingParams
 from idlm.decoding.stats import RequestStats
@@ -21,7 +23,11 @@ from idlm.loading.cache import cache_dir
 from idlm.models.llama import CausalLM
 from idlm.models.lora import AdapterConfig, load_adapter
 
-DECODINGS = ("ar", "isd", "risd")
+log = logging.getLogger(__name__)
+
+DECODINGS = ("auto", "ar", "isd", "risd")
+# Acceptance by draft position assumed for an adapter that records none (adaptive decoding's prior).
+DEFAULT_ACCEPTANCE = [0.35]
 
 
 @dataclass
@@ -115,6 +121,7 @@ class LLM:
         self.model = model
         self.model_draft_len = draft_len
         self.engine = LLMEngine(model, self.tokenizer, eos_token_ids, config)
+        self._adaptive: dict[int, Adaptive] = {}
 
     # ---- prompts -------------------------------------------------------------------------------
     def encode(self, prompt: str) -> list[int]:
@@ -131,16 +138,22 @@ class LLM:
     def cost_model(self, decodings: list[Decoding] | None = None, batches: tuple[int, ...] = (1, 4, 16),
                    repeats: int = 5) -> CostModel:
         """Forward times of AR and the given decodings' layouts on this machine: read from the cache
-        ($IDLM_CACHE/cost/) or measured now (the engine must be idle) and cached."""
-
+        ($IDLM_CACHE/cost/) or measured now (the engine must be idle) and cached (an in-memory model's are
+        measured every time)."""
         decodings = decodings or [self.make_decoding("risd" if self.adapter is not None else "isd")]
+        blocks = self.engine.blocks
+        fit = blocks.num_free_blocks // blocks.blocks_for(128 + max(d.max_step_rows for d in decodings) + 2)
+        batches = tuple(b for b in batches if b <= min(fit, self.engine.config.max_num_seqs)) or (1,)
         key = {**machine_key(), "model": self.name, "dtype": str(self.dtype), "device": str(self.device),
                "adapter": str(self.adapter_path), "batches": list(batches),
-               "layouts": sorted({repr(d) for d in decodings})}
+               "layouts": sorted({repr(d) for d in decodings}), "measures": "forward + greedy decode, interleaved"}
+        if self.checkpoint is None:
+            return measure(self.engine, decodings, list(batches), repeats=repeats, key=key)
         root = cache_dir()
         found = CostModel.load(root, key)
         if found is not None:
             return found
+        log.info("measuring forward costs on this machine once (cached in %s)", root / "cost")
         model = measure(self.engine, decodings, list(batches), repeats=repeats, key=key)
         model.save(root)
         return model
@@ -148,8 +161,8 @@ class LLM:
     # ---- decoding -----------------------------------------------------------------------------
     @property
     def default_decoding(self) -> str:
-        """R-ISD when an adapter is loaded (the default adapter of the embedded model), else AR."""
-        return "risd" if self.adapter is not None else "ar"
+        """`auto` (per step, AR or the fastest lossless ISD layout) when an adapter is loaded, else AR."""
+        return "auto" if self.adapter is not None else "ar"
 
     @property
     def default_stride(self) -> int:
@@ -163,11 +176,18 @@ class LLM:
             return int(self.model_draft_len) + 1
         return 4
 
-    def make_decoding(self, decoding: str | None = None, stride: int | None = None, **options: Any) -> Decoding:
-        """ar | isd (the model, or base + adapter on every row) | risd (base + gated adapter on MASK rows)."""
+    def make_decoding(self, decoding: str | None = None, stride: int | None = None,
+                      **options: Any) -> Decoding | Adaptive:
+        """ar | isd (the model, or base + adapter on every row) | risd (base + gated adapter on MASK rows) |
+        auto (AR or ISD/R-ISD at strides 2..N with or without branches, re-chosen before every step)."""
         decoding = decoding or self.default_decoding
         if decoding not in DECODINGS:
             raise ValueError(f"unknown decoding {decoding!r}; choose one of {', '.join(DECODINGS)}")
+        if decoding == "auto":
+            if options:
+                raise ValueError(f"auto chooses among lossless layouts itself; options {sorted(options)} apply to "
+                                 "isd/risd only")
+            return self.adaptive(stride)
         gated_adapter = self.adapter is not None and self.adapter.gated
         if decoding == "ar":
             if options:
@@ -186,9 +206,24 @@ class LLM:
         name = "risd" if lora == "gated" else "isd"  # a gated adapter always acts on MASK rows only
         return Decoding(name, stride or self.default_stride, lora, **options)
 
-    def _decodings(self, n: int, decoding: Any, stride: Any, options: dict[str, Any]) -> list[Decoding]:
+    def adaptive(self, stride: int | None = None) -> Adaptive:
+        """The `auto` decoding up to stride N: its candidates' forward costs come from the cost model (measured
+        once per machine and setup, then cached), its prior from the adapter's recorded acceptance."""
+        n = stride or self.default_stride
+        found = self._adaptive.get(n)
+        if found is None:
+            base = self.make_decoding("risd" if self.adapter is not None and self.adapter.gated else "isd", n)
+            isd = [Decoding(base.name, k, base.lora, branches=b)
+                   for k in range(2, n + 1) for b in sorted({0, 1, k - 1})]
+            candidates = [self.make_decoding("ar")] + isd
+            prior = (self.adapter.acceptance if self.adapter is not None else None) or DEFAULT_ACCEPTANCE
+            found = Adaptive(candidates, self.cost_model(isd), prior, self.model.mask_token_id)
+            self._adaptive[n] = found
+        return found
+
+    def _decodings(self, n: int, decoding: Any, stride: Any, options: dict[str, Any]) -> list[Decoding | Adaptive]:
         """One decoding per request: `decoding` / `stride` may be lists (mixed layouts share each forward)."""
-        if isinstance(decoding, Decoding):
+        if isinstance(decoding, (Decoding, Adaptive)):
             return [decoding] * n
         ds = decoding if isinstance(decoding, (list, tuple)) else [decoding] * n
         ns = stride if isinstance(stride, (list, tuple)) else [stride] * n

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from idlm.decoding.adaptive import Adaptive
 from idlm.decoding.decoder import DecodeItem, Decoder, DecodeResult
 from idlm.decoding.policy import Decoding
 from idlm.decoding.sampling import SamplingParams
@@ -70,7 +71,8 @@ class LLMEngine:
         self._entropy = random.SystemRandom()
 
     # ---- requests --------------------------------------------------------------------------------
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, decoding: Decoding) -> Sequence:
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, decoding: Decoding | Adaptive) -> Sequence:
+        """`decoding`: fixed, or `Adaptive` (re-chosen before every step among lossless decodings)."""
         if not prompt_ids:
             raise ValueError("empty prompt")
         step = decoding.max_step_rows + 2  # the rows one step can feed beyond the committed tokens, with margin
@@ -85,9 +87,10 @@ class LLMEngine:
                     f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) does not fit {where} "
                     f"({capacity} tokens, {step} kept free for a step's rows): at most max_tokens={room}")
             params = dataclasses.replace(params, max_tokens=max(1, room))
-        if decoding.step_rows(1, decoding.num_masks) > self.config.max_num_batched_tokens:
+        widest = decoding.widest if isinstance(decoding, Adaptive) else decoding
+        if widest.step_rows(1, widest.num_masks) > self.config.max_num_batched_tokens:
             raise ValueError(f"max_num_batched_tokens {self.config.max_num_batched_tokens} is below one "
-                             f"{decoding.name} step at stride {decoding.stride}")
+                             f"{widest.label} step")
         seed = params.seed if params.seed is not None else self._entropy.getrandbits(63)
         seq = Sequence(next(self._ids), prompt_ids, params, decoding, seed, self.tokenizer, self.eos_token_ids)
         self.scheduler.add(seq)
@@ -104,6 +107,7 @@ class LLMEngine:
     @torch.inference_mode()
     def step(self) -> list[Sequence]:
         """Run one forward; returns the sequences that finished in it."""
+        self._choose()
         step = self.scheduler.schedule()
         if not step:
             return []
@@ -115,12 +119,12 @@ class LLMEngine:
             seq = s.seq
             uncomputed = seq.token_ids[seq.num_computed_tokens:]
             plan = (seq.decoding.chunk(uncomputed[: s.num_rows]) if s.chunk
-                    else seq.decoding.plan(uncomputed, seq.drafts, mask_id))
+                    else seq.decoding.plan(uncomputed, seq.drafts, mask_id, seq.alternatives))
             inputs.append(RunnerInput(seq.block_table, seq.num_computed_tokens, plan))
-        logits, branch_hidden = self.runner.run(inputs)
+        logits, hidden = self.runner.run(inputs)
         full = [s for s in step if not s.chunk]
         items = [self._decode_item(s.seq) for s in full]
-        results = self.decoder.decode(items, logits, branch_hidden, self.runner.head) if full else []
+        results = self.decoder.decode(items, logits, hidden, self.runner.head) if full else []
         by_seq = dict(zip((s.seq.seq_id for s in full), results))
         kept, rec_slots, rec_tokens = [], [], []
         for s in step:
@@ -131,7 +135,7 @@ class LLMEngine:
             if res is None:
                 kept.append(s.num_rows)
                 continue
-            kept.append(seq.num_uncomputed + len(res.tokens) - 1)  # committed rows: uncomputed + accepted drafts
+            kept.append(seq.num_uncomputed + res.kept_drafts)  # committed rows: uncomputed + accepted drafts
             self._commit(seq, res)
             if seq.params.uses_penalties and not seq.finish_reason:
                 rec_slots.extend([seq.slot] * len(res.tokens))
@@ -139,25 +143,39 @@ class LLMEngine:
         self.decoder.record(rec_slots, rec_tokens)
         return self.scheduler.postprocess(step, kept)
 
+    def _choose(self) -> None:
+        """`auto` requests that may run this step take the decoding predicted fastest at the coming batch size."""
+        sched = self.scheduler
+        batch = min(self.config.max_num_seqs, len(sched.running) + len(sched.waiting))
+        room = self.config.max_num_seqs - len(sched.running)
+        for seq in itertools.chain(sched.running, itertools.islice(sched.waiting, max(0, room))):
+            if seq.adaptive is None:
+                continue
+            seq.decoding = seq.adaptive.choose(seq.choice, seq.stats, batch)
+            del seq.drafts[seq.decoding.num_masks:]  # a verified prefix of the drafts is as exact as all of them
+            del seq.alternatives[(seq.decoding.tree - 1) if seq.drafts else 0:]
+
     def _decode_item(self, seq: Sequence) -> DecodeItem:
         d = seq.decoding
         return DecodeItem(seq.seq_id, seq.slot, seq.params, d, seq.seed, seq.num_tokens, seq.drafts,
                           seq.params.max_tokens - seq.num_output_tokens,
-                          d.num_branches(len(seq.drafts)) if d.num_masks else 0)
+                          d.num_branches(len(seq.drafts)) if d.num_masks else 0, list(seq.alternatives))
 
     @staticmethod
     def _commit(seq: Sequence, res: DecodeResult) -> None:
         stats = seq.stats
         k = len(seq.drafts)
+        stats.choices[seq.decoding.label] = stats.choices.get(seq.decoding.label, 0) + 1
         if seq.decoding.name != "ar":
             stats.rounds["R" if res.rejected else ("V" if k else "C")] += 1
             stats.branched += int(res.branched)
-            accepted = len(res.tokens) - 1
+            stats.tree_hits += int(res.tree_hit)
             for j in range(res.tested):
-                stats.record_test(j, j < accepted)
+                stats.record_test(j, j < res.kept_drafts)
             stats.acceptance_sum += res.ratio_sum
         seq.emit(res.tokens)
         seq.drafts = res.drafts
+        seq.alternatives = res.alternatives
 
     @torch.inference_mode()
     def run_to_completion(self, seqs: list[Sequence]) -> None:

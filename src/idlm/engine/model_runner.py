@@ -34,9 +34,10 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: list[RunnerInput]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One forward over all rows (every fed row's k/v is written). Returns the logits [rows, V] (float32) of
-        each plan's logit rows, in order, and the hidden states of the branch rows (their logits are computed
-        later, for the one branch each request needs), or None when no plan has branches."""
-        ids, gates, rows, positions, branch_rows = [], [], [], [], []
+        each plan's logit rows, in order, and the hidden states of the rows from each plan's `hidden_start` on
+        (alternatives and branches: their logits are computed later, for the rows the decoder uses), or None
+        when no plan has such rows."""
+        ids, gates, rows, positions, hidden_rows = [], [], [], [], []
         offset = 0
         for item in batch:
             plan = item.plan
@@ -49,8 +50,8 @@ class ModelRunner:
                 positions.extend(item.start + o for o in plan.offsets)
             first = offset + plan.first_logit
             rows.extend(range(first, first + plan.num_logits))
-            if plan.branch_start >= 0:
-                branch_rows.extend(range(offset + plan.branch_start, offset + n))
+            if plan.hidden_start >= 0:
+                hidden_rows.extend(range(offset + plan.hidden_start, offset + n))
             offset += n
         dev = self.device
         meta = PagedAttention.build(self.kv.k, self.kv.v, self.kv.block_size, [b.block_table for b in batch],
@@ -66,10 +67,10 @@ class ModelRunner:
                             torch.tensor(positions, dtype=torch.long, device=dev), meta, lora_gate=gate)
         self.num_forwards += 1
         self.num_rows += len(ids)
-        branches = hidden[torch.tensor(branch_rows, device=dev)] if branch_rows else None
+        extra = hidden[torch.tensor(hidden_rows, device=dev)] if hidden_rows else None
         if not rows:
-            return hidden.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32), branches
-        return self.head(hidden[torch.tensor(rows, device=dev)]), branches
+            return hidden.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32), extra
+        return self.head(hidden[torch.tensor(rows, device=dev)]), extra
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits (float32) of hidden rows."""

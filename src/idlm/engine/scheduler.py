@@ -51,7 +51,7 @@ class Scheduler:
     def _rows(self, seq: Sequence, budget: int) -> tuple[int, bool]:
         """(rows, is_chunk) the sequence can feed within `budget`; (0, False) when it must wait."""
         c = seq.num_uncomputed
-        full = seq.decoding.step_rows(c, len(seq.drafts))
+        full = seq.decoding.step_rows(c, len(seq.drafts), len(seq.alternatives))
         if full <= budget:
             return full, False
         if c > 1 and budget > 0:
@@ -89,7 +89,7 @@ class Scheduler:
                 hit, hashes = self.blocks.match_prefix(seq.token_ids, seq.decoding.kv_salt)
             computed = len(hit) * self.blocks.block_size
             c = seq.num_tokens - computed
-            total = computed + seq.decoding.step_rows(c, len(seq.drafts))
+            total = computed + seq.decoding.step_rows(c, len(seq.drafts), len(seq.alternatives))
             need = self.blocks.blocks_for(total) - len(hit) + self.blocks.new_blocks_for_hit(hit)
             if need > self.blocks.num_free_blocks:
                 break

@@ -13,6 +13,7 @@ import enum
 import time
 from typing import Any
 
+from idlm.decoding.adaptive import Adaptive, ChoiceState
 from idlm.decoding.detokenize import IncrementalDetokenizer, StopChecker
 from idlm.decoding.policy import Decoding
 from idlm.decoding.sampling import SamplingParams
@@ -31,7 +32,7 @@ class Sequence:
         seq_id: int,
         prompt_ids: list[int],
         params: SamplingParams,
-        decoding: Decoding,
+        decoding: Decoding | Adaptive,
         seed: int,
         tokenizer: Any,
         eos_token_ids: list[int],
@@ -45,9 +46,13 @@ class Sequence:
         self.status = Status.WAITING
         self.finish_reason: str | None = None
         self.params = params
-        self.decoding = decoding
+        # `auto` requests re-choose `decoding` before every step (engine); the others keep theirs
+        self.adaptive = decoding if isinstance(decoding, Adaptive) else None
+        self.choice = ChoiceState()
+        self.decoding = decoding.candidates[0] if isinstance(decoding, Adaptive) else decoding
         self.seed = seed
         self.drafts: list[int] = []  # ISD: drafted last step, verified by the next (q in the decoder's slot)
+        self.alternatives: list[int] = []  # other candidates for drafts[0] (a decoding with tree > 1)
         self.slot: int | None = None
         self.detok = IncrementalDetokenizer(tokenizer, prompt_ids)
         self.stop = StopChecker.from_params(params, eos_token_ids)

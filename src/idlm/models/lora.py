@@ -5,7 +5,8 @@ rows for a gated (R-ISD) adapter. The gate is chosen by the caller (training: MA
 the decoding policy), so what is trained is what is served.
 
 Files: `adapter_config.json` (PEFT fields + idlm fields `gated`, `mask_token_id`, `draft_len` (files written
-before it was named so say `block_size`), `trained_stride`) and `adapter_model.safetensors` (PEFT key names, plus `idlm.mask_embedding` when the
+before it was named so say `block_size`), `trained_stride`, `acceptance` (held-out greedy acceptance by draft
+position)) and `adapter_model.safetensors` (PEFT key names, plus `idlm.mask_embedding` when the
 MASK token is an extra input embedding).
 """
 from __future__ import annotations
@@ -71,6 +72,7 @@ class AdapterConfig:
     draft_len: int | None = None  # b = N - 1 MASKs per training block
     trained_stride: int | None = None
     base_model_name_or_path: str | None = None
+    acceptance: list[float] | None = None  # held-out greedy acceptance by draft position (adaptive decoding's prior)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -92,6 +94,7 @@ class AdapterConfig:
             draft_len=d.get("draft_len", d.get("block_size")),
             trained_stride=d.get("trained_stride"),
             base_model_name_or_path=d.get("base_model_name_or_path"),
+            acceptance=[float(a) for a in d["acceptance"]] if d.get("acceptance") else None,
         )
 
     @property
