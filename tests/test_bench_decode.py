@@ -6,6 +6,7 @@ import json
 
 from conftest import requires_embedded
 from test_cli import idlm
+from test_loading import save_tiny, tiny_tokenizer  # noqa: F401 (fixture)
 
 
 @requires_embedded
@@ -23,3 +24,21 @@ def test_decode_bench_writes_rows_by_batch_with_auto_equal_to_ar(embedded_llm, t
             assert r["same_tokens_as_ar"] is True and r["speedup_vs_idlm_ar"] > 0
     assert sum(rows[("idlm auto N<=3", 1)]["choices"].values()) > 0
     assert "| idlm auto N<=3 | 2 |" in next(tmp_path.glob("decode-cpu-*.md")).read_text()
+
+
+def test_quick_decode_bench_on_a_tiny_model(tmp_path, tiny_tokenizer):  # noqa: F811
+    """`--quick` on a tiny HF checkpoint without an adapter: our AR and ISD rows, transformers generate and its
+    prompt-lookup assisted generation; R-ISD and auto are skipped with a note."""
+    save_tiny(tmp_path / "model", tiny_tokenizer)
+    out = tmp_path / "out"
+    proc = idlm("bench", "decode", "--model", str(tmp_path / "model"), "--decoding", "ar,isd,risd,auto", "--quick",
+                "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(next(out.glob("decode-cpu-*.json")).read_text())
+    engines = {(r["engine"], r["batch"]) for r in result["rows"]}
+    assert engines == {("idlm ar", 1), ("idlm ar", 2), ("idlm isd N=2", 1), ("idlm isd N=2", 2), ("idlm isd N=4", 1),
+                       ("idlm isd N=4", 2), ("transformers generate", 1), ("transformers prompt lookup (10)", 1)}
+    assert any("risd skipped" in n for n in result["notes"]) and any("auto skipped" in n for n in result["notes"])
+    isd = [r for r in result["rows"] if r["engine"].startswith("idlm isd")]
+    assert all(r["same_tokens_as_ar"] is True and r["rows_per_token"] > 1 for r in isd)
+    assert result["machine"]["cpu_capability"] and (out / next(out.glob("decode-cpu-*.md")).name).exists()

@@ -43,10 +43,10 @@ def test_explore_quick_on_a_tiny_model(tokenizer, tmp_path):
 
     from conftest import tiny_model
 
-    llm = LLM.from_model(tiny_model(), tokenizer, [tokenizer.eos_token_id], kv_cache_tokens=4096, max_num_seqs=4)
+    llm = LLM.from_model(tiny_model(), tokenizer, [tokenizer.eos_token_id], kv_cache_tokens=8192, max_num_seqs=16)
     args = argparse.Namespace(strides="2,4", batches="1,2,4", measure_batches="1,4", max_rows=64, repeats=1,
-                              quick=True, validate=False, acceptance="0.5,0.4,0.3", out=str(tmp_path),
-                              validate_prompts=2, validate_repeats=1, max_tokens=8)
+                              quick=True, validate=True, acceptance="0.5,0.4,0.3", out=str(tmp_path),
+                              validate_prompts=2, validate_repeats=1, max_tokens=6)
     result = run_explore(args, llm=llm)
     written = json.loads(next(tmp_path.glob("explore-*.json")).read_text())
     assert written["acceptance"] == [0.5, 0.4, 0.3] and written["machine"]["cpu_capability"]
@@ -58,3 +58,9 @@ def test_explore_quick_on_a_tiny_model(tokenizer, tmp_path):
     assert len(result["regime"]["relative_step_time"]) == len(result["regime"]["rows_per_sequence"])
     assert {p.name.rsplit("-", 1)[-1] for p in tmp_path.glob("explore-*.png")} == {"speedup.png", "regime.png"}
     assert "| isd4+b3 |" in next(tmp_path.glob("explore-*.md")).read_text()
+    # validation: measured ratios for strides 3 and 4 at batch 1, 4, 16 (stride 3 is not in the quick grid)
+    v = result["validation"]
+    assert {(x["stride"], x["branches"], x["batch"]) for x in v} == {
+        (n, b, batch) for n in (3, 4) for b in (0, "all") for batch in (1, 4, 16)}
+    assert all(x["measured"] > 0 and "predicted_at_run_acceptance" in x for x in v)
+    assert all("error" in x for x in v if x["stride"] == 4 and x["batch"] in (1, 4))

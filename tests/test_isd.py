@@ -288,12 +288,12 @@ def test_risd_greedy_equals_ar_greedy(embedded_llm, random_gated_adapter):
     params = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
     ar = embedded_llm.chat(convs, params, decoding="ar")
     model = embedded_llm.model
-    for stride, branches in ((2, None), (3, None), (4, None), (8, None), (4, 0)):
-        outs = llm.chat(convs, params, decoding="risd", stride=stride, branches=branches)
+    for stride, branches, tree in ((2, None, 1), (3, None, 1), (4, None, 1), (8, None, 1), (4, 0, 1), (3, None, 3)):
+        outs = llm.chat(convs, params, decoding="risd", stride=stride, branches=branches, tree=tree)
         for conv, a, r in zip(convs, ar, outs):
             assert r.stats.decoding == "risd" and r.stats.stride == stride
             assert_same_tokens(r.token_ids, a.token_ids, embedded_llm.apply_chat_template(conv), model,
-                               f"stride {stride}, branches {branches}: {conv[0]['content']}")
+                               f"stride {stride}, branches {branches}, tree {tree}: {conv[0]['content']}")
         assert (branches == 0) == (sum(r.stats.branched for r in outs) == 0)
     for conv, a, r in zip(convs, ar, llm.chat(convs, params)):  # the default, auto
         assert r.stats.decoding == "auto" and sum(r.stats.choices.values()) == r.stats.forwards

@@ -109,6 +109,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"{stats['tokens_per_second']:.1f} tok/s")
     if "acceptance_by_position" in stats:
         line += f", acceptance by position {stats['acceptance_by_position']}, rounds {stats['rounds']}"
+    if "choices" in stats:
+        line += f", steps by layout {stats['choices']}"
     print(line, file=sys.stderr)
     return 0
 

@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--prompt-set", choices=["heldout", "bench"], default="heldout",
                    help="held-out chat prompts (never trained on) or the short bench prompts")
     d.add_argument("--repeats", type=int, default=1, help="interleaved repeats (medians and spread reported)")
+    d.add_argument("--quick", action="store_true", help="a smoke run: strides 2,4, batch 1,2, 2 prompts x 12 tokens")
     d.add_argument("--max-tokens", type=int, default=128)
     d.add_argument("--device", choices=["cpu", "cuda"], default=None)
     d.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: float32 on CPU")

@@ -59,6 +59,7 @@ def run_ours(llm, prompts: list[str], max_tokens: int, batch: int, decoding: str
              **options: Any) -> dict[str, Any]:
     """The prompts in waves of `batch` concurrent requests: total tok/s and per-request decoding figures."""
     from idlm.decoding.sampling import SamplingParams
+    from idlm.decoding.stats import RequestStats
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     convs = [[{"role": "user", "content": p}] for p in prompts]
@@ -66,25 +67,23 @@ def run_ours(llm, prompts: list[str], max_tokens: int, batch: int, decoding: str
     for i in range(0, len(convs), batch):
         outs += llm.chat(convs[i : i + batch], params, decoding=decoding, stride=stride, **options)
     seconds = time.perf_counter() - t0
-    stats = [o.stats.to_dict() for o in outs]
-    tokens = sum(s["generated_tokens"] for s in stats)
-    run = {"tok_per_s": tokens / seconds, "tokens": tokens, "seconds": seconds,
-           "tpf": tokens / sum(s["forwards"] for s in stats),
-           "rows_per_forward": statistics.mean(s["rows_per_forward"] for s in stats),
-           "cold_share": statistics.mean(s.get("cold_share", 0.0) for s in stats),
-           "tree_hits": sum(s.get("tree_hits", 0) for s in stats),
-           "token_ids": [o.token_ids for o in outs]}
-    choices: dict[str, int] = {}
-    for s in stats:
-        for k, v in s.get("choices", {}).items():
-            choices[k] = choices.get(k, 0) + v
-    if choices:
-        run["choices"] = choices
+    pooled = RequestStats(decoding=outs[0].stats.decoding)
+    for o in outs:
+        pooled.merge(o.stats)
+    d = pooled.to_dict()
+    run = {"tok_per_s": pooled.generated_tokens / seconds, "tokens": pooled.generated_tokens, "seconds": seconds,
+           "tpf": pooled.tokens_per_forward, "rows_per_forward": d["rows_per_forward"],
+           "cold_share": d.get("cold_share", 0.0), "tree_hits": pooled.tree_hits,
+           "acceptance": d.get("acceptance_by_position", []), "token_ids": [o.token_ids for o in outs]}
+    if pooled.decoding == "auto":
+        run["choices"] = dict(pooled.choices)
     return run
 
 
 def run_transformers(hf_dir: Path, tokenizer, prompts: list[str], max_tokens: int, dtype: torch.dtype,
-                     device: str) -> list[dict[str, float]]:
+                     device: str, prompt_lookup: int = 0) -> list[dict[str, float]]:
+    """transformers `generate` at batch 1, greedy; `prompt_lookup` > 0: assisted generation drafting that many
+    tokens by prompt lookup (n-gram matches in the context), the speculative decoding a user would pick."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype, local_files_only=True).to(device).eval()
@@ -92,8 +91,9 @@ def run_transformers(hf_dir: Path, tokenizer, prompts: list[str], max_tokens: in
 
     def gen(ids: torch.Tensor, n: int) -> torch.Tensor:
         with torch.inference_mode():
+            extra = {"prompt_lookup_num_tokens": prompt_lookup} if prompt_lookup else {}
             return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                                  min_new_tokens=n, pad_token_id=tokenizer.eos_token_id)
+                                  min_new_tokens=n, pad_token_id=tokenizer.eos_token_id, **extra)
 
     enc = [torch.tensor([tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                        tokenize=True, return_dict=True)["input_ids"]], device=device)
@@ -142,6 +142,7 @@ def _summary(runs: list[dict[str, Any]], ar_runs: list[dict[str, Any]] | None) -
            "tok_per_s_range": [round(min(r["tok_per_s"] for r in runs), 2), round(max(r["tok_per_s"] for r in runs), 2)],
            "tokens_per_forward": round(statistics.median(r["tpf"] for r in runs), 3),
            "rows_per_forward": round(statistics.median(r["rows_per_forward"] for r in runs), 3),
+           "rows_per_token": round(statistics.median(r["rows_per_forward"] / r["tpf"] for r in runs), 3),
            "cold_share": round(statistics.median(r["cold_share"] for r in runs), 4),
            "tree_hits": runs[-1]["tree_hits"],
            "runs": [{k: v for k, v in r.items() if k != "token_ids"} for r in runs]}
@@ -159,6 +160,8 @@ def run_decode_bench(args: argparse.Namespace) -> dict[str, Any]:
     from idlm import LLM
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.quick:  # a smoke run: every row kind, little work
+        args.stride, args.batch, args.prompts, args.max_tokens, args.repeats = "2,4", "1,2", 2, 12, 1
     batches = [int(b) for b in str(args.batch).split(",") if b.strip()]
     make_prompts = PROMPT_SETS[args.prompt_set]
     prompts = {b: make_prompts(max(args.prompts, b)) for b in batches}
@@ -185,15 +188,21 @@ def run_decode_bench(args: argparse.Namespace) -> dict[str, Any]:
                          "stride": c["stride"] or 1, "branches": c["options"].get("branches", 0),
                          **_summary(runs[(i, b)], ar_runs)})
     if args.transformers:
-        tf = run_transformers(llm.checkpoint.path, llm.tokenizer, prompts[1] if 1 in prompts else make_prompts(
-            args.prompts), args.max_tokens, getattr(torch, dtype), device)
-        row = {"engine": "transformers generate", "dtype": dtype, "batch": 1,
-               "tok_per_s": round(statistics.median(r["tok_per_s"] for r in tf), 2), "tokens_per_forward": 1.0,
-               "runs": tf}
-        rows.append(row)
+        texts = prompts[1] if 1 in prompts else make_prompts(args.prompts)
+        ar_1 = next((r for r in rows if r["decoding"] == "ar" and r["batch"] == 1), None)
+        for name, lookup in (("transformers generate", 0), ("transformers prompt lookup (10)", 10)):
+            tf = run_transformers(llm.checkpoint.path, llm.tokenizer, texts, args.max_tokens, getattr(torch, dtype),
+                                  device, prompt_lookup=lookup)
+            row = {"engine": name, "dtype": dtype, "batch": 1,
+                   "tok_per_s": round(statistics.median(r["tok_per_s"] for r in tf), 2),
+                   "tokens_per_forward": 1.0 if not lookup else None, "runs": tf}
+            if ar_1:
+                row["speedup_vs_idlm_ar"] = round(row["tok_per_s"] / ar_1["tok_per_s"], 3)
+            rows.append(row)
+        base = next(r for r in rows if r["engine"] == "transformers generate")
         for r in rows:
-            if r["batch"] == 1 and r["engine"].startswith("idlm"):
-                r["ratio_vs_transformers"] = round(r["tok_per_s"] / row["tok_per_s"], 3)
+            if r["batch"] == 1 and r is not base:
+                r["ratio_vs_transformers"] = round(r["tok_per_s"] / base["tok_per_s"], 3)
     result = {
         "benchmark": "decode",
         "command": "idlm " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("idlm") else None,
@@ -220,12 +229,13 @@ def _range(r: dict[str, Any], key: str) -> str:
 
 
 def markdown_table(result: dict[str, Any]) -> str:
-    lines = ["| engine | batch | tok/s (range) | tokens/forward | rows/forward | cold share | vs idlm AR (range) | "
-             "same tokens as AR | vs transformers |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| engine | batch | tok/s (range) | tokens/forward | rows/forward | rows/token | cold share | "
+             "vs idlm AR (range) | same tokens as AR | vs transformers |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         same = r.get("same_tokens_as_ar")
         lines.append(f"| {r['engine']} | {r['batch']} | {r['tok_per_s']}{_range(r, 'tok_per_s_range')} | "
-                     f"{r['tokens_per_forward']} | {r.get('rows_per_forward', '')} | {r.get('cold_share', '')} | "
+                     f"{r['tokens_per_forward'] or ''} | {r.get('rows_per_forward', '')} | "
+                     f"{r.get('rows_per_token', '')} | {r.get('cold_share', '')} | "
                      f"{r.get('speedup_vs_idlm_ar', '')}{_range(r, 'speedup_range')} | "
                      f"{'' if same is None else ('yes' if same else 'NO')} | {r.get('ratio_vs_transformers', '')} |")
     m = result["machine"]

@@ -29,10 +29,15 @@ VALIDATE_BATCHES = (1, 4, 16)
 VALIDATE_STRIDES = (3, 4)
 
 
-def layouts(llm, strides: list[int]) -> list[Decoding]:
-    """R-ISD (ISD without a gated adapter) at each stride, without branches and with one at every draft."""
+def layout(llm, stride: int, branches: int | None) -> Decoding:
+    """R-ISD (ISD without a gated adapter) at this stride and branches."""
     base = llm.make_decoding("risd" if llm.adapter is not None and llm.adapter.gated else "isd", 2)
-    return [Decoding(base.name, n, base.lora, branches=b) for n in strides for b in (0, None)]
+    return Decoding(base.name, stride, base.lora, branches=branches)
+
+
+def layouts(llm, strides: list[int]) -> list[Decoding]:
+    """Every stride, without branches and with one at every draft."""
+    return [layout(llm, n, b) for n in strides for b in (0, None)]
 
 
 def predict(cost: CostModel, decodings: list[Decoding], acceptance: list[float], batches: list[int],
@@ -54,9 +59,11 @@ def regime_map(fit: StepFit, batches: list[int], rows: list[int]) -> list[list[f
     return [[round(fit.seconds(b, r, r - 1, r) / fit.seconds(b, 1, 0, 1), 4) for b in batches] for r in rows]
 
 
-def validate(llm, predicted: list[dict[str, Any]], prompts: int, max_tokens: int, repeats: int) -> list[dict]:
+def validate(llm, cost: CostModel, predicted: list[dict[str, Any]], prompts: int, max_tokens: int,
+             repeats: int) -> list[dict]:
     """Measured speed-up of R-ISD stride 3 / 4, without and with every branch, over AR at batch 1, 4 and 16
-    (interleaved repeats, the median ratio and its range) beside the prediction."""
+    (interleaved repeats, the median ratio and its range) beside the prediction, and beside the prediction
+    from the acceptance these very runs had (which isolates the cost model's error from the acceptance's)."""
     by_key = {(p["stride"], p["branches"], p["batch"]): p for p in predicted}
     name = "risd" if llm.adapter is not None and llm.adapter.gated else "isd"
     configs = [("ar", None, 0)] + [(name, n, b) for n in VALIDATE_STRIDES for b in (0, -1)]
@@ -80,6 +87,12 @@ def validate(llm, predicted: list[dict[str, Any]], prompts: int, max_tokens: int
             if pred is not None:
                 row.update(predicted=pred["speedup"], predicted_tpf=pred["tokens_per_forward"],
                            error=round(abs(pred["speedup"] - measured) / measured, 4))
+            seen = runs[(decoding, stride, b)][0]["acceptance"]  # greedy: the same in every repeat
+            if seen:
+                d = layout(llm, stride, None if b == -1 else 0)
+                at_seen = cost.speedup(d, seen, batch, llm.model.mask_token_id)
+                row.update(run_acceptance=seen, predicted_at_run_acceptance=round(at_seen, 4),
+                           error_at_run_acceptance=round(abs(at_seen - measured) / measured, 4))
             out.append(row)
             print(f"validate batch {batch:>2} {name} N={stride} branches={row['branches']}: measured "
                   f"{measured:.3f}, predicted {row.get('predicted')}", file=sys.stderr)
@@ -167,13 +180,15 @@ def markdown(result: dict[str, Any]) -> str:
               f"about {f['boundary_rows']:.0f} rows per step, compute-bound above. {m['cpu']} (capability "
               f"{m['cpu_capability']}, {m['torch_threads']} threads), torch {m['torch']}, {result['dtype']}."]
     if result.get("validation"):
-        lines += ["", "| layout | batch | predicted | measured (range) | error | predicted TPF | measured TPF |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "| layout | batch | predicted | measured (range) | error | predicted TPF | measured TPF | "
+                  "predicted at the runs' acceptance | error |", "|---|---|---|---|---|---|---|---|---|"]
         for v in result["validation"]:
             lines.append(f"| N={v['stride']} branches={v['branches']} | {v['batch']} | {v.get('predicted')} | "
                          f"{v['measured']} ({v['measured_range'][0]}-{v['measured_range'][1]}) | "
-                         f"{v.get('error')} | {v.get('predicted_tpf')} | {v['measured_tpf']} |")
-        lines += ["", f"Median error {result['validation_median_error']}, {result['validation_repeats']} "
+                         f"{v.get('error')} | {v.get('predicted_tpf')} | {v['measured_tpf']} | "
+                         f"{v.get('predicted_at_run_acceptance')} | {v.get('error_at_run_acceptance')} |")
+        lines += ["", f"Median error {result['validation_median_error']} (at the runs' own acceptance: "
+                  f"{result['validation_median_error_at_run_acceptance']}), {result['validation_repeats']} "
                   "interleaved repeats per point."]
     return "\n".join(lines) + "\n"
 
@@ -236,10 +251,11 @@ def run_explore(args: argparse.Namespace, llm=None) -> dict[str, Any]:
                    "relative_step_time": regime_map(fit, batches, rows_axis)},
     }
     if args.validate:
-        v = validate(llm, predictions, args.validate_prompts, args.max_tokens, args.validate_repeats)
+        v = validate(llm, cost, predictions, args.validate_prompts, args.max_tokens, args.validate_repeats)
         result["validation"] = v
-        errors = [x["error"] for x in v if "error" in x]
-        result["validation_median_error"] = round(statistics.median(errors), 4) if errors else None
+        for field in ("error", "error_at_run_acceptance"):
+            errors = [x[field] for x in v if field in x]
+            result[f"validation_median_{field}"] = round(statistics.median(errors), 4) if errors else None
         result["validation_repeats"] = args.validate_repeats
     path = write_results(result, Path(args.out), "explore", markdown(result))
     try:
