@@ -5,7 +5,7 @@ evaluation all submit requests here and step the same engine (continuous batchin
 """
 from __future__ import annotations
 
-import logging
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence as Seq
 
@@ -22,8 +22,6 @@ from idlm.loading import load_checkpoint
 from idlm.loading.cache import cache_dir
 from idlm.models.llama import CausalLM
 from idlm.models.lora import AdapterConfig, load_adapter
-
-log = logging.getLogger(__name__)
 
 DECODINGS = ("auto", "ar", "isd", "risd")
 # Acceptance by draft position assumed for an adapter that records none (adaptive decoding's prior).
@@ -153,7 +151,8 @@ class LLM:
         found = CostModel.load(root, key)
         if found is not None:
             return found
-        log.info("measuring forward costs on this machine once (cached in %s)", root / "cost")
+        print(f"idlm: measuring step costs on this machine for adaptive decoding (once, about 30 s on 2 CPU "
+              f"cores; cached in {root / 'cost'})", file=sys.stderr, flush=True)
         model = measure(self.engine, decodings, list(batches), repeats=repeats, key=key)
         model.save(root)
         return model
