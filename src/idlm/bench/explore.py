@@ -22,9 +22,7 @@ from idlm.bench.decode import heldout_prompts, machine_info, run_ours
 from idlm.bench.results import write_results
 from idlm.decoding.policy import Decoding
 from idlm.decoding.round_model import estimate
-from idlm.engine.cost_model import CostModel, StepFit, machine_key, measure
-
-CONTEXT = 128  # cached tokens per sequence in the measured steps
+from idlm.engine.cost_model import CONTEXT, CostModel, StepFit, machine_key, measure
 VALIDATE_BATCHES = (1, 4, 16)
 VALIDATE_STRIDES = (3, 4)
 
@@ -65,7 +63,7 @@ def validate(llm, cost: CostModel, predicted: list[dict[str, Any]], prompts: int
     (interleaved repeats, the median ratio and its range) beside the prediction, and beside the prediction
     from the acceptance these very runs had (which isolates the cost model's error from the acceptance's)."""
     by_key = {(p["stride"], p["branches"], p["batch"]): p for p in predicted}
-    name = "risd" if llm.adapter is not None and llm.adapter.gated else "isd"
+    name = layout(llm, 2, 0).name
     configs = [("ar", None, 0)] + [(name, n, b) for n in VALIDATE_STRIDES for b in (0, -1)]
     out = []
     for batch in VALIDATE_BATCHES:
@@ -201,8 +199,8 @@ def acceptance_for(llm, given: str | None, strides: list[int]) -> tuple[list[flo
     from idlm.eval.acceptance import evaluate_isd, load_eval_prompts
 
     prompts = load_eval_prompts(None, llm.tokenizer, 16)
-    lora = "gated" if llm.adapter is not None and llm.adapter.gated else ("all" if llm.adapter else "none")
-    res = evaluate_isd(llm.model, llm.tokenizer, llm.engine.eos_token_ids, prompts, max(strides), 64, lora)
+    res = evaluate_isd(llm.model, llm.tokenizer, llm.engine.eos_token_ids, prompts, max(strides), 64,
+                       layout(llm, 2, 0).lora)
     return res["acceptance_by_position"] or [0.0], "measured now (16 held-out prompts, greedy)"
 
 

@@ -46,6 +46,9 @@ def machine_key() -> dict[str, Any]:
             "torch": torch.__version__}
 
 
+CONTEXT = 128  # cached tokens per sequence in a measured step
+
+
 @dataclass(frozen=True)
 class StepFit:
     """A step's seconds as a linear function of what it feeds:
@@ -97,6 +100,7 @@ class CostModel:
 
     key: dict[str, Any]
     seconds: dict[str, dict[int, float]] = field(default_factory=dict)
+    _fit: StepFit | None = field(default=None, repr=False, compare=False)
 
     @staticmethod
     def layout_name(plan: StepPlan) -> str:
@@ -104,8 +108,11 @@ class CostModel:
         return f"rows{len(plan.token_ids)}-gated{gated}-logits{plan.num_logits}"
 
     def fit(self) -> StepFit:
-        return StepFit.fit([(b, *layout_features(name), t) for name, by_batch in self.seconds.items()
-                            for b, t in by_batch.items()])
+        """The step fit of the measured steps (computed once: a cost model is complete when measured or loaded)."""
+        if self._fit is None:
+            self._fit = StepFit.fit([(b, *layout_features(name), t) for name, by_batch in self.seconds.items()
+                                     for b, t in by_batch.items()])
+        return self._fit
 
     def time(self, plan: StepPlan, batch: int) -> float:
         """Seconds of a step of `batch` sequences with this plan: measured (linear in batch between measured
@@ -164,7 +171,7 @@ class CostModel:
         return cls(key, {name: {int(b): s for b, s in v.items()} for name, v in d["seconds"].items()})
 
 
-def measure(engine: Any, decodings: list[Decoding], batches: list[int], context: int = 128, repeats: int = 5,
+def measure(engine: Any, decodings: list[Decoding], batches: list[int], context: int = CONTEXT, repeats: int = 5,
             key: dict[str, Any] | None = None, max_rows: int | None = None) -> CostModel:
     """Time real steps of every layout of `decodings` (and AR) at each batch size: the engine runner's forward and
     the decoder's greedy verify / sample / draft on its logits. Steps of more than `max_rows` rows are skipped

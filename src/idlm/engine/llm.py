@@ -15,7 +15,7 @@ from idlm.decoding.adaptive import Adaptive
 from idlm.decoding.policy import Decoding
 from idlm.decoding.sampling import SamplingParams
 from idlm.decoding.stats import RequestStats
-from idlm.engine.cost_model import CostModel, machine_key, measure
+from idlm.engine.cost_model import CONTEXT, CostModel, machine_key, measure
 from idlm.engine.llm_engine import EngineConfig, LLMEngine
 from idlm.engine.sequence import Sequence
 from idlm.loading import load_checkpoint
@@ -140,7 +140,7 @@ class LLM:
         measured every time)."""
         decodings = decodings or [self.make_decoding("risd" if self.adapter is not None else "isd")]
         blocks = self.engine.blocks
-        fit = blocks.num_free_blocks // blocks.blocks_for(128 + max(d.max_step_rows for d in decodings) + 2)
+        fit = blocks.num_free_blocks // blocks.blocks_for(CONTEXT + max(d.max_step_rows for d in decodings) + 2)
         batches = tuple(b for b in batches if b <= min(fit, self.engine.config.max_num_seqs)) or (1,)
         key = {**machine_key(), "model": self.name, "dtype": str(self.dtype), "device": str(self.device),
                "adapter": str(self.adapter_path), "batches": list(batches),
