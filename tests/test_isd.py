@@ -264,6 +264,29 @@ def test_isd_rejects_bad_options():
 
 
 # ---- R-ISD on the embedded model: lossless ----------------------------------------------------------
+@requires_embedded
+def test_risd_logprobs_and_commit_kinds_match_ar(embedded_llm):
+    """With the shipped adapter (drafts often accepted): every committed token of R-ISD, accepted draft, clean token
+    or correction, and the tree's alternatives, carries the logprob AR gives it (rows of a many-row forward
+    differ from 1-row ones only by rounding)."""
+    llm = LLM("smollm2-135m", dtype="float32", device="cpu")
+    convs = [[{"role": "user", "content": p}] for p in CHAT_PROMPTS[:4]]
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, logprobs=2)
+    ar = embedded_llm.chat(convs, params, decoding="ar")
+    for stride, tree in ((4, 1), (3, 3)):
+        outs = llm.chat(convs, params, decoding="risd", stride=stride, tree=tree)
+        for a, r in zip(ar, outs):
+            n = next((i for i, (x, y) in enumerate(zip(a.token_ids, r.token_ids)) if x != y), len(a.token_ids))
+            assert n >= 8 and len(r.logprobs) == len(r.kinds) == len(r.token_ids)  # up to a near-tie divergence
+            assert [x.logprob for x in r.logprobs[:n]] == pytest.approx([x.logprob for x in a.logprobs[:n]], abs=2e-3)
+            assert [x.top for x in r.logprobs[:n]] == [[(t, pytest.approx(v, abs=2e-3)) for t, v in x.top]
+                                                        for x in a.logprobs[:n]]
+            assert set(r.kinds) <= {"draft", "clean", "correction"}
+            assert r.kinds.count("correction") <= r.stats.rounds["R"]
+        kinds = [k for r in outs for k in r.kinds]
+        assert kinds.count("draft") > 0 and kinds.count("correction") > 0
+
+
 
 @pytest.fixture(scope="module")
 def random_gated_adapter(tmp_path_factory, embedded_llm):

@@ -30,6 +30,27 @@ def test_greedy_ar_matches_transformers_generate(embedded_llm, hf_reference):
 
 
 @requires_embedded
+def test_logprobs_are_the_raw_log_softmax_of_transformers_logits(embedded_llm, hf_reference):
+    """Each committed token's logprob (and its top 5) is log_softmax of the model's logits at its position, before
+    temperature and penalties: checked against transformers on the same weights, under sampling with penalties."""
+    params = SamplingParams(temperature=0.8, top_k=40, repetition_penalty=1.3, seed=3, max_tokens=24, ignore_eos=True,
+                            logprobs=5)
+    conv = [{"role": "user", "content": CHAT_PROMPTS[2]}]
+    out = embedded_llm.chat(conv, params, decoding="ar")[0]
+    ids = embedded_llm.apply_chat_template(conv)
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_reference(torch.tensor([ids + out.token_ids])).logits[0].float(), -1)
+    assert len(out.logprobs) == len(out.token_ids) == 24 and out.kinds == ["clean"] * 24
+    for i, (tok, lp) in enumerate(zip(out.token_ids, out.logprobs)):
+        row = ref[len(ids) + i - 1]
+        assert lp.logprob == pytest.approx(row[tok].item(), abs=1e-3)
+        top = row.topk(5)
+        assert [t for t, _ in lp.top] == top.indices.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(top.values.tolist(), abs=1e-3)
+    assert embedded_llm.chat(conv, SamplingParams(max_tokens=4))[0].logprobs is None
+
+
+@requires_embedded
 def test_ar_stats_and_eos_conventions(embedded_llm):
     out = embedded_llm.chat([{"role": "user", "content": "Say hi."}], SamplingParams(temperature=0, max_tokens=200))[0]
     s = out.stats

@@ -50,6 +50,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the src dir of another idlm version (e.g. a git worktree) to run beside this one")
     t.add_argument("--out", default="benchmarks/results")
     t.set_defaults(func=_throughput)
+    s = bsub.add_parser("serve", help="idlm serve over HTTP: total tok/s, TTFT and inter-token latency by "
+                                      "concurrency, AR vs the default decoding on one server")
+    s.add_argument("--model", default="smollm2-135m")
+    s.add_argument("--adapter", default=None, help="adapter dir (default: the model's shipped adapter)")
+    s.add_argument("--concurrency", default="1,4,16,64", help="comma list of requests in flight")
+    s.add_argument("--decoding", default="ar,auto", help="comma list of decodings requests ask for")
+    s.add_argument("--requests", type=int, default=None, help="requests per level (default: max(2 x level, 8))")
+    s.add_argument("--max-tokens", type=int, default=128)
+    s.add_argument("--kv-cache-tokens", type=int, default=32768)
+    s.add_argument("--repeats", type=int, default=1, help="interleaved repeats (the median run is reported)")
+    s.add_argument("--out", default="benchmarks/results")
+    s.set_defaults(func=_serve)
 
 
 def register_explore(sub: argparse._SubParsersAction) -> None:
@@ -102,4 +114,11 @@ def _throughput(args: argparse.Namespace) -> int:
     from idlm.bench.throughput import run_throughput_bench
 
     run_throughput_bench(args)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from idlm.bench.serve import run_serve_bench
+
+    run_serve_bench(args)
     return 0

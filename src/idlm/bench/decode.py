@@ -107,7 +107,6 @@ def run_transformers(hf_dir: Path, tokenizer, prompts: list[str], max_tokens: in
         dt = time.perf_counter() - t0
         n = out.shape[1] - ids.shape[1]
         runs.append({"tok_per_s": n / dt, "tpf": 1.0, "tokens": n, "seconds": dt})
-    del model
     return runs
 
 

@@ -65,6 +65,19 @@ class DecodeItem:
         return (len(self.alternatives) if self.drafts else 0) + self.num_branches * self.decoding.num_masks
 
 
+# How a committed token came to be: an accepted draft (or tree alternative), a token drawn from the anchor's
+# next-token distribution (AR, prefill, after full acceptance), or the correction drawn after a rejection.
+DRAFTED, CLEAN, CORRECTION = "draft", "clean", "correction"
+
+
+@dataclass
+class TokenLogprob:
+    """A committed token's log-probability under the anchor's raw distribution, and its most likely tokens."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+
 @dataclass
 class DecodeResult:
     tokens: list[int]  # committed in order: the accepted drafts, then the next token or the correction
@@ -75,6 +88,8 @@ class DecodeResult:
     branched: bool = False  # after a rejection, the new drafts came from the branch at the rejected draft
     alternatives: list[int] = field(default_factory=list)  # other candidates for the new drafts[0]
     tree_hit: bool = False  # the first draft was rejected and an alternative accepted (tokens: it, then next)
+    kinds: list[str] = field(default_factory=list)  # DRAFTED / CLEAN / CORRECTION, one per token
+    logprobs: list[TokenLogprob] | None = None  # one per token when the request asks (params.logprobs)
 
     @property
     def kept_drafts(self) -> int:
@@ -181,9 +196,11 @@ class Decoder:
         branched, branch_base, key_branch = [], [], []  # items with branches: index, first hidden row, keys
         tree = Tree([], [], [], [], [])  # items with alternatives to test
         amax = max((len(it.alternatives) for it in items if it.drafts), default=0)
+        first_row: list[int] = []  # each item's first logit row (p_0)
         base = hbase = 0
         for i, it in enumerate(items):
             k, m, d = len(it.drafts), it.decoding.num_masks, it.decoding
+            first_row.append(base)
             stochastic = not it.params.greedy
             row_params += [it.params] * (k + 1 + m)
             row_slot += [it.slot] * (k + 1 + m)
@@ -248,6 +265,7 @@ class Decoder:
         greedy_t = t(greedy, torch.bool)
         hit = torch.zeros(b, dtype=torch.bool, device=dev)  # an alternative was accepted
         hit_token = hit_next = torch.zeros(b, dtype=torch.long, device=dev)  # it, and the token after it
+        after_logits = None  # [len(tree.items), V] the raw logits hit_next was drawn from
 
         # ---- verify the drafts ---------------------------------------------------------------------
         if kmax:
@@ -286,8 +304,8 @@ class Decoder:
             correction = torch.where(t(fix_argmax, torch.bool)[:, None], argmax_fix, residual_distribution(p_s, q_s))
             if tree.items:
                 first_rejected = rejected & (s == 0) & tested_t[:, 0]
-                correction, hit, hit_token, hit_next = self._tree(items, tree, p_rows, q_rows, x, first_rejected,
-                                                                  correction, key_next, greedy_t, hidden, head, draw)
+                correction, hit, hit_token, hit_next, after_logits = self._tree(
+                    items, tree, p_rows, q_rows, x, first_rejected, correction, key_next, greedy_t, hidden, head, draw)
             clean = probs[p_idx.gather(1, k_t[:, None]).squeeze(1)]
             token = draw(torch.where(rejected[:, None], correction, clean), key_next.gather(1, s[:, None]).squeeze(1))
             token = torch.where(hit, hit_token, token)
@@ -340,15 +358,48 @@ class Decoder:
             oks = row[DRAFTS + mmax + wmax :]
             alt = [int(alts[j]) for j in range(it.decoding.tree - 1) if oks[j]] if new else []
             tokens = [tok, int(row[5])] if tree_hit else it.drafts[:acc] + [tok]
+            kinds = [DRAFTED, CLEAN] if tree_hit else [DRAFTED] * acc + [CORRECTION if rejected_py else CLEAN]
             out.append(DecodeResult(tokens, rejected_py, new, acc + 1 if rejected_py else n_test, row[2], from_branch,
-                                    alt, tree_hit))
+                                    alt, tree_hit, kinds))
+        if any(it.params.logprobs is not None for it in items):
+            self._logprobs(items, out, first_row, logits, tree, after_logits)
         return out
+
+    @staticmethod
+    def _logprobs(items: list[DecodeItem], out: list[DecodeResult], first_row: list[int], logits: Tensor,
+                  tree: Tree, after_logits: Tensor | None) -> None:
+        """Each committed token's log-softmax under the raw logits of the row that verified or drew it (a draft
+        accepted at j: p_j; the last token: p at its position; after an accepted alternative: that row's p)."""
+        rows: list[Tensor] = []
+        toks: list[int] = []
+        owners: list[int] = []
+        width = 0
+        for i, (it, res) in enumerate(zip(items, out)):
+            if it.params.logprobs is None:
+                continue
+            width = max(width, it.params.logprobs)
+            if res.tree_hit:
+                rows += [logits[first_row[i]], after_logits[tree.items.index(i)]]
+            else:
+                rows.append(logits[first_row[i] : first_row[i] + len(res.tokens)])
+            toks += res.tokens
+            owners += [i] * len(res.tokens)
+        lp = torch.log_softmax(torch.cat([r.reshape(-1, logits.shape[-1]) for r in rows]).float(), -1)
+        chosen = lp.gather(-1, torch.tensor(toks, dtype=torch.long, device=lp.device)[:, None]).squeeze(-1)
+        top = lp.topk(width, dim=-1) if width else None
+        chosen_l = chosen.tolist()
+        top_v, top_i = (top.values.tolist(), top.indices.tolist()) if top is not None else ([], [])
+        for n, i in enumerate(owners):
+            res, k = out[i], items[i].params.logprobs
+            if res.logprobs is None:
+                res.logprobs = []
+            res.logprobs.append(TokenLogprob(chosen_l[n], list(zip(top_i[n][:k], top_v[n][:k])) if k else []))
 
     def _tree(self, items, tree, p_rows, q_rows, x, first_rejected, correction, key_next, greedy_t, hidden, head,
               draw):
         """The alternatives of items whose first draft was rejected, tested in turn against the residuals (see
         the module doc). Returns the corrections (p_{k+1} where all were rejected), which items accepted one,
-        that alternative, and the token after it (from its own row's p)."""
+        that alternative, the token after it (from its own row's p) and that row's raw logits."""
         dev = p_rows.device
         ti = torch.tensor(tree.items, dtype=torch.long, device=dev)
         alts = torch.tensor(tree.tokens, dtype=torch.long, device=dev)  # [T, A]
@@ -384,11 +435,12 @@ class Decoder:
             counts.index_put_((n, chosen), torch.ones(len(tree.items), device=dev), accumulate=True)
             seen[n, chosen] = True
             hist = (seen, counts)
-        after = draw(distribution(head(hidden[rows]), RowSampling(params, dev, *hist)), key_next[ti, 1])
+        after_logits = head(hidden[rows])
+        after = draw(distribution(after_logits, RowSampling(params, dev, *hist)), key_next[ti, 1])
         b = x.shape[0]
         zeros = torch.zeros(b, dtype=torch.long, device=dev)
         return (correction, torch.zeros(b, dtype=torch.bool, device=dev).index_copy(0, ti, hit),
-                zeros.index_copy(0, ti, chosen), zeros.index_copy(0, ti, after))
+                zeros.index_copy(0, ti, chosen), zeros.index_copy(0, ti, after), after_logits)
 
     def _branch_drafts(self, items, branched, branch_base, key_branch, s, rejected, q_new, drafts, raw_first,
                        alt_keys, hidden, head, draw):

@@ -16,6 +16,9 @@ import torch
 from torch import Tensor
 
 
+MAX_LOGPROBS = 20  # most likely tokens reported per position (OpenAI's limit)
+
+
 @dataclass
 class SamplingParams:
     """Per-request decoding options, named as in vLLM.
@@ -23,6 +26,8 @@ class SamplingParams:
     `repetition_penalty` follows transformers (prompt + generated tokens, positive logits divided,
     negative multiplied); `presence_penalty` / `frequency_penalty` follow OpenAI (generated tokens
     only, subtracted). `top_k` 0 or -1 and `top_p` 1 switch those filters off; `temperature` 0 is greedy.
+    `logprobs` None: none; k >= 0: each committed token's log-probability under the verifying (anchor) model's
+    raw distribution (before penalties, temperature and filters) and the k most likely tokens there.
     """
 
     temperature: float = 1.0
@@ -37,6 +42,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     max_tokens: int = 256
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
@@ -62,6 +68,9 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
         if self.stop is None:

@@ -12,6 +12,7 @@ from typing import Any, Iterator, Sequence as Seq
 import torch
 
 from idlm.decoding.adaptive import Adaptive
+from idlm.decoding.decoder import TokenLogprob
 from idlm.decoding.policy import Decoding
 from idlm.decoding.sampling import SamplingParams
 from idlm.decoding.stats import RequestStats
@@ -36,10 +37,13 @@ class RequestOutput:
     token_ids: list[int]
     finish_reason: str | None
     stats: RequestStats = field(default_factory=RequestStats)
+    kinds: list[str] = field(default_factory=list)  # how each token was committed: draft, clean, correction
+    logprobs: list[TokenLogprob] | None = None  # per token, when SamplingParams.logprobs is set
 
 
 def _output(prompt: str | None, seq: Sequence) -> RequestOutput:
-    return RequestOutput(prompt, seq.prompt_ids, seq.text, seq.output_ids, seq.finish_reason, seq.stats)
+    return RequestOutput(prompt, seq.prompt_ids, seq.text, seq.output_ids, seq.finish_reason, seq.stats,
+                         list(seq.kinds), list(seq.logprobs) if seq.params.logprobs is not None else None)
 
 
 def default_device() -> str:

@@ -73,15 +73,34 @@ class LLMEngine:
     # ---- requests --------------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], params: SamplingParams, decoding: Decoding | Adaptive) -> Sequence:
         """`decoding`: fixed, or `Adaptive` (re-chosen before every step among lossless decodings)."""
+        params = self.check_request(prompt_ids, params, decoding)
+        seed = params.seed if params.seed is not None else self._entropy.getrandbits(63)
+        seq = Sequence(next(self._ids), prompt_ids, params, decoding, seed, self.tokenizer, self.eos_token_ids)
+        self.scheduler.add(seq)
+        return seq
+
+    @property
+    def capacity(self) -> int:
+        """Tokens one request can hold: the context, or the whole KV pool if smaller."""
+        return min(self.max_model_len, self.blocks.num_blocks * self.blocks.block_size)
+
+    def room(self, num_prompt_tokens: int, decoding: Decoding | Adaptive) -> int:
+        """The largest max_tokens that fits after the prompt, keeping one step's rows (with margin) free."""
+        return self.capacity - num_prompt_tokens - (decoding.max_step_rows + 2)
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams,
+                      decoding: Decoding | Adaptive) -> SamplingParams:
+        """Raise (PromptTooLongError, ValueError) if the request can never run; returns its params (max_tokens
+        shortened to what fits under `clamp_max_tokens`). Reads only fixed sizes: safe from any thread."""
         if not prompt_ids:
             raise ValueError("empty prompt")
-        step = decoding.max_step_rows + 2  # the rows one step can feed beyond the committed tokens, with margin
-        capacity = min(self.max_model_len, self.blocks.num_blocks * self.blocks.block_size)
+        step = decoding.max_step_rows + 2
+        capacity = self.capacity
         where = "the model's context" if capacity == self.max_model_len else "the KV cache"
         if len(prompt_ids) + step > capacity:
             raise PromptTooLongError(f"prompt has {len(prompt_ids)} tokens; {where} holds {capacity} tokens")
-        if len(prompt_ids) + params.max_tokens + step > capacity:
-            room = capacity - len(prompt_ids) - step
+        room = self.room(len(prompt_ids), decoding)
+        if params.max_tokens > room:
             if not self.config.clamp_max_tokens:
                 raise PromptTooLongError(
                     f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) does not fit {where} "
@@ -91,10 +110,7 @@ class LLMEngine:
         if widest.step_rows(1, widest.num_masks) > self.config.max_num_batched_tokens:
             raise ValueError(f"max_num_batched_tokens {self.config.max_num_batched_tokens} is below one "
                              f"{widest.label} step")
-        seed = params.seed if params.seed is not None else self._entropy.getrandbits(63)
-        seq = Sequence(next(self._ids), prompt_ids, params, decoding, seed, self.tokenizer, self.eos_token_ids)
-        self.scheduler.add(seq)
-        return seq
+        return params
 
     def abort(self, seq: Sequence) -> None:
         """Stop a request (e.g. client gone) and free its kv blocks."""
@@ -173,7 +189,7 @@ class LLMEngine:
             for j in range(res.tested):
                 stats.record_test(j, j < res.kept_drafts)
             stats.acceptance_sum += res.ratio_sum
-        seq.emit(res.tokens)
+        seq.emit(res.tokens, res.kinds, res.logprobs)
         seq.drafts = res.drafts
         seq.alternatives = res.alternatives
 

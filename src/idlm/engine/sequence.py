@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from idlm.decoding.adaptive import Adaptive, ChoiceState
+from idlm.decoding.decoder import CLEAN, TokenLogprob
 from idlm.decoding.detokenize import IncrementalDetokenizer, StopChecker
 from idlm.decoding.policy import Decoding
 from idlm.decoding.sampling import SamplingParams
@@ -54,6 +55,8 @@ class Sequence:
         self.drafts: list[int] = []  # ISD: drafted last step, verified by the next (q in the decoder's slot)
         self.alternatives: list[int] = []  # other candidates for drafts[0] (a decoding with tree > 1)
         self.slot: int | None = None
+        self.kinds: list[str] = []  # how each output token was committed (decoder.DRAFTED / CLEAN / CORRECTION)
+        self.logprobs: list[TokenLogprob] = []  # one per output token when params.logprobs is set
         self.detok = IncrementalDetokenizer(tokenizer, prompt_ids)
         self.stop = StopChecker.from_params(params, eos_token_ids)
         self.stats = RequestStats(prompt_tokens=len(prompt_ids), decoding=decoding.name, stride=decoding.stride)
@@ -85,8 +88,10 @@ class Sequence:
     def finished(self) -> bool:
         return self.status is Status.FINISHED
 
-    def emit(self, tokens: list[int]) -> list[int]:
-        """Commit tokens in order, stopping at the first one that ends generation; returns those kept."""
+    def emit(self, tokens: list[int], kinds: list[str] | None = None,
+             logprobs: list[TokenLogprob] | None = None) -> list[int]:
+        """Commit tokens in order (with how each was committed and its logprob, when given), stopping at the
+        first one that ends generation; returns those kept."""
         kept = []
         for t in tokens:
             if self.finish_reason is not None:
@@ -96,6 +101,9 @@ class Sequence:
             end = self.stop.step(t, self.detok)
             if end is not None:
                 self.finish_reason = end.reason
+        self.kinds += (kinds or [CLEAN] * len(tokens))[: len(kept)]
+        if logprobs is not None:
+            self.logprobs += logprobs[: len(kept)]
         self.stats.generated_tokens = self.num_output_tokens
         return kept
 
