@@ -7,6 +7,9 @@ import concurrent.futures
 import http.client
 import json
 import signal
+import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -313,3 +316,15 @@ def test_sigterm_ends_streams_cleanly_and_exits_0(tiny_model):  # noqa: F811
     assert s.proc.wait(60) == 0, s.log
     assert time.monotonic() - t0 < 30
     assert "Traceback" not in s.log
+
+
+def test_a_port_in_use_is_a_clear_error(tiny_model):  # noqa: F811
+    model, _ = tiny_model
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "idlm.cli", "serve", "--model", str(model), "--adapter", "none",
+                               "--port", str(port), "--kv-cache-tokens", "1024"], capture_output=True, text=True,
+                              timeout=300)
+    assert proc.returncode == 2 and f"could not serve on 127.0.0.1:{port}" in proc.stderr, proc.stderr

@@ -62,6 +62,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--repeats", type=int, default=1, help="interleaved repeats (the median run is reported)")
     s.add_argument("--out", default="benchmarks/results")
     s.set_defaults(func=_serve)
+    pr = bsub.add_parser("profile", help="AR and R-ISD step times and torch.profiler tables, fused projections "
+                                         "vs separate")
+    pr.add_argument("--model", default="smollm2-135m")
+    pr.add_argument("--adapter", default=None, help="adapter dir (default: the model's shipped adapter)")
+    pr.add_argument("--stride", type=int, default=4)
+    pr.add_argument("--batch", default="1,4,16", help="comma list of batch sizes for the step times")
+    pr.add_argument("--repeats", type=int, default=5, help="alternated measurements per model (medians)")
+    pr.add_argument("--steps", type=int, default=24, help="engine steps under the profiler per decoding")
+    pr.add_argument("--rows", type=int, default=12, help="ops per profiler table")
+    pr.add_argument("--out", default="benchmarks/results")
+    pr.set_defaults(func=_profile)
 
 
 def register_explore(sub: argparse._SubParsersAction) -> None:
@@ -121,4 +132,11 @@ def _serve(args: argparse.Namespace) -> int:
     from idlm.bench.serve import run_serve_bench
 
     run_serve_bench(args)
+    return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from idlm.bench.profile import run_profile_bench
+
+    run_profile_bench(args)
     return 0

@@ -1,10 +1,16 @@
-"""The serving loop: one background thread owns the engine; asyncio code submits requests and reads deltas.
+"""The serving loop: one thread owns the engine; asyncio code (in other threads) submits requests and reads deltas.
 
 A forward takes tens of milliseconds to seconds, so the engine cannot run as an asyncio task (it would block
-the event loop for the whole forward). The thread drains an inbox of adds and aborts between steps, runs one
+the event loop for the whole forward). The loop drains an inbox of adds and aborts between steps, runs one
 `LLMEngine.step`, and hands every request's new tokens to its asyncio queue with one `call_soon_threadsafe`
 per step. Aborts therefore take effect before the next forward; a request whose consumer goes away (client
 disconnect, cancelled task) is aborted and its KV blocks are freed within one step.
+
+`run()` serves in the calling thread, `start()` in a new background thread. `idlm serve` runs the loop in the
+process's main thread and the HTTP event loop in a background one: on CPU, torch's OpenMP kernels called from
+a thread other than the main one ran 25-35% slower here (the embedded model, batch 1: 16-18 vs 24-25 tok/s,
+the same with the HTTP server idle), while an asyncio loop in a background thread costs the main thread's
+forwards nothing measurable.
 
 Errors stay with their request: validation happens before submission (`LLMEngine.check_request`), an
 exception while publishing one request's output fails that request alone, and an exception inside a step
@@ -79,6 +85,7 @@ class AsyncLLM:
         self._inbox: queue.Queue = queue.Queue()
         self._live: dict[str, _Request] = {}
         self._thread: threading.Thread | None = None
+        self._running = False
         self._stopping = False
         self._drain_deadline: float | None = None
         # Fault-injection hook: fault(request_id, prompt_ids) runs before a request's output is published each
@@ -86,8 +93,18 @@ class AsyncLLM:
         self.fault: Callable[[str, list[int]], None] | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------
+    def run(self) -> None:
+        """Serve in the calling thread until `shutdown()` (from another thread or a signal handler)."""
+        self._running = True
+        try:
+            self._run()
+        finally:
+            self._running = False
+
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="idlm-engine", daemon=True)
+        """Serve in a new background thread."""
+        self._running = True
+        self._thread = threading.Thread(target=self.run, name="idlm-engine", daemon=True)
         self._thread.start()
 
     def drain(self, timeout: float) -> None:
@@ -105,10 +122,10 @@ class AsyncLLM:
                            blocks.num_blocks)
 
     def shutdown(self) -> None:
-        """Abort whatever is left and stop the thread."""
+        """Abort whatever is left and stop the loop (joins it if `start()` made the thread)."""
         self._stopping = True
         self._inbox.put(("wake", None))
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
             self._thread = None
 
@@ -117,7 +134,7 @@ class AsyncLLM:
                        decoding: Decoding | Adaptive) -> AsyncIterator[Delta]:
         """Submit a checked request (see `LLMEngine.check_request`) and yield its deltas. The first delta is an
         empty acknowledgement once the engine has taken it; leaving the iteration early aborts the request."""
-        if self._thread is None or self._stopping or self.draining:
+        if not self._running or self._stopping or self.draining:
             raise RuntimeError("the engine is not accepting requests")
         req = _Request(request_id, prompt_ids, params, decoding, asyncio.get_running_loop(), asyncio.Queue())
         self._inbox.put(("add", req))

@@ -21,6 +21,7 @@ from idlm.engine.llm_engine import EngineConfig, LLMEngine
 from idlm.engine.sequence import Sequence
 from idlm.loading import load_checkpoint
 from idlm.loading.cache import cache_dir
+from idlm.models.fuse import fuse_projections
 from idlm.models.llama import CausalLM
 from idlm.models.lora import AdapterConfig, load_adapter
 
@@ -77,10 +78,12 @@ class LLM:
         device: str | None = None,
         adapter: str | None = None,
         pack_cpu_weights: bool = True,
+        fuse: bool = True,
         **engine: Any,
     ):
         """adapter: a PEFT/idlm adapter dir; None = the model's default adapter if it ships one; "none" = no adapter.
         pack_cpu_weights: on CPU, pre-pack frozen weights for oneDNN (few-row forwards cost near one row).
+        fuse: q/k/v and gate/up (and their adapters) as one matmul each (models/fuse.py).
         engine: `EngineConfig` fields (kv_cache_tokens, max_num_seqs, max_num_batched_tokens, max_model_len,
         kv_block_size, enable_prefix_caching, clamp_max_tokens)."""
         device = device or default_device()
@@ -97,6 +100,9 @@ class LLM:
                 self.adapter = load_adapter(self.checkpoint.model, self.adapter_path)
             except (OSError, KeyError, ValueError) as e:
                 raise ValueError(f"cannot load adapter {self.adapter_path}: {e}") from e
+        self.fused = fuse
+        if fuse:
+            fuse_projections(self.checkpoint.model)
         if device == "cpu" and pack_cpu_weights:
             self.checkpoint.model.pack_for_cpu_inference()
         self.name = self.checkpoint.name
@@ -112,6 +118,7 @@ class LLM:
         self.checkpoint = None
         self.tokenizer = tokenizer
         self.adapter, self.adapter_path, self.name = adapter, None, name
+        self.fused = False
         self._start(model, eos_token_ids, model.config.draft_len, engine)
         return self
 
@@ -147,7 +154,7 @@ class LLM:
         fit = blocks.num_free_blocks // blocks.blocks_for(CONTEXT + max(d.max_step_rows for d in decodings) + 2)
         batches = tuple(b for b in batches if b <= min(fit, self.engine.config.max_num_seqs)) or (1,)
         key = {**machine_key(), "model": self.name, "dtype": str(self.dtype), "device": str(self.device),
-               "adapter": str(self.adapter_path), "batches": list(batches),
+               "adapter": str(self.adapter_path), "fused": self.fused, "batches": list(batches),
                "layouts": sorted({repr(d) for d in decodings}), "measures": "forward + greedy decode, interleaved"}
         if self.checkpoint is None:
             return measure(self.engine, decodings, list(batches), repeats=repeats, key=key)

@@ -117,12 +117,17 @@ class Attention(nn.Module):
         self.o_proj = Proj(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.qkv: Proj | None = None  # q, k, v in one projection (inference; models/fuse.py)
 
     def forward(self, x, cos, sin, attn: AttentionBackend, lora_gate):
         lead = x.shape[:-1]
-        q = self.q_proj(x, lora_gate).view(*lead, self.n_heads, self.head_dim)
-        k = self.k_proj(x, lora_gate).view(*lead, self.n_kv, self.head_dim)
-        v = self.v_proj(x, lora_gate).view(*lead, self.n_kv, self.head_dim)
+        if self.qkv is not None:
+            q, k, v = self.qkv(x, lora_gate).split([self.n_heads * self.head_dim] + [self.n_kv * self.head_dim] * 2, -1)
+        else:
+            q, k, v = self.q_proj(x, lora_gate), self.k_proj(x, lora_gate), self.v_proj(x, lora_gate)
+        q = q.reshape(*lead, self.n_heads, self.head_dim)
+        k = k.reshape(*lead, self.n_kv, self.head_dim)
+        v = v.reshape(*lead, self.n_kv, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -136,9 +141,14 @@ class MLP(nn.Module):
         self.gate_proj = Proj(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = Proj(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = Proj(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up: Proj | None = None  # gate and up in one projection (inference; models/fuse.py)
 
     def forward(self, x, lora_gate):
-        return self.down_proj(F.silu(self.gate_proj(x, lora_gate)) * self.up_proj(x, lora_gate), lora_gate)
+        if self.gate_up is not None:
+            gate, up = self.gate_up(x, lora_gate).chunk(2, -1)
+        else:
+            gate, up = self.gate_proj(x, lora_gate), self.up_proj(x, lora_gate)
+        return self.down_proj(F.silu(gate) * up, lora_gate)
 
 
 class DecoderLayer(nn.Module):

@@ -1,4 +1,5 @@
-"""`idlm serve`: load the model, start the engine thread, serve the API with uvicorn until SIGINT / SIGTERM.
+"""`idlm serve`: load the model, serve the API with uvicorn (a background thread) and run the engine loop in the
+main thread until SIGINT / SIGTERM.
 
 On SIGTERM the server stops accepting connections and new requests (503), lets in-flight requests run for
 `--drain-timeout` seconds, ends the rest with finish_reason "abort" (streams get their last chunk and
@@ -10,6 +11,7 @@ import argparse
 import logging
 import signal
 import sys
+import threading
 
 log = logging.getLogger("idlm.serve")
 
@@ -55,13 +57,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            args.api_key, args.max_queue, args.drain_timeout)
     engine = AsyncLLM(llm.engine)
     app = create_app(llm, engine, options)  # builds the default decoding (auto: measures step costs once)
-    engine.start()
-    logging.getLogger("idlm").setLevel(logging.INFO)
-    if not logging.getLogger("idlm").handlers:
+    logger = logging.getLogger("idlm")
+    logger.setLevel(logging.INFO)
+    if not logger.handlers:
         h = logging.StreamHandler(sys.stderr)
         h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger("idlm").addHandler(h)
-        logging.getLogger("idlm").propagate = False
+        logger.addHandler(h)
+        logger.propagate = False
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None) -> None:
@@ -71,18 +73,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 log.info("ready at http://%s:%d (model %s as %r, decoding %s, %s)", host, port, llm.name,
                          options.served_model_name, options.decoding, str(llm.dtype).replace("torch.", ""))
 
-        def handle_exit(self, sig, frame) -> None:  # SIGINT / SIGTERM: drain, then let uvicorn close
-            if not engine.draining:
-                log.info("draining: new requests get 503; in-flight ones may run %.0f s", args.drain_timeout)
-                engine.drain(args.drain_timeout)
-            super().handle_exit(sig, frame)
-
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=int(args.drain_timeout) + 5, access_log=False)
-    # uvicorn re-raises the signal it caught once it has shut down; the drain has handled SIGTERM: exit 0
-    signal.signal(signal.SIGTERM, lambda *_: None)
-    try:
-        Server(config).run()
-    finally:
-        engine.shutdown()
+    server = Server(config)
+
+    def on_signal(sig, frame) -> None:  # SIGINT / SIGTERM: drain, then uvicorn closes; a second one forces it
+        if engine.draining:
+            server.force_exit = True
+        else:
+            log.info("draining: new requests get 503; in-flight ones may run %.0f s", args.drain_timeout)
+            engine.drain(args.drain_timeout)
+        server.should_exit = True
+
+    def http() -> None:
+        try:
+            server.run()
+        finally:
+            engine.shutdown()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    web = threading.Thread(target=http, name="idlm-http", daemon=True)
+    web.start()
+    engine.run()  # the engine loop in the main thread (see engine/async_llm.py: why), until uvicorn has stopped
+    web.join()
+    if not server.started:
+        raise ValueError(f"could not serve on {args.host}:{args.port} (see the message above)")
     return 0
