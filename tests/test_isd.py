@@ -12,9 +12,9 @@ from scipy.stats import chisquare
 from idlm import LLM, SamplingParams
 from idlm.decoding.decoder import DecodeItem, Decoder
 from idlm.decoding.policy import Decoding
-from idlm.models.lora import AdapterConfig, add_lora, save_adapter
 
 from conftest import CHAT_PROMPTS, requires_embedded
+from test_lora import random_gated_adapter as save_random_gated_adapter
 from oracles import assert_same_tokens, assert_sampling_is_exact
 
 AR = Decoding()
@@ -290,17 +290,9 @@ def test_risd_logprobs_and_commit_kinds_match_ar(embedded_llm):
 
 @pytest.fixture(scope="module")
 def random_gated_adapter(tmp_path_factory, embedded_llm):
-    """A gated adapter with random nonzero A and B (drafts are garbage, outputs must not change)."""
-    from idlm.loading import load_checkpoint
-
-    model = load_checkpoint("smollm2-135m", torch.float32, "cpu").model
-    cfg = AdapterConfig(r=8, lora_alpha=16, gated=True, draft_len=3, trained_stride=4)
-    torch.manual_seed(0)
-    for mod in add_lora(model, cfg):
-        torch.nn.init.normal_(mod.lora_B, std=0.05)
-    path = tmp_path_factory.mktemp("adapter") / "random-gated"
-    save_adapter(model, cfg, path)
-    return path
+    """A gated adapter with random nonzero A and B on the embedded model (drafts are garbage, outputs must not
+    change)."""
+    return save_random_gated_adapter("smollm2-135m", tmp_path_factory.mktemp("adapter") / "random-gated", r=8)
 
 
 @requires_embedded

@@ -31,6 +31,20 @@ def _with_random_adapter(model, gated: bool) -> AdapterConfig:
     return cfg
 
 
+def random_gated_adapter(model: str, path, r: int = 4):
+    """Save a gated adapter with random nonzero A and B for `model` (a name or dir) at `path`: its drafts are
+    garbage, so R-ISD must reject most of them and still give AR's output."""
+    from idlm.loading import load_checkpoint
+
+    base = load_checkpoint(str(model), torch.float32, "cpu").model
+    cfg = AdapterConfig(r=r, lora_alpha=2 * r, gated=True, draft_len=3, trained_stride=4)
+    torch.manual_seed(0)
+    for mod in add_lora(base, cfg):
+        torch.nn.init.normal_(mod.lora_B, std=0.05)
+    save_adapter(base, cfg, path)
+    return path
+
+
 def test_peft_reads_our_adapter_and_agrees(tmp_path):
     peft = pytest.importorskip("peft")
     ref, ours = _tiny_pair()

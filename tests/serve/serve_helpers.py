@@ -7,12 +7,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 
 from idlm.bench.serve import ServerProcess
-from idlm.loading import load_checkpoint
-from idlm.models.lora import AdapterConfig, add_lora, save_adapter
 from test_loading import save_tiny, tiny_tokenizer  # noqa: F401 (fixture)
+from test_lora import random_gated_adapter
 
 
 class Server(ServerProcess):
@@ -40,17 +38,6 @@ class Server(ServerProcess):
     def rss_mb(self) -> float:
         status = Path(f"/proc/{self.proc.pid}/status").read_text()
         return int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024
-
-
-def random_gated_adapter(model_dir: Path, path: Path, r: int = 4) -> Path:
-    """A gated adapter with random nonzero A and B for the model in model_dir (drafts garbage, output unchanged)."""
-    model = load_checkpoint(str(model_dir), torch.float32, "cpu").model
-    cfg = AdapterConfig(r=r, lora_alpha=2 * r, gated=True, draft_len=3, trained_stride=4)
-    torch.manual_seed(0)
-    for mod in add_lora(model, cfg):
-        torch.nn.init.normal_(mod.lora_B, std=0.05)
-    save_adapter(model, cfg, path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 from idlm.bench.decode import machine_info
