@@ -10,6 +10,7 @@ from idlm.engine.llm_engine import PromptTooLongError
 
 from conftest import CHAT_PROMPTS, requires_embedded
 from oracles import assert_same_tokens
+from test_loading import save_tiny, tiny_tokenizer  # noqa: F401 (fixture)
 
 AR = Decoding()
 
@@ -48,6 +49,24 @@ def test_logprobs_are_the_raw_log_softmax_of_transformers_logits(embedded_llm, h
         assert [t for t, _ in lp.top] == top.indices.tolist()
         assert [v for _, v in lp.top] == pytest.approx(top.values.tolist(), abs=1e-3)
     assert embedded_llm.chat(conv, SamplingParams(max_tokens=4))[0].logprobs is None
+
+
+def test_as_completed_yields_every_request_once_and_closing_aborts_the_rest(tmp_path, tiny_tokenizer):  # noqa: F811
+    from idlm import LLM
+
+    save_tiny(tmp_path / "model", tiny_tokenizer)
+    llm = LLM(str(tmp_path / "model"), kv_cache_tokens=2048, max_num_seqs=2)
+    prompts = ["The quick brown fox", "What is 2 + 2?", "Write a haiku", "The sea"]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (12, 3, 8, 5)]
+    alone = llm.generate(prompts, params)
+    got = list(llm.as_completed(prompts, params))
+    assert sorted(i for i, _ in got) == [0, 1, 2, 3] and [i for i, _ in got][0] == 1  # the shortest first
+    assert all(out.token_ids == alone[i].token_ids for i, out in got)
+    it = llm.as_completed(prompts, params)
+    next(it)
+    it.close()  # the requests still running or waiting are aborted, their blocks freed
+    assert not llm.engine.has_unfinished()
+    assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
 
 
 @requires_embedded

@@ -7,7 +7,7 @@ import torch
 from idlm.config import ModelConfig
 from idlm.engine.block_manager import BlockManager
 from idlm.engine.kv_cache import KVCache
-from idlm.models.attention import DenseAttention, PagedAttention
+from idlm.models.attention import SHORT_QUERY, DenseAttention, PagedAttention
 from idlm.models.llama import build_model
 
 from conftest import CHAT_PROMPTS, requires_embedded, tiny_model
@@ -103,13 +103,15 @@ def test_paged_incremental_equals_full_forward(family):
     assert _rel_err(paged, full) <= 1e-5
 
 
-def test_batched_paged_rows_equal_single():
-    """Several sequences with different query counts in one forward == each alone."""
+@pytest.mark.parametrize("lens", [(5, 11, 2), (5, 70, 2, 41, 1)])  # the second mixes prefill chunks (> SHORT_QUERY)
+def test_batched_paged_rows_equal_single(lens):
+    """Several sequences with different query counts in one forward == each alone (short ones attend as one padded
+    batch, each long one apart)."""
     model = tiny_model(vocab_size=500)
     kv = KVCache(model.config, num_blocks=64, block_size=4, dtype=torch.float32, device="cpu")
     blocks = BlockManager(64, 4)
     torch.manual_seed(2)
-    seqs = [torch.randint(0, 500, (n,)).tolist() for n in (5, 11, 2)]
+    seqs = [torch.randint(0, 500, (n,)).tolist() for n in lens]
     singles = []
     for s in seqs:
         t: list[int] = []
@@ -118,8 +120,8 @@ def test_batched_paged_rows_equal_single():
     tables: list[list[int]] = [[] for _ in seqs]
     for t, s in zip(tables, seqs):
         assert blocks.grow(t, len(s))
-    meta = PagedAttention.build(kv.k, kv.v, kv.block_size, tables, [0, 0, 0],
-                                [len(s) for s in seqs], "cpu")
+    meta = PagedAttention.build(kv.k, kv.v, kv.block_size, tables, [0] * len(seqs), [len(s) for s in seqs], "cpu")
+    assert len(meta.groups) == 1 + sum(n > SHORT_QUERY for n in lens)
     with torch.no_grad():
         flat = sum(seqs, [])
         pos = torch.cat([torch.arange(len(s)) for s in seqs])

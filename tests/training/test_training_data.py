@@ -11,6 +11,7 @@ from idlm.training import distill
 from idlm.training.commands import register
 from idlm.training.config import ConfigError, load_config
 from idlm.training.data import DataError, SampleOrder, load_examples, step_indices
+from test_loading import save_tiny, tiny_tokenizer  # noqa: F401 (fixture)
 from training_helpers import V, word_tokenizer
 
 def ids(text):
@@ -110,3 +111,25 @@ def test_self_prompt_cleaning():
     assert distill.clean_self_prompt("Question: What is the best way to learn chess openings?") == \
         "What is the best way to learn chess openings?"
     assert distill.clean_self_prompt("ok") is None
+
+
+def test_distill_writes_each_response_as_it_finishes_and_resumes(tmp_path, tiny_tokenizer):  # noqa: F811
+    """Continuous batching over every prompt: each record's response is the base model's greedy answer to its
+    chat prompt (as `LLM.generate` gives it alone); a second run skips what is written."""
+    save_tiny(tmp_path / "model", tiny_tokenizer)
+    gen = distill.Generator(str(tmp_path / "model"), "cpu", None, batch_size=2, max_len=96)
+    prompts = [{"prompt": p, "source": "t"} for p in ["The quick brown fox", "What is 2 + 2?", "Write a haiku",
+                                                      "The sea", "brown fox"]]
+    out = tmp_path / "d.jsonl"
+    stats = distill.distill(gen, prompts, out, max_tokens=12, progress=False)
+    assert stats["written"] == 5 and stats["already_done"] == 0
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["messages"][0]["content"] for r in recs) == sorted(p["prompt"] for p in prompts)
+    for r in recs:
+        alone = gen.run([r["prompt_ids"]], 0.0, 12, seed=0)[0]
+        assert r["response_ids"] == alone.token_ids and r["messages"][1]["content"] == alone.text
+    again = distill.distill(gen, prompts + [{"prompt": "One more", "source": "t"}], out, max_tokens=12,
+                            progress=False)
+    assert again["already_done"] == 5 and again["written"] == 1
+    blocks = gen.llm.engine.blocks
+    assert blocks.num_free_blocks == blocks.num_blocks

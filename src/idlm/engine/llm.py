@@ -243,8 +243,9 @@ class LLM:
         return [made.setdefault((d, k), d if isinstance(d, Decoding) else self.make_decoding(d, k, **options))
                 for d, k in zip(ds, ns)]
 
-    def _run(self, prompts: list[tuple[str | None, list[int]]], params: Any, decodings: list[Decoding],
-             progress: Any = None) -> list[RequestOutput]:
+    def _as_completed(self, prompts: list[tuple[str | None, list[int]]], params: Any,
+                      decodings: list[Decoding]) -> Iterator[tuple[int, RequestOutput]]:
+        """Submit every prompt, then yield (index, output) as each finishes; closing early aborts the rest."""
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} sampling params for {len(prompts)} prompts")
@@ -252,15 +253,36 @@ class LLM:
         try:
             for (_, ids), p, d in zip(prompts, plist, decodings):
                 seqs.append(self.engine.add_request(ids, p, d))
-            while any(not s.finished for s in seqs):
-                done = self.engine.step()
-                if progress is not None and done:
-                    progress(len(done))
+            index = {s.seq_id: i for i, s in enumerate(seqs)}
+            left = len(seqs)
+            while left:
+                for s in self.engine.step():
+                    if s.seq_id in index:
+                        left -= 1
+                        i = index[s.seq_id]
+                        yield i, _output(prompts[i][0], s)
         finally:
             for s in seqs:
                 if not s.finished:
                     self.engine.abort(s)
-        return [_output(text_in, s) for (text_in, _), s in zip(prompts, seqs)]
+
+    def _run(self, prompts: list[tuple[str | None, list[int]]], params: Any, decodings: list[Decoding],
+             progress: Any = None) -> list[RequestOutput]:
+        outputs: list[RequestOutput | None] = [None] * len(prompts)
+        for i, out in self._as_completed(prompts, params, decodings):
+            outputs[i] = out
+            if progress is not None:
+                progress(1)
+        return outputs  # type: ignore[return-value]
+
+    def as_completed(self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None
+                     = None, *, decoding: Any = None, stride: Any = None,
+                     **options: Any) -> Iterator[tuple[int, RequestOutput]]:
+        """Like `generate` (raw text or token ids), but yields (index, output) as each request finishes, so a
+        long batch can be consumed, written and resumed incrementally; the engine keeps `max_num_seqs` running
+        throughout (continuous batching). Closing the iterator early aborts the requests still running."""
+        items = [(p, self.encode(p)) if isinstance(p, str) else (None, list(p)) for p in prompts]
+        return self._as_completed(items, params, self._decodings(len(items), decoding, stride, options))
 
     def stream(self, prompt_ids: list[int], params: SamplingParams | None = None, *, decoding: Any = None,
                stride: int | None = None, **options: Any) -> Iterator[tuple[str, RequestOutput | None]]:

@@ -79,42 +79,63 @@ class PrefixAttention:
         return _sdpa(q.transpose(1, 2), keys, vals, self.mask).transpose(1, 2)
 
 
+# Sequences whose step feeds at most this many rows (AR, ISD blocks) attend together, padded to the longest of
+# them; each longer one (a prefill chunk) attends alone, so a prefill never pads every decode row to its length.
+SHORT_QUERY = 32
+
+
+@dataclass
+class _Group:
+    """Sequences of a step that attend in one padded batch.
+
+    rows: [R] their rows in the step's flattened [T] (None: the whole step, in order).
+    block_tables: [B, nb] block ids of each sequence (padded with a valid id; masked out).
+    q_index: [B, Qmax] index of each sequence's rows in the group's rows + a zero row (R), or None when B == 1.
+    out_index: [R] positions of the real rows in the flattened [B * Qmax] output, or None when B == 1.
+    mask: [B, 1, Qmax, nb * block_size] bool: which cached and new keys each row sees.
+    """
+
+    rows: torch.Tensor | None
+    block_tables: torch.Tensor
+    q_index: torch.Tensor | None
+    out_index: torch.Tensor | None
+    mask: torch.Tensor
+
+    def attend(self, kp: torch.Tensor, vp: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        nblocks, bs, hkv, d = kp.shape
+        b, nb = self.block_tables.shape
+        keys = kp[self.block_tables].view(b, nb * bs, hkv, d).transpose(1, 2)
+        vals = vp[self.block_tables].view(b, nb * bs, hkv, d).transpose(1, 2)
+        qb = q.unsqueeze(0) if self.q_index is None else torch.cat([q, q.new_zeros(1, *q.shape[1:])])[self.q_index]
+        out = _sdpa(qb.transpose(1, 2), keys, vals, self.mask).transpose(1, 2)  # [B, Qmax, H, D]
+        return out[0] if self.out_index is None else out.reshape(-1, *out.shape[2:])[self.out_index]
+
+
 @dataclass
 class PagedAttention:
     """One batched step over the paged KV pool (see engine.kv_cache.KVCache).
 
     k_pool/v_pool: per layer [num_blocks, block_size, Hkv, D].
     slot_mapping: [T] flat slot (block * block_size + offset) where each new row's k/v is written.
-    block_tables: [B, nb] block ids of each sequence (padded with any valid id; masked out).
-    q_index: [B, Qmax] index of each sequence's rows in [0, T] (T = padding row), or None when B == 1.
-    out_index: [T] positions of the real rows in the flattened [B * Qmax] output, or None when B == 1.
-    mask: [B, 1, Qmax, nb * block_size] bool: which cached and new keys each row sees.
+    groups: the step's sequences by query length (see SHORT_QUERY), each attended as one padded batch.
     """
 
     k_pool: list[torch.Tensor]
     v_pool: list[torch.Tensor]
     slot_mapping: torch.Tensor
-    block_tables: torch.Tensor
-    q_index: torch.Tensor | None
-    out_index: torch.Tensor | None
-    mask: torch.Tensor
+    groups: list[_Group]
 
     def attend(self, layer_idx: int, q, k, v):
         kp, vp = self.k_pool[layer_idx], self.v_pool[layer_idx]
-        nblocks, bs, hkv, d = kp.shape
+        hkv, d = kp.shape[2:]
         kp.view(-1, hkv, d).index_copy_(0, self.slot_mapping, k.to(kp.dtype))
         vp.view(-1, hkv, d).index_copy_(0, self.slot_mapping, v.to(vp.dtype))
-        b, nb = self.block_tables.shape
-        keys = kp[self.block_tables].view(b, nb * bs, hkv, d).transpose(1, 2)
-        vals = vp[self.block_tables].view(b, nb * bs, hkv, d).transpose(1, 2)
-        if self.q_index is None:
-            qb = q.unsqueeze(0)
-        else:
-            qb = torch.cat([q, q.new_zeros(1, *q.shape[1:])])[self.q_index]
-        out = _sdpa(qb.transpose(1, 2), keys, vals, self.mask).transpose(1, 2)  # [B, Qmax, H, D]
-        if self.out_index is None:
-            return out[0]
-        return out.reshape(-1, *out.shape[2:])[self.out_index]
+        if len(self.groups) == 1:
+            return self.groups[0].attend(kp, vp, q)
+        out = q.new_empty(q.shape)
+        for g in self.groups:
+            out.index_copy_(0, g.rows, g.attend(kp, vp, q.index_select(0, g.rows)).to(out.dtype))
+        return out
 
     @classmethod
     def build(
@@ -135,37 +156,52 @@ class PagedAttention:
         for sequence i (a tree of branches), its row r sees the prefix, rows [0, lead[r]) and rows
         [run_start[r], r] (causal: lead = run_start = r).
         """
-        b = len(query_lens)
-        qmax = max(query_lens)
-        nb = max(len(t) for t in block_tables)
-        tables = torch.tensor([t + [t[0]] * (nb - len(t)) for t in block_tables], dtype=torch.long)
-        slots, q_index, out_index = [], [], []
-        total = sum(query_lens)
-        row = 0
-        # padding rows see key 0 only (no NaN)
-        upto = torch.zeros((b, qmax), dtype=torch.long)  # keys < upto: prefix and the rows before `lead`
-        run_lo = torch.zeros((b, qmax), dtype=torch.long)  # keys in [run_lo, self]: the row's own run
-        own = torch.zeros((b, qmax), dtype=torch.long)
-        for i, (table, start, n) in enumerate(zip(block_tables, start_positions, query_lens)):
+        first = [0]
+        slots = []
+        for table, start, n in zip(block_tables, start_positions, query_lens):
             kv = torch.arange(start, start + n)
             tt = torch.tensor(table, dtype=torch.long)
             slots.append(tt[kv // block_size] * block_size + kv % block_size)
-            q_index.append(list(range(row, row + n)) + [total] * (qmax - n))
-            out_index.extend(range(i * qmax, i * qmax + n))
-            tree = lead is not None and lead[i] is not None
-            upto[i, :n] = start + torch.tensor(lead[i]) if tree else kv
-            run_lo[i, :n] = start + torch.tensor(run_start[i]) if tree else kv
-            own[i, :n] = kv
-            row += n
-        keys = torch.arange(nb * block_size)[None, None, :]
-        mask = (keys < upto[..., None]) | ((keys >= run_lo[..., None]) & (keys <= own[..., None]))
-        single = b == 1
-        return cls(
-            k_pool=k_pool,
-            v_pool=v_pool,
-            slot_mapping=torch.cat(slots).to(device),
-            block_tables=tables.to(device),
-            q_index=None if single else torch.tensor(q_index, dtype=torch.long, device=device),
-            out_index=None if single else torch.tensor(out_index, dtype=torch.long, device=device),
-            mask=mask.unsqueeze(1).to(device),
-        )
+            first.append(first[-1] + n)
+        short = [i for i, n in enumerate(query_lens) if n <= SHORT_QUERY]
+        members = ([short] if short else []) + [[i] for i, n in enumerate(query_lens) if n > SHORT_QUERY]
+        whole = len(members) == 1
+
+        def group(seqs: list[int]) -> _Group:
+            b = len(seqs)
+            lens = [query_lens[i] for i in seqs]
+            qmax = max(lens)
+            nb = max(len(block_tables[i]) for i in seqs)
+            tables = torch.tensor([block_tables[i] + [block_tables[i][0]] * (nb - len(block_tables[i])) for i in seqs],
+                                  dtype=torch.long)
+            total = sum(lens)
+            q_index, out_index, rows = [], [], []
+            # padding rows see key 0 only (no NaN)
+            upto = torch.zeros((b, qmax), dtype=torch.long)  # keys < upto: prefix and the rows before `lead`
+            run_lo = torch.zeros((b, qmax), dtype=torch.long)  # keys in [run_lo, self]: the row's own run
+            own = torch.zeros((b, qmax), dtype=torch.long)
+            row = 0
+            for j, i in enumerate(seqs):
+                start, n = start_positions[i], query_lens[i]
+                kv = torch.arange(start, start + n)
+                rows.extend(range(first[i], first[i] + n))
+                q_index.append(list(range(row, row + n)) + [total] * (qmax - n))
+                out_index.extend(range(j * qmax, j * qmax + n))
+                tree = lead is not None and lead[i] is not None
+                upto[j, :n] = start + torch.tensor(lead[i]) if tree else kv
+                run_lo[j, :n] = start + torch.tensor(run_start[i]) if tree else kv
+                own[j, :n] = kv
+                row += n
+            keys = torch.arange(nb * block_size)[None, None, :]
+            mask = (keys < upto[..., None]) | ((keys >= run_lo[..., None]) & (keys <= own[..., None]))
+            single = b == 1
+            return _Group(
+                rows=None if whole else torch.tensor(rows, dtype=torch.long, device=device),
+                block_tables=tables.to(device),
+                q_index=None if single else torch.tensor(q_index, dtype=torch.long, device=device),
+                out_index=None if single else torch.tensor(out_index, dtype=torch.long, device=device),
+                mask=mask.unsqueeze(1).to(device),
+            )
+
+        return cls(k_pool=k_pool, v_pool=v_pool, slot_mapping=torch.cat(slots).to(device),
+                   groups=[group(m) for m in members])

@@ -349,13 +349,22 @@ class Generator:
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         return _ids(self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))
 
-    def run(self, prompt_ids: list[list[int]], temperature: float, max_tokens: int, seed: int,
-            top_p: float = 1.0) -> list[Any]:
+    def _params(self, n: int, temperature: float, max_tokens: int, seed: int, top_p: float) -> list[Any]:
         from idlm.decoding.sampling import SamplingParams
 
-        params = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                                 seed=None if temperature == 0 else seed + i) for i in range(len(prompt_ids))]
-        return self.llm.generate(prompt_ids, params, decoding="ar")
+        return [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                               seed=None if temperature == 0 else seed + i) for i in range(n)]
+
+    def run(self, prompt_ids: list[list[int]], temperature: float, max_tokens: int, seed: int,
+            top_p: float = 1.0) -> list[Any]:
+        return self.llm.generate(prompt_ids, self._params(len(prompt_ids), temperature, max_tokens, seed, top_p),
+                                 decoding="ar")
+
+    def as_completed(self, prompt_ids: list[list[int]], temperature: float, max_tokens: int, seed: int,
+                     top_p: float = 1.0) -> Iterator[tuple[int, Any]]:
+        """(index, output) as each finishes, `batch_size` requests in flight the whole time."""
+        return self.llm.as_completed(prompt_ids, self._params(len(prompt_ids), temperature, max_tokens, seed, top_p),
+                                     decoding="ar")
 
     def texts(self, prompts: list[str], temperature: float, max_tokens: int) -> list[str]:
         out = []
@@ -389,34 +398,34 @@ def distill(
     todo = [p for p in prompts if prompt_key(p["prompt"]) not in done]
     stats = {"prompts": len(prompts), "already_done": len(prompts) - len(todo), "written": 0, "skipped_long": 0,
              "finished_eos": 0, "response_tokens": 0}
+    items = []
+    for p in todo:
+        ids = gen.chat_ids(p["prompt"])
+        if len(ids) > max_prompt_tokens:
+            stats["skipped_long"] += 1
+            continue
+        items.append((p, ids))
     t0 = time.perf_counter()
-    bar = tqdm(total=len(todo), file=sys.stderr, disable=not progress, desc="distill", unit="prompt")
+    bar = tqdm(total=len(items), file=sys.stderr, disable=not progress, desc="distill", unit="prompt")
+    # every prompt submitted at once: the engine keeps batch_size running (continuous batching) and each
+    # response is written as it finishes, so an interrupted run loses only the requests in flight
     with out.open("a", encoding="utf-8") as f:
-        for i in range(0, len(todo), gen.batch_size):
-            chunk = todo[i : i + gen.batch_size]
-            items = []
-            for p in chunk:
-                ids = gen.chat_ids(p["prompt"])
-                if len(ids) > max_prompt_tokens:
-                    stats["skipped_long"] += 1
-                    continue
-                items.append((p, ids))
-            seqs = gen.run([ids for _, ids in items], temperature, max_tokens, seed=seed + i) if items else []
-            for (p, ids), s in zip(items, seqs):
-                rec = {
-                    "key": prompt_key(p["prompt"]),
-                    "source": p.get("source"),
-                    "messages": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": s.text}],
-                    "prompt_ids": ids,
-                    "response_ids": list(s.token_ids),
-                    "finish_reason": s.finish_reason,
-                }
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                stats["written"] += 1
-                stats["response_tokens"] += len(s.token_ids)
-                stats["finished_eos"] += int(s.finish_reason == "stop")
+        for i, s in gen.as_completed([ids for _, ids in items], temperature, max_tokens, seed):
+            p, ids = items[i]
+            rec = {
+                "key": prompt_key(p["prompt"]),
+                "source": p.get("source"),
+                "messages": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": s.text}],
+                "prompt_ids": ids,
+                "response_ids": list(s.token_ids),
+                "finish_reason": s.finish_reason,
+            }
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             f.flush()
-            bar.update(len(chunk))
+            stats["written"] += 1
+            stats["response_tokens"] += len(s.token_ids)
+            stats["finished_eos"] += int(s.finish_reason == "stop")
+            bar.update(1)
             bar.set_postfix(tok_s=f"{stats['response_tokens'] / max(1e-9, time.perf_counter() - t0):.0f}")
     bar.close()
     stats["seconds"] = round(time.perf_counter() - t0, 1)
