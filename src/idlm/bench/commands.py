@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--no-transformers", dest="transformers", action="store_false",
                    help="skip the transformers generate baseline")
     d.add_argument("--out", default="benchmarks/results", help="directory for the JSON and markdown")
-    d.set_defaults(func=_decode)
+    d.set_defaults(func=_lazy("idlm.bench.decode", "run_decode_bench"))
     f = bsub.add_parser("forward", help="cost of one forward by query rows per sequence and batch size")
     f.add_argument("--model", default="smollm2-135m")
     f.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
@@ -37,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--context", type=int, default=200, help="cached tokens per sequence")
     f.add_argument("--repeats", type=int, default=7)
     f.add_argument("--out", default="benchmarks/results")
-    f.set_defaults(func=_forward)
+    f.set_defaults(func=_lazy("idlm.bench.forward", "run_forward_bench"))
     t = bsub.add_parser("throughput", help="offline throughput by concurrency (continuous batching, prefix cache)")
     t.add_argument("--model", default="smollm2-135m")
     t.add_argument("--concurrency", default="1,4,16,64", help="comma list: max_num_seqs per run")
@@ -49,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--baseline-src", default=None,
                    help="the src dir of another idlm version (e.g. a git worktree) to run beside this one")
     t.add_argument("--out", default="benchmarks/results")
-    t.set_defaults(func=_throughput)
+    t.set_defaults(func=_lazy("idlm.bench.throughput", "run_throughput_bench"))
     s = bsub.add_parser("serve", help="idlm serve over HTTP: total tok/s, TTFT and inter-token latency by "
                                       "concurrency, AR vs the default decoding on one server")
     s.add_argument("--model", default="smollm2-135m")
@@ -61,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--kv-cache-tokens", type=int, default=32768)
     s.add_argument("--repeats", type=int, default=1, help="interleaved repeats (the median run is reported)")
     s.add_argument("--out", default="benchmarks/results")
-    s.set_defaults(func=_serve)
+    s.set_defaults(func=_lazy("idlm.bench.serve", "run_serve_bench"))
     pr = bsub.add_parser("profile", help="AR and R-ISD step times and torch.profiler tables, fused projections "
                                          "vs separate")
     pr.add_argument("--model", default="smollm2-135m")
@@ -72,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--steps", type=int, default=24, help="engine steps under the profiler per decoding")
     pr.add_argument("--rows", type=int, default=12, help="ops per profiler table")
     pr.add_argument("--out", default="benchmarks/results")
-    pr.set_defaults(func=_profile)
+    pr.set_defaults(func=_lazy("idlm.bench.profile", "run_profile_bench"))
 
 
 def register_explore(sub: argparse._SubParsersAction) -> None:
@@ -97,46 +98,14 @@ def register_explore(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     e.add_argument("--device", choices=["cpu", "cuda"], default=None)
     e.add_argument("--out", default="benchmarks/results")
-    e.set_defaults(func=_explore)
+    e.set_defaults(func=_lazy("idlm.bench.explore", "run_explore"))
 
 
-def _explore(args: argparse.Namespace) -> int:
-    from idlm.bench.explore import run_explore
+def _lazy(module: str, name: str):
+    """A command running `module.name(args)`, imported only when run (keeps `idlm --help` light)."""
 
-    run_explore(args)
-    return 0
+    def run(args: argparse.Namespace) -> int:
+        getattr(importlib.import_module(module), name)(args)
+        return 0
 
-
-def _decode(args: argparse.Namespace) -> int:
-    from idlm.bench.decode import run_decode_bench
-
-    run_decode_bench(args)
-    return 0
-
-
-def _forward(args: argparse.Namespace) -> int:
-    from idlm.bench.forward import run_forward_bench
-
-    run_forward_bench(args)
-    return 0
-
-
-def _throughput(args: argparse.Namespace) -> int:
-    from idlm.bench.throughput import run_throughput_bench
-
-    run_throughput_bench(args)
-    return 0
-
-
-def _serve(args: argparse.Namespace) -> int:
-    from idlm.bench.serve import run_serve_bench
-
-    run_serve_bench(args)
-    return 0
-
-
-def _profile(args: argparse.Namespace) -> int:
-    from idlm.bench.profile import run_profile_bench
-
-    run_profile_bench(args)
-    return 0
+    return run

@@ -49,7 +49,6 @@ class Delta:
     finish_reason: str | None = None  # stop | length | abort | error
     stats: RequestStats | None = None
     error: str | None = None
-    num_prompt_tokens: int = 0
     forwards: int = 0  # the request's progress so far: forwards, drafts tested and accepted
     drafts_tested: int = 0
     drafts_accepted: int = 0
@@ -202,7 +201,7 @@ class AsyncLLM:
             self._send({req: Delta(finish_reason="error", error=f"{type(e).__name__}: {e}")})
             return
         self._live[req.request_id] = req
-        self._send({req: Delta(num_prompt_tokens=len(req.prompt_ids))})
+        self._send({req: Delta()})
 
     def _publish(self) -> None:
         out: dict[_Request, Delta] = {}
@@ -233,8 +232,7 @@ class AsyncLLM:
         return Delta(seq.output_ids[lo:n], seq.read_text_delta(), seq.kinds[lo:n],
                      seq.logprobs[lo:n] if seq.params.logprobs is not None else None,
                      seq.finish_reason if seq.finished else None, st if seq.finished else None,
-                     num_prompt_tokens=seq.num_prompt_tokens, forwards=st.forwards, drafts_tested=st.drafts_tested,
-                     drafts_accepted=sum(st.accepted_by_position))
+                     forwards=st.forwards, drafts_tested=st.drafts_tested, drafts_accepted=sum(st.accepted_by_position))
 
     def _abort_all(self, reason: str, error: str | None = None) -> None:
         out = {}

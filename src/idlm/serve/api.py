@@ -57,7 +57,6 @@ class Choice:
     finish_reason: str | None = None
     stats: RequestStats | None = None
     error: str | None = None
-    prompt_tokens: int = 0
 
 
 class Api:
@@ -166,14 +165,13 @@ def _merge(choices: list[Choice]) -> dict[str, Any]:
     return {**total.to_dict(), "choices": [s.to_dict() for s in stats]}
 
 
-async def _pump(streams: list[AsyncIterator[Delta]], first_index: int,
-                out: asyncio.Queue) -> None:
+async def _pump(streams: list[AsyncIterator[Delta]], out: asyncio.Queue) -> None:
     """Forward every choice's deltas into one queue as (choice index, delta); None when all are done."""
 
     async def one(i: int, s: AsyncIterator[Delta]) -> None:
         try:
             async for d in s:
-                await out.put((first_index + i, d))
+                await out.put((i, d))
         finally:
             await s.aclose()  # type: ignore[attr-defined]
 
@@ -322,7 +320,7 @@ def create_app(llm: LLM, engine: AsyncLLM, options: ServeOptions) -> FastAPI:
             return EventStream(stream_events(api, shape, streams, prompts, arrived, include_usage))
         queue: asyncio.Queue = asyncio.Queue()
         choices = [Choice(i) for i in range(len(streams))]
-        pump = asyncio.ensure_future(_pump(streams, 0, queue))
+        pump = asyncio.ensure_future(_pump(streams, queue))
         listener = asyncio.ensure_future(_until_disconnect(request.receive))
         try:
             while True:
@@ -360,7 +358,6 @@ def accumulate(choice: Choice, d: Delta, api: Api, arrived: float) -> None:
     choice.text += d.text
     choice.kinds += d.kinds
     choice.logprobs += d.logprobs or []
-    choice.prompt_tokens = d.num_prompt_tokens or choice.prompt_tokens
     if first:
         api.metrics.ttft.observe(time.monotonic() - arrived)
     if d.finish_reason is not None:
@@ -377,9 +374,6 @@ class Shape:
     rid: str
     model: str
     created: int
-
-    def finish(self, reason: str | None) -> str | None:
-        return {"abort": "abort", "error": "error"}.get(reason or "", reason)
 
     def logprobs(self, lps: list[TokenLogprob], ids: list[int], offset: int) -> dict[str, Any] | None:
         text = self.api.token_text
@@ -406,7 +400,7 @@ class Shape:
         out = []
         for c in choices:
             lp = self.logprobs(c.logprobs, c.token_ids, 0) if c.stats is not None and c.logprobs else None
-            body: dict[str, Any] = {"index": c.index, "logprobs": lp, "finish_reason": self.finish(c.finish_reason)}
+            body: dict[str, Any] = {"index": c.index, "logprobs": lp, "finish_reason": c.finish_reason}
             if self.kind == "chat":
                 body["message"] = {"role": "assistant", "content": c.text}
             else:
@@ -427,7 +421,7 @@ class Shape:
             choice["text"] = text or ""
         choice["logprobs"] = (self.logprobs(d.logprobs, d.token_ids, offset)
                               if d is not None and d.logprobs else None)
-        choice["finish_reason"] = self.finish(d.finish_reason) if d is not None else None
+        choice["finish_reason"] = d.finish_reason if d is not None else None
         body = {"id": self.rid, "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
                 "created": self.created, "model": self.model, "choices": [choice]}
         if d is not None:
@@ -445,7 +439,7 @@ async def stream_events(api: Api, shape: Shape, streams: list[AsyncIterator[Delt
     choices = [Choice(i) for i in range(len(streams))]
     offsets = [0] * len(streams)
     last = [arrived] * len(streams)
-    pump = asyncio.ensure_future(_pump(streams, 0, queue))
+    pump = asyncio.ensure_future(_pump(streams, queue))
     try:
         if shape.kind == "chat":
             for c in choices:
