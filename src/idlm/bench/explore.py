@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from idlm.bench.decode import heldout_prompts, machine_info, run_ours
+from idlm.bench.decode import heldout_prompts, run_ours
+from idlm.bench.results import machine_info
 from idlm.bench.results import write_results
 from idlm.decoding.policy import Decoding
 from idlm.decoding.round_model import estimate

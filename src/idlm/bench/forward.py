@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from idlm.bench.decode import machine_info
+from idlm.bench.results import machine_info
 from idlm.bench.results import write_results
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch.profiler import ProfilerActivity, profile
 
-from idlm.bench.decode import machine_info
+from idlm.bench.results import machine_info
 from idlm.bench.results import write_results
 from idlm.decoding.sampling import SamplingParams
 from idlm.engine.cost_model import CostModel, measure

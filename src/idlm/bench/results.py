@@ -2,10 +2,16 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from idlm.engine.cost_model import machine_key
 
 
 def write_results(result: dict[str, Any], out: Path, kind: str, markdown: str) -> Path:
@@ -18,3 +24,14 @@ def write_results(result: dict[str, Any], out: Path, kind: str, markdown: str) -
     print(markdown)
     print(f"wrote {base}.json and .md", file=sys.stderr)
     return base.with_suffix(".json")
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    """The machine a figure was measured on, with the CPU capability that picks the kernels."""
+    key = machine_key()
+    info = {"platform": platform.platform(), "cpu": key["cpu"], "cpu_capability": key["capability"],
+            "cores": os.cpu_count(), "torch_threads": key["threads"], "torch": key["torch"],
+            "python": platform.python_version(), "device": device}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info

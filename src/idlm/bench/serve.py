@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from idlm.bench.decode import heldout_prompts, machine_info
+from idlm.bench.decode import heldout_prompts
+from idlm.bench.results import machine_info
 from idlm.bench.results import write_results
 
 

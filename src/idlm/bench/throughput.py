@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 
-from idlm.bench.decode import bench_prompts, machine_info
+from idlm.bench.decode import bench_prompts
+from idlm.bench.results import machine_info
 from idlm.bench.results import write_results
 
 SYSTEM = ("You are a careful assistant for a public library. Answer questions about books, authors, reading "

