@@ -1,4 +1,4 @@
-"""Command line: `idlm generate | chat | serve | models | bench | explore | acceptance | train | distill`."""
+"""Command line: `idlm generate | chat | serve | models | bench | explore | acceptance | eval | train | distill`."""
 from __future__ import annotations
 
 import argparse
@@ -225,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_commands.register(sub)
     bench_commands.register_explore(sub)
+    from idlm.eval import commands as eval_commands
+
+    eval_commands.register(sub)
     from idlm.serve import commands as serve_commands
 
     serve_commands.register(sub)
