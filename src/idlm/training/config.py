@@ -51,8 +51,13 @@ class TrainConfig:
     mode: str = "gated_lora"  # full | lora | gated_lora
     lora: LoRASection = field(default_factory=LoRASection)
     draft_len: int = 3  # b = N - 1 MASK slots per training block (stride N = b + 1)
+    # draft_len by step, the block-size curriculum: [[0, 1], [100, 2], [200, 3]] (last = draft_len; None: fixed)
+    draft_len_schedule: list[list[int]] | None = None
     alpha: float = 0.2  # weight of the clean (AR) loss term
     loss_auto_balance: bool = False
+    position_decay: float = 1.0  # task CE at draft index d weighted by position_decay ** d (objective.py)
+    soft_weight: float = 0.0  # soft targets: share of KL/TV to the base model's distribution (gated_lora only)
+    soft_kind: str = "kl"  # kl | tv
     data: DataSection = field(default_factory=DataSection)
     # optimisation
     micro_batch_size: int = 1  # examples per forward per process
@@ -85,6 +90,12 @@ class TrainConfig:
     def stride(self) -> int:
         return self.draft_len + 1
 
+    def draft_len_at(self, step: int) -> int:
+        """The block size that optimizer step `step` (0-based) trains with."""
+        if not self.draft_len_schedule:
+            return self.draft_len
+        return next(b for start, b in reversed(self.draft_len_schedule) if step >= start)
+
     def validate(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
@@ -106,6 +117,19 @@ class TrainConfig:
             raise ConfigError("threads must be >= 0")
         if self.model == "random" and not self.model_config:
             raise ConfigError("model: random needs model_config")
+        if self.draft_len_schedule is not None:
+            sched = self.draft_len_schedule
+            if (not sched or any(len(e) != 2 or e[1] < 1 for e in sched) or sched[0][0] != 0
+                    or any(a[0] >= b[0] for a, b in zip(sched, sched[1:]))):
+                raise ConfigError("draft_len_schedule must be [[0, b0], [step1, b1], ...] with rising steps and b >= 1")
+            if sched[-1][1] != self.draft_len:
+                raise ConfigError(f"draft_len_schedule ends at {sched[-1][1]}, draft_len is {self.draft_len}")
+        if not 0.0 <= self.soft_weight <= 1.0 or self.soft_kind not in ("kl", "tv"):
+            raise ConfigError("soft_weight must be in [0, 1] and soft_kind kl or tv")
+        if self.soft_weight > 0 and self.mode != "gated_lora":
+            raise ConfigError("soft targets (soft_weight > 0) need mode gated_lora (the two-pass objective)")
+        if self.position_decay <= 0:
+            raise ConfigError("position_decay must be > 0")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

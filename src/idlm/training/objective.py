@@ -21,6 +21,16 @@ that differ from their clean twin run with gradients, attending to those clean k
 iff a response token (MASK) lies at or before it in its own block; every other noisy row (the prompt, in a
 chat example) sees exactly what its clean twin sees, so its k/v are the clean ones. This replaces a 2L-row
 forward and backward by an L-row forward and an R-row forward and backward (R ~ response length).
+
+Options (LossConfig), each measured in docs/training.md:
+- position weights: the task CE of a noisy row is weighted by `position_decay ** d`, d its draft index (the
+  number of MASKs before it in its block: at stride N = b + 1 the row predicts the draft at offset d + 2
+  from the last clean token, and a draft after a rejected one is never used);
+- soft targets (gated two-pass only, where the clean pass already runs the base model): the noisy row at
+  position i also learns the base model's next-token distribution at the clean row i (adapter off,
+  detached, temperature 1; the row whose hard target is the same x_0[i + 1]), by forward KL or by total
+  variation (1 - the expected acceptance of a draft sampled from the adapter and verified against the
+  base); task = (1 - soft_weight) * CE + soft_weight * soft.
 """
 from __future__ import annotations
 
@@ -48,6 +58,7 @@ class Example:
     task_mask: torch.Tensor  # [2L] bool: noisy rows that enter the task loss
     clean_mask: torch.Tensor  # [2L] bool: clean rows that enter the clean loss
     num_response: int  # number of response (masked) tokens: the task-loss denominator
+    draft_index: torch.Tensor  # [2L] long: a noisy row's draft index (see `draft_index`), 0 elsewhere
 
     @property
     def length(self) -> int:
@@ -93,6 +104,15 @@ def _response_targets(
     return x0, resp, shifted
 
 
+def draft_index(resp: torch.Tensor, draft_len: int) -> torch.Tensor:
+    """Per position: MASKs (response tokens) at or before it inside its block, minus one (-1 for none)."""
+    n = int(resp.shape[0])
+    blk = torch.arange(n) // draft_len
+    count = torch.cumsum(resp.long(), 0)
+    before_block = torch.where(blk > 0, count[(blk * draft_len - 1).clamp(min=0)], torch.zeros_like(count))
+    return count - before_block - 1
+
+
 def build_example(
     ids: Sequence[int] | torch.Tensor,
     prompt_len: int,
@@ -118,6 +138,7 @@ def build_example(
         task_mask=torch.cat([task, torch.zeros(n, dtype=torch.bool)]),
         clean_mask=torch.cat([torch.zeros(n, dtype=torch.bool), valid]),
         num_response=int(resp.sum()),
+        draft_index=torch.cat([draft_index(resp, draft_len).clamp(min=0), torch.zeros(n, dtype=torch.long)]),
     )
 
 
@@ -133,6 +154,7 @@ class Batch:
     clean_mask: torch.Tensor  # [B, T]
     num_response: torch.Tensor  # [B] float
     num_tokens: int  # text tokens (L per example), for throughput
+    draft_index: torch.Tensor  # [B, T] long
 
     def to(self, device: torch.device | str):
         return type(self)(
@@ -155,14 +177,15 @@ def collate(examples: list[Example], pad_id: int = 0, pad_to_multiple: int = 8) 
     tgt = torch.full((b, t), IGNORE, dtype=torch.long)
     task = torch.zeros((b, t), dtype=torch.bool)
     clean = torch.zeros((b, t), dtype=torch.bool)
+    dix = torch.zeros((b, t), dtype=torch.long)
     for j, e in enumerate(examples):
         n = e.length
         ids[j, :n], pos[j, :n], tgt[j, :n] = e.input_ids, e.positions, e.targets
         mask[j, :n, :n] = e.attn_mask
         mask[j, :n, n:] = False
-        task[j, :n], clean[j, :n] = e.task_mask, e.clean_mask
+        task[j, :n], clean[j, :n], dix[j, :n] = e.task_mask, e.clean_mask, e.draft_index
     nresp = torch.tensor([max(e.num_response, 1) for e in examples], dtype=torch.float32)
-    return Batch(ids, pos, mask.unsqueeze(1), tgt, task, clean, nresp, sum(e.length for e in examples) // 2)
+    return Batch(ids, pos, mask.unsqueeze(1), tgt, task, clean, nresp, sum(e.length for e in examples) // 2, dix)
 
 
 @dataclass
@@ -176,6 +199,7 @@ class GatedExample:
     targets: torch.Tensor  # [R]
     task_mask: torch.Tensor  # [R]
     num_response: int
+    draft_index: torch.Tensor  # [R] long
 
 
 def build_gated_example(
@@ -192,10 +216,8 @@ def build_gated_example(
     n = int(x0.shape[0])
     pos = torch.arange(n)
     blk = pos // draft_len
-    # differs[j]: some response token at or before j inside j's block (a running count reset per block)
-    count = torch.cumsum(resp.long(), 0)
-    before_block = torch.where(blk > 0, count[(blk * draft_len - 1).clamp(min=0)], torch.zeros_like(count))
-    differs = (count - before_block) > 0
+    index = draft_index(resp, draft_len)
+    differs = index >= 0  # some response token at or before it inside its block
     rows = differs.nonzero().flatten()
     bq = blk[rows][:, None]
     to_clean = (blk[None, :] < bq) | ((blk[None, :] == bq) & (pos[None, :] <= rows[:, None]) & ~differs[None, :])
@@ -208,6 +230,7 @@ def build_gated_example(
         targets=shifted[rows],
         task_mask=resp[rows] & (shifted[rows] != IGNORE),
         num_response=int(resp.sum()),
+        draft_index=index[rows],
     )
 
 
@@ -223,6 +246,7 @@ class GatedBatch:
     task_mask: torch.Tensor
     num_response: torch.Tensor  # [B] float
     num_tokens: int  # text tokens (L per example), for throughput
+    draft_index: torch.Tensor  # [B, R] long
 
     to = Batch.to
 
@@ -241,15 +265,21 @@ def collate_gated(examples: list[GatedExample], pad_id: int = 0, pad_to_multiple
     mask[:, :, lmax:] = torch.eye(rmax, dtype=torch.bool)  # padding rows: self only (no all-False row)
     tgt = torch.full((b, rmax), IGNORE, dtype=torch.long)
     task = torch.zeros((b, rmax), dtype=torch.bool)
+    dix = torch.zeros((b, rmax), dtype=torch.long)
     for j, e in enumerate(examples):
         n, r = len(e.clean_ids), len(e.noisy_ids)
         clean[j, :n] = e.clean_ids
         noisy[j, :r], npos[j, :r], tgt[j, :r], task[j, :r] = e.noisy_ids, e.noisy_positions, e.targets, e.task_mask
+        dix[j, :r] = e.draft_index
         mask[j, :r, :] = False
         mask[j, :r, :n] = e.noisy_mask[:, :n]
         mask[j, :r, lmax:lmax + r] = e.noisy_mask[:, n:]
     nresp = torch.tensor([max(e.num_response, 1) for e in examples], dtype=torch.float32)
-    return GatedBatch(clean, noisy, npos, mask.unsqueeze(1), tgt, task, nresp, sum(len(e.clean_ids) for e in examples))
+    return GatedBatch(clean, noisy, npos, mask.unsqueeze(1), tgt, task, nresp, sum(len(e.clean_ids) for e in examples),
+                      dix)
+
+
+SOFT_KINDS = ("kl", "tv")
 
 
 @dataclass
@@ -257,6 +287,17 @@ class LossConfig:
     alpha: float = 0.2
     loss_auto_balance: bool = False
     gated: bool = False  # gated adapter: the clean term reaches no trainable parameter, skip it
+    position_decay: float = 1.0  # task CE of draft index d weighted by position_decay ** d (1: uniform)
+    soft_weight: float = 0.0  # share of the soft-target term in the task loss (gated two-pass only)
+    soft_kind: str = "kl"  # kl: forward KL(base || adapter); tv: total variation = 1 - expected acceptance
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.soft_weight <= 1.0:
+            raise ValueError("soft_weight must be in [0, 1]")
+        if self.soft_kind not in SOFT_KINDS:
+            raise ValueError(f"soft_kind must be one of {', '.join(SOFT_KINDS)}")
+        if self.position_decay <= 0:
+            raise ValueError("position_decay must be > 0")
 
 
 class AllMaskedLoss(nn.Module):
@@ -270,6 +311,8 @@ class AllMaskedLoss(nn.Module):
         super().__init__()
         if lora_mode not in ("none", "all", "gated"):
             raise ValueError(f"lora_mode must be none|all|gated, got {lora_mode!r}")
+        if cfg.soft_weight > 0 and lora_mode != "gated":
+            raise ValueError("soft targets need the gated two-pass objective (its clean pass is the base model)")
         self.model = model
         self.cfg = cfg
         self.lora_mode = lora_mode
@@ -284,12 +327,13 @@ class AllMaskedLoss(nn.Module):
         if isinstance(batch, GatedBatch):
             return self._two_pass(batch)
         hidden = self.model(batch.input_ids, batch.positions, DenseAttention(batch.attn_mask), self.gate(batch.input_ids))
-        task = self._mean_ce(hidden, batch.targets, batch.task_mask, batch.num_response)
+        task = self._per_sample(self._row_ce(hidden, batch.targets, batch.task_mask, batch.draft_index),
+                                batch.task_mask, batch.num_response)
         out = {"task": task}
         if self.cfg.gated:
             out["loss"] = task
             return out
-        clean = self._mean_ce(hidden, batch.targets, batch.clean_mask, None)
+        clean = self._per_sample(self._row_ce(hidden, batch.targets, batch.clean_mask), batch.clean_mask, None)
         if self.cfg.loss_auto_balance:
             loss = task + (task.detach() / clean.detach().clamp(min=1e-8)) * clean
         else:
@@ -302,25 +346,54 @@ class AllMaskedLoss(nn.Module):
         if self.lora_mode != "gated":
             raise ValueError("the two-pass objective is exact for gated adapters only")
         clean = KVRecorder()
+        rows = batch.task_mask
         with torch.no_grad():
             pos = torch.arange(batch.clean_ids.shape[1], device=batch.clean_ids.device).expand_as(batch.clean_ids)
-            self.model(batch.clean_ids, pos, clean, LORA_OFF)
+            clean_hidden = self.model(batch.clean_ids, pos, clean, LORA_OFF)
+            teacher = None
+            if self.cfg.soft_weight > 0:  # the clean row at the noisy row's own position
+                sample = torch.arange(rows.shape[0], device=rows.device)[:, None].expand_as(rows)
+                teacher = self.model.logits(clean_hidden[sample[rows], batch.noisy_positions[rows]]).float()
         hidden = self.model(batch.noisy_ids, batch.noisy_positions, PrefixAttention(clean.kv, batch.noisy_mask),
                             self.gate(batch.noisy_ids))
-        task = self._mean_ce(hidden, batch.targets, batch.task_mask, batch.num_response)
-        return {"task": task, "loss": task}
-
-    def _mean_ce(
-        self, hidden: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, denom: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Mean over samples of (sum of CE at `rows`) / denom (per sample), or / the row count when None."""
-        b = hidden.shape[0]
-        sample = torch.arange(b, device=hidden.device)[:, None].expand_as(targets)
         logits = self.model.logits(hidden[rows]).float()
-        ce = F.cross_entropy(logits, targets[rows], reduction="none")
-        owner = sample[rows]
-        total = torch.zeros(b, device=hidden.device, dtype=torch.float32).index_add(0, owner, ce)
+        ce = self._weighted(F.cross_entropy(logits, batch.targets[rows], reduction="none"), batch.draft_index[rows])
+        out = {"hard": self._per_sample(ce, rows, batch.num_response)}
+        if teacher is None:
+            out["task"] = out["loss"] = out["hard"]
+            return out
+        soft = self._weighted(soft_target_loss(teacher, logits, self.cfg.soft_kind), batch.draft_index[rows])
+        out["soft"] = self._per_sample(soft, rows, batch.num_response)
+        out["task"] = out["loss"] = (1 - self.cfg.soft_weight) * out["hard"] + self.cfg.soft_weight * out["soft"]
+        return out
+
+    def _weighted(self, per_row: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        if self.cfg.position_decay == 1.0:
+            return per_row
+        return per_row * self.cfg.position_decay ** index.to(per_row.dtype)
+
+    def _row_ce(self, hidden: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
+                index: torch.Tensor | None = None) -> torch.Tensor:
+        """CE at `rows` (flattened in row order), position-weighted when `index` is given."""
+        ce = F.cross_entropy(self.model.logits(hidden[rows]).float(), targets[rows], reduction="none")
+        return ce if index is None else self._weighted(ce, index[rows])
+
+    @staticmethod
+    def _per_sample(per_row: torch.Tensor, rows: torch.Tensor, denom: torch.Tensor | None) -> torch.Tensor:
+        """Mean over samples of (sum of `per_row` at the sample's `rows`) / denom, or / its row count when None."""
+        b = rows.shape[0]
+        owner = torch.arange(b, device=rows.device)[:, None].expand_as(rows)[rows]
+        total = torch.zeros(b, device=per_row.device, dtype=torch.float32).index_add(0, owner, per_row)
         if denom is None:
-            denom = torch.zeros(b, device=hidden.device, dtype=torch.float32).index_add(
-                0, owner, torch.ones_like(ce)).clamp(min=1)
+            denom = torch.zeros(b, device=per_row.device, dtype=torch.float32).index_add(
+                0, owner, torch.ones_like(per_row)).clamp(min=1)
         return (total / denom.to(total.device)).mean()
+
+
+def soft_target_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per row: forward KL(teacher || student), or total variation 0.5 * sum |p - q| = 1 - sum min(p, q)."""
+    log_p = F.log_softmax(teacher_logits, dim=-1)
+    log_q = F.log_softmax(student_logits, dim=-1)
+    if kind == "kl":
+        return (log_p.exp() * (log_p - log_q)).sum(-1)
+    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)

@@ -226,7 +226,8 @@ class Trainer:
         self.model.to(device).train()
         gated = cfg.mode == "gated_lora"
         self.loss_mod = AllMaskedLoss(
-            self.model, LossConfig(cfg.alpha, cfg.loss_auto_balance, gated=gated), lora_mode=lora_mode
+            self.model, LossConfig(cfg.alpha, cfg.loss_auto_balance, gated=gated, position_decay=cfg.position_decay,
+                                   soft_weight=cfg.soft_weight, soft_kind=cfg.soft_kind), lora_mode=lora_mode
         )
         self.lora_mode = lora_mode
         self.parallel = DataParallel(cfg.parallel, self.dist, self.model, self.loss_mod)
@@ -405,9 +406,10 @@ class Trainer:
         mask_id = self.model.mask_token_id
         exs = [self.examples[self.order[i]] for i in idx]
         pad = self.eos_ids[0] if self.eos_ids else 0
+        b = cfg.draft_len_at(self.step)
         if cfg.mode == "gated_lora":  # the two-pass form: same loss and gradients, fewer rows
-            return collate_gated([build_gated_example(e.ids, e.prompt_len, mask_id, cfg.draft_len) for e in exs], pad)
-        return collate([build_example(e.ids, e.prompt_len, mask_id, cfg.draft_len) for e in exs], pad_id=pad)
+            return collate_gated([build_gated_example(e.ids, e.prompt_len, mask_id, b) for e in exs], pad)
+        return collate([build_example(e.ids, e.prompt_len, mask_id, b) for e in exs], pad_id=pad)
 
     def train(self) -> dict[str, Any]:
         """Run to the last step (or until a signal); returns a summary dict. Exported weights on completion."""
@@ -441,7 +443,7 @@ class Trainer:
         interrupted = False
         last: dict[str, Any] = {}
         while self.step < self.total_steps:
-            sums = {"loss": 0.0, "task": 0.0, "clean": 0.0}
+            sums = {"loss": 0.0, "task": 0.0, "clean": 0.0, "soft": 0.0}
             ntok = 0
             for micro in range(cfg.grad_accum):
                 batch = self._micro_batch(micro).to(self.device)
@@ -462,7 +464,8 @@ class Trainer:
             self.sched.step()
             self.opt.zero_grad(set_to_none=True)
             self.step += 1
-            loss, task, clean, tok = self.dist.mean([sums["loss"], sums["task"], sums["clean"], float(ntok)])
+            loss, task, clean, soft, tok = self.dist.mean(
+                [sums["loss"], sums["task"], sums["clean"], sums["soft"], float(ntok)])
             self.tokens_seen += int(round(tok * self.dist.world))
             elapsed = time.perf_counter() - started
             tps = (self.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
@@ -470,6 +473,10 @@ class Trainer:
                     "tokens": self.tokens_seen, "tokens_per_s": round(tps, 1)}
             if cfg.mode != "gated_lora":
                 last["clean"] = clean
+            if cfg.soft_weight > 0:
+                last["soft"] = soft
+            if cfg.draft_len_schedule:
+                last["draft_len"] = cfg.draft_len_at(self.step - 1)
             if cfg.log_every and self.step % cfg.log_every == 0:
                 self._write_metrics(last)
             bar.set_postfix(loss=f"{loss:.3f}", task=f"{task:.3f}", tok_s=f"{tps:.0f}", lr=f"{lr:.2e}")
