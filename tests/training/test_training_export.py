@@ -9,7 +9,8 @@ from idlm.config import ModelConfig
 from idlm.models.attention import DenseAttention
 from idlm.models.lora import load_adapter, read_adapter_config
 from idlm.training.objective import build_example
-from idlm.training.trainer import Trainer, export_full_model, random_model
+from idlm.training.checkpoints import export_full_model
+from idlm.training.trainer import Trainer, random_model
 from training_helpers import TINY_MODEL, one_thread, tiny_config, word_tokenizer
 
 

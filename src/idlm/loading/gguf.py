@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from idlm.loading.cache import build_dir_atomically, cache_dir
+from idlm.atomic_dir import publish_dir
+from idlm.loading.cache import cache_dir
 from idlm.loading.errors import ModelLoadError
 
 GENERATION_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -52,7 +53,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         raise ModelLoadError(f"GGUF file not found: {gguf_path}")
     if out_dir.exists():
         raise ModelLoadError(f"conversion destination already exists: {out_dir}")
-    return build_dir_atomically(out_dir, lambda tmp: _write_hf_dir(gguf_path, tmp))
+    return publish_dir(out_dir, lambda tmp: _write_hf_dir(gguf_path, tmp), replace=False)
 
 
 def cached_conversion(gguf_path: Path, dest: Path) -> Path:

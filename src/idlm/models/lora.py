@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, asdict
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from idlm.atomic_dir import publish_dir
 from idlm.models.llama import LORA_OFF, CausalLM, Proj, RowGate
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -139,23 +138,14 @@ def write_adapter(
     tensors: dict[str, torch.Tensor], cfg: AdapterConfig, path: str | Path, dtype: torch.dtype | None = None
 ) -> None:
     """Write adapter tensors (`lora_state_dict` names) and config as a directory, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    tmp.chmod(0o755)
     tensors = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in tensors.items()}
-    save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (tmp / "adapter_model.safetensors").chmod(0o644)
-    (tmp / "adapter_config.json").write_text(json.dumps(cfg.to_json(), indent=2))
-    if path.exists():
-        old = path.with_name(path.name + ".old")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
-    else:
-        os.replace(tmp, path)
+
+    def build(tmp: Path) -> None:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_model.safetensors").chmod(0o644)
+        (tmp / "adapter_config.json").write_text(json.dumps(cfg.to_json(), indent=2))
+
+    publish_dir(Path(path), build)
 
 
 def read_adapter_config(path: str | Path) -> AdapterConfig:

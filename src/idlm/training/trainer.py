@@ -16,9 +16,6 @@ import contextlib
 import json
 import logging
 import math
-import os
-import random
-import shutil
 import signal
 import sys
 import time
@@ -26,7 +23,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from idlm.config import ModelConfig
@@ -35,6 +31,7 @@ from idlm.models.llama import CausalLM
 from idlm.models.lora import (
     MASK_KEY, AdapterConfig, LoRAProj, add_lora, load_adapter, lora_state_dict, read_adapter_config, write_adapter,
 )
+from idlm.training.checkpoints import Checkpoints, export_full_model, rng_state
 from idlm.training.config import TrainConfig
 from idlm.training.data import SampleOrder, TokenizedExample, load_examples, step_indices
 from idlm.training.objective import (
@@ -45,7 +42,6 @@ from idlm.training.parallel import DataParallel, Dist, full_tensor, like_param
 log = logging.getLogger("idlm.train")
 
 CKPT_DIR = "checkpoints"
-LATEST = "latest"
 INTERRUPTED = 130
 
 
@@ -141,64 +137,6 @@ def lr_lambda(total: int, warmup: int, min_ratio: float) -> Callable[[int], floa
     return f
 
 
-# ---- RNG ------------------------------------------------------------------------------------------
-def rng_state() -> dict[str, Any]:
-    import numpy as np
-
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-
-
-def set_rng_state(s: dict[str, Any]) -> None:
-    import numpy as np
-
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-# ---- export ---------------------------------------------------------------------------------------
-def export_full_model(
-    state: dict[str, torch.Tensor], mask_token_id: int, hf_config: dict[str, Any], tokenizer: Any, draft_len: int,
-    path: Path, dtype: torch.dtype,
-) -> None:
-    """Write an HF-layout model dir from the model's full named parameters: config.json with `mask_token_id`
-    and `block_size` (the draft length, under the key official I-DLM checkpoints use), model.safetensors,
-    tokenizer files. A MASK outside the vocabulary keeps its id
-    (= vocab_size) and is stored as the extra tensor `mask_embedding` (what CausalLM.load_hf_state_dict
-    restores); the vocabulary is unchanged."""
-    state = {n: t.to(dtype).cpu().contiguous() for n, t in state.items()}
-    cfg = dict(hf_config)
-    cfg["mask_token_id"] = mask_token_id
-    cfg["block_size"] = draft_len
-    cfg["torch_dtype"] = cfg["dtype"] = str(dtype).replace("torch.", "")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(path.parent / f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp))
-    _replace_dir(tmp, path)
-
-
-def _replace_dir(tmp: Path, path: Path) -> None:
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
-
-
 # ---- the trainer ----------------------------------------------------------------------------------
 class Trainer:
     """Build everything from a TrainConfig; `train()` runs (or resumes) the loop and exports the result."""
@@ -209,6 +147,7 @@ class Trainer:
         self.resume = resume
         self.on_step = on_step
         self.out = Path(cfg.output_dir)
+        self.checkpoints = Checkpoints(self.out / CKPT_DIR, cfg.keep_checkpoints)
         self.dist = Dist(cfg.device)
         self.device = self.dist.device
         self._stop = False
@@ -265,63 +204,37 @@ class Trainer:
             self._load_checkpoint()
 
     # -- checkpoints
-    def _ckpt_root(self) -> Path:
-        return self.out / CKPT_DIR
-
-    def latest_checkpoint(self) -> Path | None:
-        f = self._ckpt_root() / LATEST
-        if not f.is_file():
-            return None
-        p = self._ckpt_root() / f.read_text().strip()
-        return p if (p / "state.pt").is_file() else None
-
     def save_checkpoint(self) -> Path:
-        """Atomic: everything goes into a temp dir that is renamed into place, then `latest` is updated."""
-        root = self._ckpt_root()
-        name = f"step-{self.step:07d}"
-        tmp = root / f".tmp-{name}"
+        """Every rank writes its RNG state into the staged directory; rank 0 adds the state and publishes it."""
         if self.dist.main:
-            root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
+            self.checkpoints.stage(self.step)
         self.dist.barrier()
-        torch.save(rng_state(), tmp / f"rng-{self.dist.rank}.pt")
+        torch.save(rng_state(), self.checkpoints.rng_file(self.checkpoints.staged(self.step), self.dist.rank))
         trainable = self.parallel.trainable_state()  # collective under FSDP
         optimizer = self.parallel.optimizer_state(self.opt)
         self.dist.barrier()
-        final = root / name
+        final = self.checkpoints.root / f"step-{self.step:07d}"
         if self.dist.main:
-            torch.save(
-                {
-                    "step": self.step,
-                    "tokens_seen": self.tokens_seen,
-                    "samples_consumed": self.step * self.global_batch,
-                    "world_size": self.dist.world,
-                    "global_batch": self.global_batch,
-                    "trainable": trainable,
-                    "optimizer": optimizer,
-                    "parallel": self.parallel.kind,
-                    "scheduler": self.sched.state_dict(),
-                    "config": self.cfg.to_dict(),
-                },
-                tmp / "state.pt",
-            )
-            _replace_dir(tmp, final)
-            lt = root / f".{LATEST}.tmp"
-            lt.write_text(name)
-            os.replace(lt, root / LATEST)
-            keep = max(1, self.cfg.keep_checkpoints)
-            old = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name != name)
-            for p in old[: max(0, len(old) - (keep - 1))]:
-                shutil.rmtree(p, ignore_errors=True)
+            final = self.checkpoints.publish(self.step, {
+                "step": self.step,
+                "tokens_seen": self.tokens_seen,
+                "samples_consumed": self.step * self.global_batch,
+                "world_size": self.dist.world,
+                "global_batch": self.global_batch,
+                "trainable": trainable,
+                "optimizer": optimizer,
+                "parallel": self.parallel.kind,
+                "scheduler": self.sched.state_dict(),
+                "config": self.cfg.to_dict(),
+            })
         self.dist.barrier()
         return final
 
     def _load_checkpoint(self) -> None:
-        path = self.latest_checkpoint()
-        if path is None:
-            raise TrainingError(f"--resume: no checkpoint under {self._ckpt_root()}")
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        found = self.checkpoints.load()
+        if found is None:
+            raise TrainingError(f"--resume: no checkpoint under {self.checkpoints.root}")
+        state, path = found
         if state["global_batch"] != self.global_batch:
             raise TrainingError(
                 f"--resume: checkpoint has global batch {state['global_batch']}, this run {self.global_batch} "
@@ -340,9 +253,7 @@ class Trainer:
         self.sched.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
-        rng = path / f"rng-{self.dist.rank}.pt"
-        if rng.is_file():
-            set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
+        self.checkpoints.restore_rng(path, self.dist.rank)
         if self.dist.main:
             self._truncate_metrics(self.step)
         log.info("resumed from %s at step %d", path, self.step)
