@@ -336,3 +336,42 @@ def test_a_thousand_mixed_requests_leak_nothing_and_reproduce(tokenizer):
     done = [(p, sp, d, s) for p, sp, d, s in reqs if s.finish_reason != "abort"]
     for p, sp, d, s in rng.sample(done, 40):  # seeded outputs reproduce alone
         assert llm.generate([p], sp, decoding=d)[0].token_ids == s.output_ids
+
+
+@pytest.mark.parametrize("gated", [True, None])
+def test_stationary_padding_changes_no_output(tokenizer, gated):
+    """The stationary-batch mode: every ISD decode step feeds its layout's widest row count (cold rounds padded,
+    branches and the tree included); greedy and seeded outputs equal the unpadded engine's, batched and alone."""
+    plain = _tiny_llm(tokenizer, gated=gated, max_num_batched_tokens=256)
+    padded = _tiny_llm(tokenizer, gated=gated, max_num_batched_tokens=256, stationary=True)
+    name = "risd" if gated else "isd"
+    specs = [("ar", None, {}), (name, 2, {}), (name, 4, {}), (name, 4, {"branches": None}), (name, 3, {"tree": 3})]
+    prompts = _prompts(10, 3, 60, seed=5)
+    params = [SamplingParams(temperature=0 if i % 2 == 0 else 0.8, seed=i, max_tokens=24, ignore_eos=True)
+              for i in range(10)]
+
+    def decodings(llm):
+        return [llm.make_decoding(specs[i % 5][0], specs[i % 5][1], **specs[i % 5][2]) for i in range(10)]
+
+    fed: list[tuple[int, int, int]] = []  # (rows fed, widest rows, natural rows) of every ISD decode step
+    schedule = padded.engine.scheduler.schedule
+
+    def spy():
+        step = schedule()
+        for s in step:
+            d, seq = s.seq.decoding, s.seq
+            if d.num_masks and not s.chunk:
+                natural = d.step_rows(seq.num_uncomputed, len(seq.drafts), len(seq.alternatives))
+                fed.append((s.num_rows, d.stationary_rows, natural))
+        return step
+
+    padded.engine.scheduler.schedule = spy
+    want = [o.token_ids for o in plain.generate(prompts, params, decoding=decodings(plain))]
+    assert [o.token_ids for o in padded.generate(prompts, params, decoding=decodings(padded))] == want
+    assert fed and all(rows == max(widest, natural) for rows, widest, natural in fed)
+    assert any(natural < widest for _, widest, natural in fed)  # cold rounds were padded
+    alone = [padded.generate([p], sp, decoding=d)[0].token_ids
+             for p, sp, d in zip(prompts[:5], params[:5], decodings(padded)[:5])]
+    assert alone == want[:5]
+    eng = padded.engine
+    assert eng.blocks.num_free_blocks == eng.blocks.num_blocks

@@ -22,6 +22,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="rows per forward (prefill chunks, drafts and MASK rows count)")
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                    help="recompute shared prompt prefixes")
+    p.add_argument("--stationary", action="store_true",
+                   help="every ISD decode step feeds its layout's widest row count (cold rounds padded)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -83,7 +85,7 @@ def load_llm(args: argparse.Namespace):
     return LLM(args.model, adapter=args.adapter, dtype=args.dtype, device=args.device,
                kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.prefix_caching,
-               clamp_max_tokens=True)
+               stationary=args.stationary, clamp_max_tokens=True)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

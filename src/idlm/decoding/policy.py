@@ -39,6 +39,7 @@ class StepPlan:
     lead: list[int] | None = None
     run_start: list[int] | None = None
     hidden_start: int = -1  # first row returned as hidden states (alternatives, then branches), -1 = none
+    hidden_end: int = -1  # end (exclusive) of those rows, -1 = the last row (padding rows come after it)
 
     @property
     def first_logit(self) -> int:
@@ -142,14 +143,20 @@ class Decoding:
         """Rows a step can feed beyond its first committed token (drafts, MASK rows, alternatives, branches)."""
         return 2 * self.num_masks + self.tree - 1 + self.num_branches(self.num_masks) * self.num_masks
 
+    @property
+    def stationary_rows(self) -> int:
+        """Rows of this layout's widest decode step (one committed token, all drafts, alternatives and
+        branches): what every step feeds in the stationary-batch mode, cold rounds padded up to it."""
+        return self.step_rows(1, self.num_masks, self.tree - 1)
+
     def step_rows(self, num_uncomputed: int, num_drafts: int, num_alternatives: int = 0) -> int:
         alternatives = num_alternatives if num_drafts else 0
         return num_uncomputed + num_drafts + alternatives + self.num_masks * (1 + self.num_branches(num_drafts))
 
     def plan(self, uncomputed: list[int], drafts: list[int], mask_token_id: int,
-             alternatives: list[int] | tuple[int, ...] = ()) -> StepPlan:
+             alternatives: list[int] | tuple[int, ...] = (), pad_to: int = 0) -> StepPlan:
         """The full step: the uncomputed committed tokens, the drafts, the MASK rows, the alternatives, then the
-        branches.
+        branches; then padding rows up to `pad_to` rows (the stationary-batch mode).
 
         An alternative is another candidate for the first draft's position: one row holding it, which sees the
         prefix and the anchor; its logits (p after it) are needed only when it is accepted.
@@ -169,7 +176,9 @@ class Decoding:
         gate = [committed_gate] * (c + k) + [mask_gate] * m + [committed_gate] * a
         nb = self.num_branches(k) if m else 0
         if not nb and not a:
-            return StepPlan(tokens, gate, k + 1 + m)
+            pad = max(0, pad_to - len(tokens))  # causal rows after every real row: they change none of them
+            return StepPlan(tokens + [mask_token_id] * pad, gate + [0] * pad, k + 1 + m,
+                            logit_start=c - 1 if pad else -1)
         rows = list(range(main + a))
         offsets, lead, run_start = list(range(main)) + [c] * a, list(range(main)) + [c] * a, rows
         for j in range(nb):
@@ -177,8 +186,16 @@ class Decoding:
             offsets += [c + j + i for i in range(m)]
             lead += [c + j] * m
             run_start += [first] * m
-        return StepPlan(tokens + [mask_token_id] * (nb * m), gate + [mask_gate] * (nb * m), k + 1 + m,
-                        logit_start=c - 1, offsets=offsets, lead=lead, run_start=run_start, hidden_start=main)
+        tokens, gate = tokens + [mask_token_id] * (nb * m), gate + [mask_gate] * (nb * m)
+        end = len(tokens)
+        for r in range(end, pad_to):  # padding rows that see the prefix and themselves only
+            offsets.append(main + r)
+            lead.append(0)
+            run_start.append(r)
+            tokens.append(mask_token_id)
+            gate.append(0)
+        return StepPlan(tokens, gate, k + 1 + m, logit_start=c - 1, offsets=offsets, lead=lead, run_start=run_start,
+                        hidden_start=main, hidden_end=end if end < len(tokens) else -1)
 
     def layouts(self, mask_token_id: int) -> dict[str, StepPlan]:
         """The step plans of one sequence (one committed token to feed): AR's, or its cold and verify rounds'."""

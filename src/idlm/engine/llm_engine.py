@@ -39,6 +39,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     clamp_max_tokens: bool = False  # shorten max_tokens to what fits instead of refusing the request
+    stationary: bool = False  # every ISD decode step feeds its layout's widest row count (scheduler.py)
 
     def __post_init__(self) -> None:
         for name in ("kv_cache_tokens", "kv_block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -65,7 +66,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.kv, self.device)
         self.blocks = BlockManager(num_blocks, config.kv_block_size)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.enable_prefix_caching)
+                                   config.enable_prefix_caching, config.stationary)
         self.decoder = Decoder(model.config.vocab_size, config.max_num_seqs, self.device)
         self._ids = itertools.count()
         self._entropy = random.SystemRandom()
@@ -135,7 +136,7 @@ class LLMEngine:
             seq = s.seq
             uncomputed = seq.token_ids[seq.num_computed_tokens:]
             plan = (seq.decoding.chunk(uncomputed[: s.num_rows]) if s.chunk
-                    else seq.decoding.plan(uncomputed, seq.drafts, mask_id, seq.alternatives))
+                    else seq.decoding.plan(uncomputed, seq.drafts, mask_id, seq.alternatives, pad_to=s.num_rows))
             inputs.append(RunnerInput(seq.block_table, seq.num_computed_tokens, plan))
         logits, hidden = self.runner.run(inputs)
         full = [s for s in step if not s.chunk]

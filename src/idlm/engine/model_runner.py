@@ -51,7 +51,7 @@ class ModelRunner:
             first = offset + plan.first_logit
             rows.extend(range(first, first + plan.num_logits))
             if plan.hidden_start >= 0:
-                hidden_rows.extend(range(offset + plan.hidden_start, offset + n))
+                hidden_rows.extend(range(offset + plan.hidden_start, offset + (n if plan.hidden_end < 0 else plan.hidden_end)))
             offset += n
         dev = self.device
         meta = PagedAttention.build(self.kv.k, self.kv.v, self.kv.block_size, [b.block_table for b in batch],

@@ -32,8 +32,9 @@ class Scheduled:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, stationary: bool = False):
         self.blocks = blocks
+        self.stationary = stationary
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_prefix_caching = enable_prefix_caching
@@ -48,10 +49,17 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     # ---- one step ------------------------------------------------------------------------------
+    def _full_rows(self, seq: Sequence, num_uncomputed: int) -> int:
+        """Rows of the sequence's whole next step; in the stationary mode an ISD step is padded to its layout's
+        widest (cold and verify rounds feed the same count, so a step's shape depends on the batch only)."""
+        d = seq.decoding
+        rows = d.step_rows(num_uncomputed, len(seq.drafts), len(seq.alternatives))
+        return max(rows, d.stationary_rows) if self.stationary and d.num_masks else rows
+
     def _rows(self, seq: Sequence, budget: int) -> tuple[int, bool]:
         """(rows, is_chunk) the sequence can feed within `budget`; (0, False) when it must wait."""
         c = seq.num_uncomputed
-        full = seq.decoding.step_rows(c, len(seq.drafts), len(seq.alternatives))
+        full = self._full_rows(seq, c)
         if full <= budget:
             return full, False
         if c > 1 and budget > 0:
@@ -89,7 +97,7 @@ class Scheduler:
                 hit, hashes = self.blocks.match_prefix(seq.token_ids, seq.decoding.kv_salt)
             computed = len(hit) * self.blocks.block_size
             c = seq.num_tokens - computed
-            total = computed + seq.decoding.step_rows(c, len(seq.drafts), len(seq.alternatives))
+            total = computed + self._full_rows(seq, c)
             need = self.blocks.blocks_for(total) - len(hit) + self.blocks.new_blocks_for_hit(hit)
             if need > self.blocks.num_free_blocks:
                 break

@@ -52,7 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     llm = LLM(args.model, adapter=args.adapter, dtype=args.dtype, device=args.device,
               kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.prefix_caching,
-              max_model_len=args.max_model_len)
+              max_model_len=args.max_model_len, stationary=args.stationary)
     options = ServeOptions(args.served_model_name or llm.name, args.decoding or llm.default_decoding, args.stride,
                            args.api_key, args.max_queue, args.drain_timeout)
     engine = AsyncLLM(llm.engine)
