@@ -170,14 +170,14 @@ def cmd_acceptance(args: argparse.Namespace) -> int:
     decoding = args.decoding or ("risd" if llm.adapter is not None else "isd")
     strides = [int(x) for x in args.stride.split(",")] if args.stride else [llm.default_stride]
     rows = []
-    for n in strides:
+    for n, t in [(n, float(t)) for t in args.temperature.split(",") for n in strides]:
         lora = llm.make_decoding(decoding, n).lora
         res = evaluate_isd(llm.model, llm.tokenizer, llm.checkpoint.eos_token_ids, prompts, n,
-                           args.max_tokens, lora)
+                           args.max_tokens, lora, temperature=t, seed=args.seed)
         res.update(model=args.model, adapter=str(llm.adapter_path) if llm.adapter_path else None, decoding=decoding)
         rows.append(res)
         print(json.dumps(res) if args.json else
-              f"stride {n}: TPF {res['tokens_per_forward']:.3f}, acceptance by position "
+              f"stride {n}, temperature {t:g}: TPF {res['tokens_per_forward']:.3f}, acceptance by position "
               f"{res['acceptance_by_position']}, introspective acceptance {res['introspective_acceptance']:.3f}, "
               f"rounds {res['rounds']} ({res['prompts']} prompts, {res['generated_tokens']} tokens)")
     if args.out:
@@ -216,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--prompts", default=None, help="JSONL of chat prompts (default: the packaged held-out set)")
     a.add_argument("--num-prompts", type=int, default=40)
     a.add_argument("--max-tokens", type=int, default=64)
+    a.add_argument("--temperature", default="0", help="comma list; 0 = greedy, above 0 = exact sampled ISD")
+    a.add_argument("--seed", type=int, default=0, help="prompt i is seeded seed + i when sampling")
     a.add_argument("--json", action="store_true", help="one JSON line per stride")
     a.add_argument("--out", default=None, help="write all rows as JSON")
     a.set_defaults(func=cmd_acceptance)

@@ -1,4 +1,4 @@
-"""Acceptance of a model's own drafts: greedy ISD on held-out chat prompts, by draft position.
+"""Acceptance of a model's own drafts: ISD (greedy or sampled) on held-out chat prompts, by draft position.
 
 Used by `idlm acceptance` (any model: the untrained base, a converted model, base + adapter) and by the
 trainer's periodic held-out evaluation. Definitions (decoding/stats.py): acceptance_by_position[j] =
@@ -53,9 +53,12 @@ def evaluate_isd(
     stride: int,
     max_tokens: int,
     lora: str,
+    temperature: float = 0.0,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Greedy ISD over the prompts, batched through `LLM`: aggregate TPF and acceptance by draft position.
-    lora: where the model's adapter acts (none | all | gated)."""
+    """ISD over the prompts, batched through `LLM`: aggregate TPF and acceptance by draft position.
+    lora: where the model's adapter acts (none | all | gated). temperature 0: greedy (acceptance = share of
+    drafts equal to the argmax); above 0: exact drafting and the min(1, p/q) rule, prompt i seeded seed + i."""
     from idlm.decoding.policy import Decoding
     from idlm.decoding.sampling import SamplingParams
     from idlm.decoding.stats import RequestStats
@@ -69,7 +72,9 @@ def evaluate_isd(
     model.eval()
     t0 = time.perf_counter()
     try:
-        outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens), decoding=decoding)
+        params = [SamplingParams(temperature=temperature, max_tokens=max_tokens,
+                                 seed=None if temperature == 0 else seed + i) for i in range(len(prompts))]
+        outs = llm.generate(prompts, params, decoding=decoding)
     finally:
         model.train(was_training)
     total = RequestStats(decoding=decoding.name, stride=stride)
@@ -77,6 +82,7 @@ def evaluate_isd(
         total.merge(o.stats)
     return {
         "stride": stride,
+        "temperature": temperature,
         "prompts": len(prompts),
         "tokens_per_forward": round(total.tokens_per_forward, 4),
         "acceptance_by_position": [round(x, 4) for x in total.acceptance_by_position],
