@@ -1,0 +1,75 @@
+"""`idlm bench training-curve`: held-out TPF and acceptance by draft position against training tokens over
+all stages of an adapter, one PNG (+ JSON), so the next stage can be planned from the slope.
+
+Each stage is a training run's `metrics.jsonl` (or its run directory); its evaluation records are placed
+at the training tokens seen by then, offset by the tokens of the stages before it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def stage_points(metrics: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
+    """(evaluation points with cumulative tokens, tokens at the stage's end)."""
+    tokens_at: dict[int, int] = {}
+    evals = []
+    for line in metrics.read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if "eval" in rec:
+            evals.append(rec)
+        elif "tokens" in rec:
+            tokens_at[int(rec["step"])] = int(rec["tokens"])
+    last = max(tokens_at.values(), default=0)
+    points = []
+    for rec in evals:
+        ev = rec["eval"]
+        points.append({"stage": metrics.name, "step": rec["step"], "tokens": offset + tokens_at.get(rec["step"], last),
+                       "tokens_per_forward": ev["tokens_per_forward"],
+                       "acceptance_by_position": ev["acceptance_by_position"], "prompts": ev.get("prompts")})
+    return points, offset + last
+
+
+def run(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points: list[dict[str, Any]] = []
+    offset = 0
+    bounds = []
+    for item in args.stages:
+        p = Path(item)
+        metrics = p / "metrics.jsonl" if p.is_dir() else p
+        if not metrics.is_file():
+            raise FileNotFoundError(f"no metrics file at {metrics}")
+        got, offset = stage_points(metrics, offset)
+        points += got
+        bounds.append(offset)
+    if not points:
+        raise ValueError("the stages hold no evaluation records")
+    x = [pt["tokens"] / 1e6 for pt in points]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.plot(x, [pt["tokens_per_forward"] for pt in points], "o-")
+    a.set(xlabel="training tokens (M)", ylabel="tokens per forward", title="held-out TPF")
+    for j in range(max(len(pt["acceptance_by_position"]) for pt in points)):
+        b.plot(x, [pt["acceptance_by_position"][j] if j < len(pt["acceptance_by_position"]) else None
+                   for pt in points], "o-", label=f"draft {j + 1}")
+    b.set(xlabel="training tokens (M)", ylabel="acceptance", title="acceptance by draft position")
+    b.legend()
+    for ax in (a, b):
+        for t in bounds[:-1]:
+            ax.axvline(t / 1e6, color="grey", lw=0.6, ls="--")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+    out.with_suffix(".json").write_text(json.dumps({"stages": args.stages, "points": points}, indent=2))
+    print(f"wrote {out.with_suffix('.png')} and .json ({len(points)} points, {offset:,} tokens)")
+    return 0

@@ -1,0 +1,29 @@
+"""`idlm bench training-curve`: evaluation points placed at cumulative training tokens over stages."""
+from __future__ import annotations
+
+import json
+
+from idlm.cli import main
+
+
+def _metrics(path, steps):
+    lines = []
+    for step, tokens, tpf in steps:
+        lines.append({"step": step, "loss": 1.0, "tokens": tokens})
+        if tpf is not None:
+            lines.append({"step": step, "eval": {"tokens_per_forward": tpf, "acceptance_by_position": [0.3, 0.2]}})
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return path
+
+
+def test_points_follow_cumulative_tokens_across_stages(tmp_path):
+    a = _metrics(tmp_path / "a.jsonl", [(1, 100, None), (2, 200, 1.1)])
+    run_b = tmp_path / "b"
+    run_b.mkdir()
+    _metrics(run_b / "metrics.jsonl", [(1, 50, 1.2), (2, 150, 1.3)])
+    out = tmp_path / "curve"
+    assert main(["bench", "training-curve", str(a), str(run_b), "--out", str(out)]) == 0
+    pts = json.loads(out.with_suffix(".json").read_text())["points"]
+    assert [(p["tokens"], p["tokens_per_forward"]) for p in pts] == [(200, 1.1), (250, 1.2), (350, 1.3)]
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert main(["bench", "training-curve", str(tmp_path / "missing.jsonl")]) == 2
