@@ -47,7 +47,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{task.name} {run.label}: accuracy {summary['accuracy']:.3f} ({summary['correct']}/{summary['n']}, "
               f"95% CI {summary['ci95']}), TPF {summary['tokens_per_forward']:.2f}, "
               f"{summary['tokens_per_second']:.1f} tok/s", file=sys.stderr)
-    par = [runner.parity(task, results[0], outputs[0], r, o, tie) for r, o in zip(results[1:], outputs[1:])]
+    par = [runner.parity(task, results[0], outputs[0], r, o, tie, greedy) for r, o in zip(results[1:], outputs[1:])]
     result = {
         "task": task.name, "about": task.about, "n": len(items), "data_file": str(path),
         "command": "idlm " + " ".join(sys.argv[1:]), "model": args.model,

@@ -146,8 +146,10 @@ def divergence(ref: Any, other: Any, tie_tolerance: float) -> dict[str, Any] | N
 
 
 def parity(task: Task, reference: dict[str, Any], ref_outputs: list[Any], run: dict[str, Any],
-           run_outputs: list[Any], tie_tolerance: float) -> dict[str, Any]:
-    """Item-by-item comparison of `run` against the reference run."""
+           run_outputs: list[Any], tie_tolerance: float, greedy: bool = True) -> dict[str, Any]:
+    """Item-by-item comparison of `run` against the reference run. Sampled runs draw their own random
+    streams (ISD consumes randomness differently from AR): only answers and accuracy compare there, and
+    differences are not classified."""
     differing = []
     identical = same_answer = same_correct = 0
     for r0, r1, o0, o1 in zip(reference["records"], run["records"], ref_outputs, run_outputs):
@@ -161,8 +163,8 @@ def parity(task: Task, reference: dict[str, Any], ref_outputs: list[Any], run: d
     return {
         "reference": reference["label"], "run": run["label"], "lossless": run["lossless"], "n": n,
         "identical_outputs": identical, "same_answers": same_answer, "same_correctness": same_correct,
-        "near_ties": sum(d["near_tie"] for d in differing),
-        "unexplained": sum(not d["near_tie"] for d in differing),
+        "near_ties": sum(d["near_tie"] for d in differing) if greedy else None,
+        "unexplained": sum(not d["near_tie"] for d in differing) if greedy else None,
         "accuracy_delta": round(run["accuracy"] - reference["accuracy"], 4),
         "differing": differing,
     }
@@ -176,8 +178,10 @@ def markdown(result: dict[str, Any]) -> str:
     par = {p["run"]: p for p in result["parity"]}
     for r in result["runs"]:
         p = par.get(r["label"])
-        cmp = (f"{p['identical_outputs']}/{p['n']} | {p['same_answers']}/{p['n']} | {p['near_ties']} | "
-               f"{p['unexplained']}") if p else "(reference) | | |"
+        classified = p is not None and p["unexplained"] is not None
+        cmp = (f"{p['identical_outputs']}/{p['n']} | {p['same_answers']}/{p['n']} | "
+               + (f"{p['near_ties']} | {p['unexplained']}" if classified else "n/a (sampled) | n/a")) if p \
+            else "(reference) | | |"
         lines.append(f"| {r['label']} | {'yes' if r['lossless'] else 'no'} | {r['accuracy']:.3f} "
                      f"({r['correct']}/{r['n']}) | [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | "
                      f"{r['tokens_per_forward']:.2f} | {r['tokens_per_second']:.1f} | {cmp} |")
