@@ -177,8 +177,7 @@ class Decoding:
         nb = self.num_branches(k) if m else 0
         if not nb and not a:
             pad = max(0, pad_to - len(tokens))  # causal rows after every real row: they change none of them
-            return StepPlan(tokens + [mask_token_id] * pad, gate + [0] * pad, k + 1 + m,
-                            logit_start=c - 1 if pad else -1)
+            return StepPlan(tokens + [mask_token_id] * pad, gate + [0] * pad, k + 1 + m, logit_start=c - 1)
         rows = list(range(main + a))
         offsets, lead, run_start = list(range(main)) + [c] * a, list(range(main)) + [c] * a, rows
         for j in range(nb):

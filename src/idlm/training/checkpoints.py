@@ -55,6 +55,10 @@ class Checkpoints:
         p = self.root / f.read_text().strip()
         return p if (p / STATE).is_file() else None
 
+    def path(self, step: int) -> Path:
+        """Where step `step`'s checkpoint is published."""
+        return self.root / f"step-{step:07d}"
+
     def staged(self, step: int) -> Path:
         """Where step `step` is built (the same path on every rank)."""
         return self.root / f".step-{step:07d}.partial"
@@ -71,10 +75,11 @@ class Checkpoints:
 
     def publish(self, step: int, state: dict[str, Any]) -> Path:
         """Write the state into the staged directory, rename it into place, point `latest` at it, prune."""
-        name = f"step-{step:07d}"
+        final = self.path(step)
+        name = final.name
         tmp = self.staged(step)
         torch.save(state, tmp / STATE)
-        final = publish(tmp, self.root / name)
+        publish(tmp, final)
         pointer = self.root / f".{LATEST}.tmp"
         pointer.write_text(name)
         os.replace(pointer, self.root / LATEST)

@@ -213,9 +213,8 @@ class Trainer:
         trainable = self.parallel.trainable_state()  # collective under FSDP
         optimizer = self.parallel.optimizer_state(self.opt)
         self.dist.barrier()
-        final = self.checkpoints.root / f"step-{self.step:07d}"
         if self.dist.main:
-            final = self.checkpoints.publish(self.step, {
+            self.checkpoints.publish(self.step, {
                 "step": self.step,
                 "tokens_seen": self.tokens_seen,
                 "samples_consumed": self.step * self.global_batch,
@@ -228,7 +227,7 @@ class Trainer:
                 "config": self.cfg.to_dict(),
             })
         self.dist.barrier()
-        return final
+        return self.checkpoints.path(self.step)
 
     def _load_checkpoint(self) -> None:
         found = self.checkpoints.load()
