@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from idlm.bench import llamacpp
+
 from conftest import requires_embedded
 from test_cli import idlm
 from test_loading import save_tiny, tiny_tokenizer  # noqa: F401 (fixture)
@@ -17,6 +19,12 @@ def test_decode_bench_writes_rows_by_batch_with_auto_equal_to_ar(embedded_llm, t
     result = json.loads(next(tmp_path.glob("decode-cpu-*.json")).read_text())
     assert result["machine"]["cpu_capability"] and result["repeats"] == 2
     rows = {(r["engine"], r["batch"]): r for r in result["rows"]}
+    lcpp = [r for r in result["rows"] if r["engine"].startswith("llama.cpp")]
+    if llamacpp.available():  # the optional row: batch 1, on the same GGUF weights, beside our AR
+        assert len(lcpp) == 1 and lcpp[0]["batch"] == 1 and lcpp[0]["speedup_vs_idlm_ar"] > 0
+        rows.pop((lcpp[0]["engine"], 1))
+    else:
+        assert not lcpp and any("pip install 'idlm[bench]'" in n for n in result["notes"])
     assert set(rows) == {(e, b) for e in ("idlm ar", "idlm risd N=3", "idlm auto N<=3") for b in (1, 2)}
     for (engine, b), r in rows.items():
         assert len(r["runs"]) == 2 and r["tok_per_s"] > 0
@@ -42,3 +50,25 @@ def test_quick_decode_bench_on_a_tiny_model(tmp_path, tiny_tokenizer):  # noqa: 
     isd = [r for r in result["rows"] if r["engine"].startswith("idlm isd")]
     assert all(r["same_tokens_as_ar"] is True and r["rows_per_token"] > 1 for r in isd)
     assert result["machine"]["cpu_capability"] and (out / next(out.glob("decode-cpu-*.md")).name).exists()
+
+
+def test_decode_bench_int8_and_stationary_variants_on_a_tiny_model(tmp_path, tiny_tokenizer):  # noqa: F811
+    """Every variant (weight format x stationary mode) gets its own rows in one run; int8 rows compare with the
+    int8 AR and record where greedy output leaves the fp32 AR's; AR is not repeated as stationary; a model
+    without a GGUF file skips llama.cpp with the reason."""
+    save_tiny(tmp_path / "model", tiny_tokenizer)
+    out = tmp_path / "out"
+    proc = idlm("bench", "decode", "--model", str(tmp_path / "model"), "--decoding", "ar,isd", "--stride", "3",
+                "--batch", "1", "--prompts", "2", "--max-tokens", "10", "--quantize", "none,int8",
+                "--stationary", "both", "--no-transformers", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(next(out.glob("decode-cpu-*.json")).read_text())
+    rows = {r["engine"]: r for r in result["rows"]}
+    assert set(rows) == {"idlm ar", "idlm isd N=3", "idlm isd N=3 stationary", "idlm ar int8", "idlm isd N=3 int8",
+                         "idlm isd N=3 int8 stationary"}
+    assert rows["idlm ar int8"]["int8_row_limit"] is not None and rows["idlm ar"]["int8_row_limit"] is None
+    assert rows["idlm isd N=3 int8 stationary"]["stationary"] is True
+    for name in ("idlm isd N=3 int8", "idlm isd N=3 int8 stationary"):
+        assert rows[name]["speedup_vs_idlm_ar"] > 0 and "tokens_to_divergence_vs_float32" in rows[name]
+    assert rows["idlm isd N=3 stationary"]["same_tokens_as_ar"] is True
+    assert any("no GGUF file" in n for n in result["notes"])

@@ -16,6 +16,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", default=None, help="adapter dir (default: the model's shipped adapter; 'none': off)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default float32 on cpu, bfloat16 on cuda")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default cuda when available")
+    p.add_argument("--quantize", choices=["none", "int8"], default=None,
+                   help="int8: int8 weights per output channel, bfloat16 inputs to the products (CPU)")
     p.add_argument("--kv-cache-tokens", type=int, default=32768, help="KV pool size in tokens")
     p.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
@@ -82,7 +84,7 @@ def decoding_options(args: argparse.Namespace) -> dict[str, Any]:
 def load_llm(args: argparse.Namespace):
     from idlm import LLM
 
-    return LLM(args.model, adapter=args.adapter, dtype=args.dtype, device=args.device,
+    return LLM(args.model, adapter=args.adapter, dtype=args.dtype, device=args.device, quantize=args.quantize,
                kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.prefix_caching,
                stationary=args.stationary, clamp_max_tokens=True)

@@ -25,8 +25,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--max-tokens", type=int, default=128)
     d.add_argument("--device", choices=["cpu", "cuda"], default=None)
     d.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: float32 on CPU")
+    d.add_argument("--quantize", default="none", help="comma list of none,int8: each gets its own rows (int8: int8 "
+                                                      "weights, bfloat16 inputs to the products), one interleaved run")
+    d.add_argument("--stationary", choices=["off", "on", "both"], default="off",
+                   help="the stationary-batch mode (ISD steps padded to their layout's width); both: rows of each")
     d.add_argument("--no-transformers", dest="transformers", action="store_false",
                    help="skip the transformers generate baseline")
+    d.add_argument("--no-llamacpp", dest="llamacpp", action="store_false",
+                   help="skip the llama.cpp row (run when llama-cpp-python is installed: pip install 'idlm[bench]')")
     d.add_argument("--out", default="benchmarks/results", help="directory for the JSON and markdown")
     d.set_defaults(func=_lazy("idlm.bench.decode", "run_decode_bench"))
     c = bsub.add_parser("training-curve", help="held-out TPF and acceptance against training tokens over stages")

@@ -141,6 +141,29 @@ def _summary(runs: list[dict[str, Any]], ar_runs: list[dict[str, Any]] | None) -
     return row
 
 
+def _divergence(run: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """Per request, the index of the first token that differs from the reference run's (its length if none):
+    median and the per-request values."""
+    firsts = [next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+              for a, b in zip(run["token_ids"], reference["token_ids"])]
+    return {"median": statistics.median(firsts), "per_request": firsts}
+
+
+def _llamacpp(args: argparse.Namespace, batches: list[int], notes: list[str]):
+    """llama.cpp on the model's GGUF file (batch 1), or None with the reason in `notes`."""
+    from idlm.bench import llamacpp
+
+    if not args.llamacpp:
+        return None
+    gguf = llamacpp.gguf_for(args.model)
+    if 1 not in batches or gguf is None or not llamacpp.available():
+        notes.append("llama.cpp row skipped: " + ("it runs at batch 1" if 1 not in batches else
+                                                 f"{args.model} has no GGUF file" if gguf is None else
+                                                 f"llama-cpp-python is not installed; add it with {llamacpp.INSTALL}"))
+        return None
+    return llamacpp.LlamaCpp(gguf, threads=torch.get_num_threads())
+
+
 def run_decode_bench(args: argparse.Namespace) -> dict[str, Any]:
     from idlm import LLM
 
@@ -151,27 +174,55 @@ def run_decode_bench(args: argparse.Namespace) -> dict[str, Any]:
     make_prompts = PROMPT_SETS[args.prompt_set]
     prompts = {b: make_prompts(max(args.prompts, b)) for b in batches}
     dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
-    llm = LLM(args.model, adapter=args.adapter, dtype=dtype, device=device, max_num_seqs=max(batches),
-              kv_cache_tokens=max(batches) * (args.max_tokens + 320))
-    configs, notes = configurations(args, llm.adapter is not None)
+    # engine variants: weight format x stationary mode, each its own LLM, every row interleaved in one run
+    variants = [(q.strip(), st) for q in str(args.quantize).split(",") if q.strip()
+                for st in ([False, True] if args.stationary == "both" else [args.stationary == "on"])]
+    llms = {v: LLM(args.model, adapter=args.adapter, dtype=dtype, device=device, max_num_seqs=max(batches),
+                   kv_cache_tokens=max(batches) * (args.max_tokens + 320), quantize=v[0], stationary=v[1])
+            for v in variants}
+    llm = llms[variants[0]]
+    base, notes = configurations(args, llm.adapter is not None)
+    configs = [{**c, "variant": v, "engine": c["engine"] + ("" if v[0] == "none" else f" {v[0]}")
+                + (" stationary" if v[1] else "")}
+               for v in variants for c in base if not (v[1] and c["decoding"] == "ar")]  # AR has nothing to pad
     for c in configs:  # warm-up (and the cost model of auto, measured once per machine and cached)
-        run_ours(llm, prompts[batches[0]][:1], 8, 1, c["decoding"], c["stride"], **c["options"])
+        run_ours(llms[c["variant"]], prompts[batches[0]][:1], 8, 1, c["decoding"], c["stride"], **c["options"])
+    lcpp = _llamacpp(args, batches, notes)
+    if lcpp is not None:
+        lcpp_ids = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in prompts[1]]
+        lcpp.run(lcpp_ids[:1], 8)  # warm-up
     runs: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    lcpp_runs: list[dict[str, Any]] = []
     for r in range(args.repeats):
         for b in batches:
             for i, c in enumerate(configs):
-                run = run_ours(llm, prompts[b], args.max_tokens, b, c["decoding"], c["stride"], **c["options"])
+                run = run_ours(llms[c["variant"]], prompts[b], args.max_tokens, b, c["decoding"], c["stride"],
+                               **c["options"])
                 runs.setdefault((i, b), []).append(run)
                 print(f"repeat {r + 1}/{args.repeats} batch {b:>2} {c['engine']:>28}: {run['tok_per_s']:7.2f} tok/s, "
                       f"TPF {run['tpf']:.3f}", file=sys.stderr)
-    ar_index = next((i for i, c in enumerate(configs) if c["decoding"] == "ar"), None)
+            if lcpp is not None and b == 1:
+                lcpp_runs.append(lcpp.run(lcpp_ids, args.max_tokens))
+                print(f"repeat {r + 1}/{args.repeats} batch  1 {'llama.cpp':>28}: {lcpp_runs[-1]['tok_per_s']:7.2f} "
+                      f"tok/s", file=sys.stderr)
+    ar_of = {c["variant"][0]: i for i, c in enumerate(configs) if c["decoding"] == "ar"}  # AR of each weight format
     rows = []
     for b in batches:
         for i, c in enumerate(configs):
-            ar_runs = runs[(ar_index, b)] if ar_index is not None and i != ar_index else None
-            rows.append({"engine": c["engine"], "dtype": dtype, "batch": b, "decoding": c["decoding"],
-                         "stride": c["stride"] or 1, "branches": c["options"].get("branches", 0),
-                         **_summary(runs[(i, b)], ar_runs)})
+            (quantize, stationary), ar = c["variant"], ar_of.get(c["variant"][0])
+            ar_runs = runs[(ar, b)] if ar is not None and i != ar else None
+            row = {"engine": c["engine"], "dtype": dtype, "quantize": quantize, "stationary": stationary,
+                   "int8_row_limit": llms[c["variant"]].int8_row_limit, "batch": b, "decoding": c["decoding"],
+                   "stride": c["stride"] or 1, "branches": c["options"].get("branches", 0),
+                   **_summary(runs[(i, b)], ar_runs)}
+            if quantize != "none" and "none" in ar_of:  # quality: where greedy output leaves the dense AR's
+                row["tokens_to_divergence_vs_" + dtype] = _divergence(runs[(i, b)][-1], runs[(ar_of["none"], b)][-1])
+            rows.append(row)
+    if lcpp_runs:
+        ar = ar_of.get("none")
+        rows.append({"engine": f"llama.cpp {lcpp.name}", "dtype": lcpp.name, "quantize": lcpp.name, "batch": 1,
+                     "decoding": "ar", "stride": 1, "branches": 0,
+                     **_summary(lcpp_runs, runs[(ar, 1)] if ar is not None else None)})
     if args.transformers:
         texts = prompts[1] if 1 in prompts else make_prompts(args.prompts)
         ar_1 = next((r for r in rows if r["decoding"] == "ar" and r["batch"] == 1), None)
@@ -229,6 +280,12 @@ def markdown_table(result: dict[str, Any]) -> str:
                  f"{m.get('cpu_capability')}), torch {m['torch']}, {result['rows'][0]['dtype']}, greedy, "
                  f"{result['max_tokens']} new tokens per request, {result['prompt_set']} prompts, median of "
                  f"{result['repeats']} interleaved repeats; adapter {result.get('adapter')}.")
+    for r in result["rows"]:
+        div = next((v for k, v in r.items() if k.startswith("tokens_to_divergence_vs_")), None)
+        if div is not None:
+            lines.append(f"{r['engine']} batch {r['batch']}: greedy output leaves the unquantized AR's after "
+                         f"{div['median']} tokens (median; per request {div['per_request']}); int8 kernel up to "
+                         f"{r['int8_row_limit']} rows.")
     choices = [f"{r['engine']} batch {r['batch']}: {r['choices']}" for r in result["rows"] if r.get("choices")]
     if choices:
         lines.append("")

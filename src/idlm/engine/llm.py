@@ -24,6 +24,7 @@ from idlm.loading.cache import cache_dir
 from idlm.models.fuse import fuse_projections
 from idlm.models.llama import CausalLM
 from idlm.models.lora import AdapterConfig, load_adapter
+from idlm.models.quantize import quantize_model
 
 DECODINGS = ("auto", "ar", "isd", "risd")
 # Acceptance by draft position assumed for an adapter that records none (adaptive decoding's prior).
@@ -79,16 +80,24 @@ class LLM:
         adapter: str | None = None,
         pack_cpu_weights: bool = True,
         fuse: bool = True,
+        quantize: str | None = None,
         **engine: Any,
     ):
         """adapter: a PEFT/idlm adapter dir; None = the model's default adapter if it ships one; "none" = no adapter.
         pack_cpu_weights: on CPU, pre-pack frozen weights for oneDNN (few-row forwards cost near one row).
         fuse: q/k/v and gate/up (and their adapters) as one matmul each (models/fuse.py).
+        quantize: None, or "int8" (CPU: int8 weights per output channel, products with bfloat16 inputs, everything
+            else in `dtype`; models/quantize.py).
         engine: `EngineConfig` fields (kv_cache_tokens, max_num_seqs, max_num_batched_tokens, max_model_len,
         kv_block_size, enable_prefix_caching, clamp_max_tokens)."""
         device = device or default_device()
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("device cuda requested but torch sees no CUDA device")
+        if quantize not in (None, "none", "int8"):
+            raise ValueError(f"unknown quantize {quantize!r}; choose int8 or none")
+        self.quantize = None if quantize in (None, "none") else quantize
+        if self.quantize and not device.startswith("cpu"):
+            raise ValueError("quantize int8 is a CPU path (the int8 kernel with bfloat16 inputs)")
         self.device = device
         self.dtype = parse_dtype(dtype, device)
         self.checkpoint = load_checkpoint(model, self.dtype, device)
@@ -103,6 +112,7 @@ class LLM:
         self.fused = fuse
         if fuse:
             fuse_projections(self.checkpoint.model)
+        self.int8_row_limit = quantize_model(self.checkpoint.model) if self.quantize else None
         if device == "cpu" and pack_cpu_weights:
             self.checkpoint.model.pack_for_cpu_inference()
         self.name = self.checkpoint.name
@@ -118,7 +128,7 @@ class LLM:
         self.checkpoint = None
         self.tokenizer = tokenizer
         self.adapter, self.adapter_path, self.name = adapter, None, name
-        self.fused = False
+        self.fused, self.quantize, self.int8_row_limit = False, None, None
         self._start(model, eos_token_ids, model.config.draft_len, engine)
         return self
 
@@ -154,7 +164,8 @@ class LLM:
         fit = blocks.num_free_blocks // blocks.blocks_for(CONTEXT + max(d.max_step_rows for d in decodings) + 2)
         batches = tuple(b for b in batches if b <= min(fit, self.engine.config.max_num_seqs)) or (1,)
         key = {**machine_key(), "model": self.name, "dtype": str(self.dtype), "device": str(self.device),
-               "adapter": str(self.adapter_path), "fused": self.fused, "batches": list(batches),
+               "adapter": str(self.adapter_path), "fused": self.fused, "quantize": self.quantize,
+               "batches": list(batches),
                "layouts": sorted({repr(d) for d in decodings}), "measures": "forward + greedy decode, interleaved"}
         if self.checkpoint is None:
             return measure(self.engine, decodings, list(batches), repeats=repeats, key=key)

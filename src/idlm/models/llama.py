@@ -10,6 +10,7 @@ chosen rows only (see `models/lora.py`); the base projections ignore it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -46,19 +47,32 @@ class RowGate:
         return cls(rows, (first, last + 1) if last - first + 1 == n else None)
 
 
+class PackedLinear:
+    """x @ w.T (+ bias) by oneDNN with the weight packed once: for frozen CPU inference, where oneDNN keeps
+    few-row products (AR and ISD steps) near the cost of one row and the default BLAS path pays up to 2x at 4-7
+    rows. Raises RuntimeError where oneDNN cannot pack the dtype (bf16 needs AVX512-BF16 / AVX-NE-CONVERT)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        with torch.no_grad():
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        self.bias = bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
 class Proj(nn.Linear):
     """nn.Linear whose forward accepts (and ignores) a LoRA gate; LoRA wrappers replace it.
 
-    `packed`: an optional oneDNN-packed copy of the weight for frozen CPU inference (see
-    `CausalLM.pack_for_cpu_inference`); oneDNN keeps few-row products (AR and ISD steps) near the cost of
-    one row, where the default BLAS path pays up to 2x at 4-7 rows.
+    `kernel`: an optional frozen-inference product replacing F.linear, bias included: a `PackedLinear`
+    (`CausalLM.pack_for_cpu_inference`) or an int8 one (models/quantize.py).
     """
 
-    packed: torch.Tensor | None = None
+    kernel: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def base(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if self.kernel is not None:
+            return self.kernel(x)
         return F.linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor, lora_gate: torch.Tensor | None = None) -> torch.Tensor:  # noqa: ARG002
@@ -188,6 +202,7 @@ class CausalLM(nn.Module):
         self.model = Backbone(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.mask_embedding: nn.Parameter | None = None
+        self.head_kernel: Callable[[torch.Tensor], torch.Tensor] | None = None  # frozen inference, like Proj.kernel
         self._inv_freq = rope_inv_freq(cfg)  # float32 always; not a buffer so dtype casts leave it alone
 
     # ---- MASK token -------------------------------------------------------------------------
@@ -242,21 +257,21 @@ class CausalLM(nn.Module):
         return self.model.norm(x)
 
     def pack_for_cpu_inference(self) -> bool:
-        """Pack every frozen projection's weight for oneDNN (CPU, float32/bfloat16). Weights must not change
-        afterwards (training never calls this). Returns False where oneDNN is unavailable."""
+        """Give every frozen projection without a kernel (and the LM head) a oneDNN-packed one (CPU, float32 /
+        bfloat16). Weights must not change afterwards (training never calls this). Returns False where oneDNN is
+        unavailable."""
         w = self.model.embed_tokens.weight
         if w.device.type != "cpu" or not torch.backends.mkldnn.is_available() or w.requires_grad:
             return False
-        projs = [m for m in self.modules() if isinstance(m, Proj)]
+        projs = [m for m in self.modules() if isinstance(m, Proj) and m.kernel is None]
         try:
-            with torch.no_grad():
-                packed = [torch.ops.mkldnn._reorder_linear_weight(m.weight, None) for m in projs]
-                head = torch.ops.mkldnn._reorder_linear_weight(self.output_weight(), None)
-        except RuntimeError:  # e.g. bf16 packing needs AVX512-BF16 / AVX-NE-CONVERT; keep the plain path
+            kernels = [PackedLinear(m.weight, m.bias) for m in projs]
+            head = self.head_kernel or PackedLinear(self.output_weight())
+        except RuntimeError:  # e.g. bf16 packing on a CPU without bf16 support; keep the plain path
             return False
-        for m, p in zip(projs, packed):
-            m.packed = p
-        self._packed_head = head
+        for m, k in zip(projs, kernels):
+            m.kernel = k
+        self.head_kernel = head
         return True
 
     def output_weight(self) -> torch.Tensor:
@@ -264,9 +279,8 @@ class CausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the real vocabulary for the given hidden rows; MASK can never be produced."""
-        head = getattr(self, "_packed_head", None)
-        if head is not None and not hidden.requires_grad:
-            out = torch.ops.mkldnn._linear_pointwise(hidden, head, None, "none", [], "")
+        if self.head_kernel is not None and not hidden.requires_grad:
+            out = self.head_kernel(hidden)
         else:
             out = F.linear(hidden, self.output_weight())
         if self.mask_token_id < self.config.vocab_size:  # MASK inside the vocab (official checkpoints)

@@ -1,0 +1,128 @@
+"""int8 weight-only projections for CPU inference: per-output-channel symmetric scales.
+
+Each projection (and the LM head) keeps w_int8 [N, K] with scales s [N] (w ~ w_int8 * s, |w_int8| <= 127) and
+computes `aten._weight_int8pack_mm(x_bf16, w_int8, s_bf16)`: it reads a quarter of fp32's bytes, is fast with
+bfloat16 inputs (and many times slower with fp32 ones), and rounds its output to bfloat16. Only the products run
+in bfloat16: the residual stream, attention, norms, the KV cache and the gated LoRA keep the model's dtype
+(float32 on CPU). A model kept in bfloat16 end to end drifted from itself between an AR step and a verify step
+(rounding of the residual stream compounds over layers and tokens), which breaks "greedy R-ISD == greedy AR";
+this way the int8 kernel is the only approximation, and it computes every row independently of the others, so
+an AR step and an R-ISD step produce the same numbers for the same token.
+
+The kernel is fastest for few-row products and slower than oneDNN's packed float32 product once a step has many
+rows, so a start-up microbenchmark (`int8_row_limit`, per machine: AVX2 and AVX-512-BF16 CPUs differ) picks the
+row count up to which it is used; above it, the dequantized weight w_int8 * s in float32, with the inputs and
+outputs rounded to bfloat16 as the int8 kernel rounds them (the same quantized model; the two differ only in the
+order of float32 accumulation). A limit of 0 means the plain float32 path everywhere.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from idlm.models.llama import CausalLM, PackedLinear, Proj
+
+log = logging.getLogger("idlm")
+ROW_CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
+KERNEL_DTYPE = torch.bfloat16  # the int8 kernel's activation dtype
+EXACT_TOP = 8  # logits recomputed exactly per row (Int8Linear.exact_top)
+
+
+def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """(w_int8 [N, K], scales [N] float32): symmetric per output channel, w ~ w_int8 * scales, scales from each
+    channel's largest |w| rounded up to a bfloat16 value (the int8 kernel takes bf16 scales, so the model is
+    exactly what it computes). (Choosing each channel's clip ratio for the least squared error changed top-1
+    agreement with fp32 on 1,040 held-out positions only from 95.6% to 95.8%: not kept.)"""
+    w = w.float()
+    exact = w.abs().amax(1).clamp_min(1e-12) / 127.0
+    scales = exact.to(KERNEL_DTYPE)
+    up = torch.nextafter(scales, torch.full_like(scales, float("inf")))
+    scales = torch.where(scales.float() < exact, up, scales).float()
+    return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
+
+
+class Int8Linear:
+    """x @ w.T (+ bias) with an int8 weight: the int8 kernel up to `row_limit` rows, the dequantized weight
+    (oneDNN-packed where possible) above it; x and the result keep x's dtype.
+
+    `exact_top` (the LM head): the kernel rounds logits to bfloat16, whose step is 0.125 at a logit of 16, so
+    close candidates would tie or swap by rounding alone. The `exact_top` largest outputs of each row are
+    recomputed in x's dtype from the same bf16 inputs and int8 weight (a k-row gather and a small product), so
+    the argmax and the near-top probabilities are those of the quantized model, not of its rounding."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, row_limit: int, exact_top: int = 0):
+        self.q, scales = quantize_int8(weight)
+        self.scales = scales.to(KERNEL_DTYPE)  # exact: quantize_int8 picks bf16 values
+        self.dequantized = (self.q.float() * scales[:, None]).to(weight.dtype)
+        self.bias = bias
+        self.row_limit = row_limit
+        self.exact_top = exact_top
+        try:
+            self.dense = PackedLinear(self.dequantized) if weight.device.type == "cpu" else None
+        except RuntimeError:
+            self.dense = None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        rows, k = x.numel() // x.shape[-1], x.shape[-1]
+        xb = x.reshape(rows, k).to(KERNEL_DTYPE)
+        if rows <= self.row_limit:
+            y = torch.ops.aten._weight_int8pack_mm(xb, self.q, self.scales)
+        else:
+            xd = xb.to(self.dequantized.dtype)
+            y = (self.dense(xd) if self.dense is not None else F.linear(xd, self.dequantized)).to(KERNEL_DTYPE)
+        y = y.to(x.dtype)
+        if self.exact_top:
+            top = y.topk(self.exact_top, dim=-1).indices  # [rows, k]
+            exact = torch.bmm(self.dequantized[top], xb.to(self.dequantized.dtype)[:, :, None])[..., 0]
+            y = y.scatter(-1, top, exact.to(y.dtype))
+        y = y.view(*x.shape[:-1], self.q.shape[0])
+        return y if self.bias is None else y + self.bias
+
+
+def int8_row_limit(in_features: int, out_features: int, dtype: torch.dtype = torch.float32, repeats: int = 30) -> int:
+    """The largest row count (of ROW_CANDIDATES) up to which the int8 kernel beats the dense path on this machine
+    for a [rows, in] x [in, out] projection with `dtype` activations (0: never). Interleaved, median of
+    `repeats`, casts included."""
+    lin = Int8Linear(torch.randn(out_features, in_features).to(dtype), None, 0)
+    kernel = Int8Linear(torch.randn(out_features, in_features).to(dtype), None, 1 << 30)
+    limit = 0
+    with torch.inference_mode():
+        for m in ROW_CANDIDATES:
+            x = torch.randn(m, in_features, dtype=dtype)
+            times: list[list[float]] = [[], []]
+            for r in range(repeats + 2):
+                for i, k in enumerate((kernel, lin)):
+                    t0 = time.perf_counter()
+                    k(x)
+                    if r >= 2:
+                        times[i].append(time.perf_counter() - t0)
+            int8, dense = (sorted(t)[len(t) // 2] for t in times)
+            if int8 >= dense:
+                break
+            limit = m
+    return limit
+
+
+def quantize_model(model: CausalLM, row_limit: int | None = None) -> int:
+    """Give every projection and the LM head of a frozen CPU model an `Int8Linear` kernel (the embedding lookup
+    keeps the exact weight); returns the row limit (measured on the largest projection unless given). Call
+    after fusing and before `pack_for_cpu_inference`, which leaves kernels in place."""
+    w = model.model.embed_tokens.weight
+    if w.device.type != "cpu" or w.requires_grad:
+        raise ValueError(f"int8 weights are for frozen inference on CPU (got a model on {w.device.type})")
+    projs = [m for m in model.modules() if isinstance(m, Proj)]
+    if row_limit is None:
+        big = max(projs, key=lambda m: m.weight.numel())
+        row_limit = int8_row_limit(big.in_features, big.out_features, w.dtype)
+        log.info("int8 (%s): the int8 kernel runs products of up to %d rows (measured), larger ones the "
+                 "dequantized weight", torch.backends.cpu.get_cpu_capability(), row_limit)
+    with torch.no_grad():
+        for m in projs:
+            m.kernel = Int8Linear(m.weight, m.bias, row_limit)
+            m.weight.data = m.kernel.dequantized  # what anything reading the weight sees is the quantized model
+        model.head_kernel = Int8Linear(model.output_weight(), None, row_limit, exact_top=EXACT_TOP)
+    return row_limit
