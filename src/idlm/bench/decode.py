@@ -212,7 +212,7 @@ def run_decode_bench(args: argparse.Namespace) -> dict[str, Any]:
             (quantize, stationary), ar = c["variant"], ar_of.get(c["variant"][0])
             ar_runs = runs[(ar, b)] if ar is not None and i != ar else None
             row = {"engine": c["engine"], "dtype": dtype, "quantize": quantize, "stationary": stationary,
-                   "int8_row_limit": llms[c["variant"]].int8_row_limit, "batch": b, "decoding": c["decoding"],
+                   "int8_row_limits": llms[c["variant"]].int8_row_limits, "batch": b, "decoding": c["decoding"],
                    "stride": c["stride"] or 1, "branches": c["options"].get("branches", 0),
                    **_summary(runs[(i, b)], ar_runs)}
             if quantize != "none" and "none" in ar_of:  # quality: where greedy output leaves the dense AR's
@@ -285,7 +285,7 @@ def markdown_table(result: dict[str, Any]) -> str:
         if div is not None:
             lines.append(f"{r['engine']} batch {r['batch']}: greedy output leaves the unquantized AR's after "
                          f"{div['median']} tokens (median; per request {div['per_request']}); int8 kernel up to "
-                         f"{r['int8_row_limit']} rows.")
+                         f"{r['int8_row_limits']} rows (by weight shape).")
     choices = [f"{r['engine']} batch {r['batch']}: {r['choices']}" for r in result["rows"] if r.get("choices")]
     if choices:
         lines.append("")

@@ -112,7 +112,7 @@ class LLM:
         self.fused = fuse
         if fuse:
             fuse_projections(self.checkpoint.model)
-        self.int8_row_limit = quantize_model(self.checkpoint.model) if self.quantize else None
+        self.int8_row_limits = quantize_model(self.checkpoint.model) if self.quantize else None
         if device == "cpu" and pack_cpu_weights:
             self.checkpoint.model.pack_for_cpu_inference()
         self.name = self.checkpoint.name
@@ -128,7 +128,7 @@ class LLM:
         self.checkpoint = None
         self.tokenizer = tokenizer
         self.adapter, self.adapter_path, self.name = adapter, None, name
-        self.fused, self.quantize, self.int8_row_limit = False, None, None
+        self.fused, self.quantize, self.int8_row_limits = False, None, None
         self._start(model, eos_token_ids, model.config.draft_len, engine)
         return self
 

@@ -19,9 +19,9 @@ from typing import Any
 from idlm.eval.tasks import EvalError, Item, Task
 
 DECODING_NAMES = ("ar", "auto", "isd", "risd")
-# int8: each product's inputs and outputs are rounded to bf16, and differences between AR and verify steps drift
-# over tokens (models/quantize.py; measured per-token log-prob differences up to 0.08 before a divergence)
-TIE_TOLERANCE = {"float32": 2e-3, "bfloat16": 5e-2, "float16": 2e-2, "int8": 0.5}
+# int8: each product's inputs and outputs are rounded to bf16, so AR and verify steps drift apart over tokens
+# (models/quantize.py; measured per-token log-prob differences up to 0.12, divergences at gaps of 0.002-0.09)
+TIE_TOLERANCE = {"float32": 2e-3, "bfloat16": 5e-2, "float16": 2e-2, "int8": 0.2}
 
 
 @dataclass(frozen=True)
