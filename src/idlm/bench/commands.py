@@ -84,6 +84,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--rows", type=int, default=12, help="ops per profiler table")
     pr.add_argument("--out", default="benchmarks/results")
     pr.set_defaults(func=_lazy("idlm.bench.profile", "run_profile_bench"))
+    k = bsub.add_parser("kernels", help="one projection's cost by row count: int8 kernel, fp32 and bf16 oneDNN, "
+                                        "for every weight shape of the model")
+    k.add_argument("--model", default="smollm2-135m")
+    k.add_argument("--rows", default="1,2,3,4,5,7,8,16,32", help="comma list of row counts")
+    k.add_argument("--repeats", type=int, default=30)
+    k.add_argument("--hot", action="store_true", help="one weight copy, in cache (default: copies read from memory, "
+                                                      "as in a decode step)")
+    k.add_argument("--out", default="benchmarks/results")
+    k.set_defaults(func=_lazy("idlm.bench.kernels", "run_kernels_bench"))
 
 
 def register_explore(sub: argparse._SubParsersAction) -> None:

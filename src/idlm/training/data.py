@@ -10,13 +10,13 @@ after that token (e.g. a newline) is dropped.
 """
 from __future__ import annotations
 
-import gzip
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import torch
+
+from idlm.jsonl import read_jsonl
 
 END_TOKEN_NAMES = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
@@ -33,24 +33,6 @@ class TokenizedExample:
 
 class DataError(ValueError):
     """A training file or record that cannot be used, with where and why."""
-
-
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"data file not found: {p}")
-    with (gzip.open(p, "rt", encoding="utf-8") if p.suffix == ".gz" else p.open(encoding="utf-8")) as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{p}:{n}: expected a JSON object")
-            yield n, rec
 
 
 def _ids(x: Any) -> list[int]:
@@ -137,7 +119,7 @@ def load_examples(
     end_ids = end_token_ids(tokenizer, eos_token_ids)
     out: list[TokenizedExample] = []
     for path in paths:
-        for n, rec in read_jsonl(path):
+        for n, rec in read_jsonl(path, DataError):
             try:
                 ex = tokenize_record(rec, tokenizer, end_ids, max_len)
             except DataError as e:

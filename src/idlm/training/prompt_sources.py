@@ -26,6 +26,7 @@ import tarfile
 from pathlib import Path
 from typing import Callable, Iterator
 
+from idlm.jsonl import read_jsonl
 from idlm.package_files import package_dir
 
 log = logging.getLogger("idlm.distill")
@@ -83,14 +84,7 @@ def _words(text: str, n: int) -> str:
 
 
 def _jsonl(path: Path) -> Iterator[dict]:
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError:
-                    continue
+    return (rec for _, rec in read_jsonl(path, DistillError, skip_invalid=True))
 
 
 def _check_path(p: Path) -> Path:

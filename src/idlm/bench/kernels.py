@@ -1,0 +1,107 @@
+"""`idlm bench kernels`: one projection's cost by row count and kernel, for every weight shape of a model.
+
+Kernels: the int8 kernel (`aten._weight_int8pack_mm`, bf16 inputs; models/quantize.py), oneDNN with the weight
+packed in float32 (the default path) and in bfloat16 (where the CPU packs it). The row counts are those of
+decode steps (AR: 1 per request; R-ISD stride N: 2N - 1). Interleaved, median of `repeats`; the table says
+which kernel is fastest at each row count, and the int8 row limit quantize_model would measure.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from idlm.bench.results import machine_info, write_results
+
+
+def _time(kernels: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {k: [] for k in kernels}
+    for r in range(repeats + 3):
+        for name, k in kernels.items():
+            t0 = time.perf_counter()
+            k()
+            if r >= 3:
+                times[name].append(time.perf_counter() - t0)
+    return {k: round(statistics.median(v) * 1e6, 1) for k, v in times.items()}
+
+
+def shapes(model: str) -> dict[str, tuple[int, int]]:
+    """(out, in) of each distinct product of the model once fused (q/k/v, o, gate/up, down, LM head)."""
+    from idlm.loading import load_checkpoint
+    from idlm.models.fuse import fuse_projections
+    from idlm.models.llama import Proj
+
+    m = load_checkpoint(model, torch.float32, "cpu").model.requires_grad_(False)
+    fuse_projections(m)
+    layer = m.model.layers[0]
+    names = {"qkv": layer.self_attn.qkv, "o": layer.self_attn.o_proj, "gate_up": layer.mlp.gate_up,
+             "down": layer.mlp.down_proj}
+    out = {n: tuple(p.weight.shape) for n, p in names.items() if isinstance(p, Proj)}
+    out["lm_head"] = tuple(m.output_weight().shape)
+    return out
+
+
+def run_kernels_bench(args: argparse.Namespace) -> dict[str, Any]:
+    from idlm.models.llama import PackedLinear
+    from idlm.models.quantize import Int8Linear, copies_beyond_cache, int8_row_limit
+
+    rows_list = [int(r) for r in args.rows.split(",")]
+    rows = []
+    for name, (n, k) in shapes(args.model).items():
+        w = torch.randn(n, k) * 0.05
+        copies = 1 if args.hot else copies_beyond_cache(w.numel() * 4)
+        int8 = [Int8Linear(w, None, 1 << 30) for _ in range(copies)]
+        fp32 = [PackedLinear(w) for _ in range(copies)]
+        try:
+            bf16 = [PackedLinear(w.bfloat16()) for _ in range(copies)]
+        except RuntimeError:
+            bf16 = None
+        with torch.inference_mode():
+            for m in rows_list:
+                x = torch.randn(m, k)
+                xb = x.bfloat16()
+                kernels = {"int8": _cycle(int8, x), "fp32": _cycle(fp32, x)}
+                if bf16 is not None:
+                    kernels["bf16"] = _cycle(bf16, xb)
+                t = _time(kernels, args.repeats)
+                rows.append({"product": name, "out": n, "in": k, "rows": m, **{f"{k_}_us": v for k_, v in t.items()},
+                             "fastest": min(t, key=t.get)})
+            limit = int8_row_limit(k, n)
+        for r in rows:
+            if r["product"] == name:
+                r["int8_row_limit"] = limit
+    result = {"benchmark": "kernels", "model": args.model, "repeats": args.repeats,
+              "weights": "hot (one copy, in cache)" if args.hot else "from memory (copies cycled past 64 MB)",
+              "rows": rows, "machine": machine_info("cpu"), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    write_results(result, Path(args.out), "kernels", markdown(result))
+    return result
+
+
+def _cycle(kernels: list, x: torch.Tensor) -> Callable[[], Any]:
+    """A call on the next copy of the weight each time."""
+    state = {"i": 0}
+
+    def call() -> Any:
+        state["i"] += 1
+        return kernels[state["i"] % len(kernels)](x)
+
+    return call
+
+
+def markdown(result: dict[str, Any]) -> str:
+    has_bf16 = any("bf16_us" in r for r in result["rows"])
+    lines = ["| product (out x in) | rows | int8 kernel (us) | fp32 oneDNN (us) | "
+             + ("bf16 oneDNN (us) | " if has_bf16 else "") + "fastest | int8 row limit |",
+             "|---|---|---|---|" + ("---|" if has_bf16 else "") + "---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['product']} ({r['out']} x {r['in']}) | {r['rows']} | {r['int8_us']} | {r['fp32_us']} | "
+                     + (f"{r.get('bf16_us', '')} | " if has_bf16 else "") + f"{r['fastest']} | {r['int8_row_limit']} |")
+    m = result["machine"]
+    lines += ["", f"{m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads, capability "
+                  f"{m['cpu_capability']}), torch {m['torch']}; median of {result['repeats']} interleaved calls; weights "
+                  f"{result['weights']}."]
+    return "\n".join(lines) + "\n"
