@@ -115,7 +115,7 @@ def test_embedded_int8_top1_agrees_with_fp32_and_risd_int8_equals_ar_int8(embedd
     # kernel choice by row count) into bf16 steps. Measured per-token log-prob differences between the two runs:
     # median ~0.005, max 0.12 (fp32: 1e-6, 2e-5); 6 of 16 prompts x 64 tokens diverged, all where both runs' own
     # top-2 log-probs were 0.002-0.09 apart. A wrong kernel, gate or verify rule differs by far more, and soon.
-    logprobs = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True, logprobs=2)
+    logprobs = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True, logprobs=5)
     ar = int8.chat(convs[:5], logprobs, decoding="ar")
     for a, r in zip(ar, int8.chat(convs[:5], logprobs, decoding="risd", stride=4)):
         div = divergence(a, r, TIE_TOLERANCE["int8"])

@@ -36,7 +36,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         runs = runner.parse_runs(llm.default_decoding, args.stride)
     greedy = args.temperature == 0.0
     params = SamplingParams(temperature=args.temperature, max_tokens=max_tokens, seed=args.seed,
-                            logprobs=2 if greedy and len(runs) > 1 else None)
+                            logprobs=5 if greedy and len(runs) > 1 else None)
     dtype = str(llm.dtype).replace("torch.", "")
     tie = args.tie_tolerance
     if tie is None:
