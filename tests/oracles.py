@@ -21,16 +21,14 @@ def top2_gap(model, ids: list[int]) -> float:
     return float(top[0] - top[1])
 
 
-def assert_same_tokens(got: list[int], expected: list[int], prompt_ids: list[int], model, label: str = "",
-                       tie_gap: float = TIE_GAP) -> None:
-    """Equal token for token; a first divergence passes only where the reference's top-2 gap < `tie_gap` (1e-5 for
-    fp32; bf16 rounding needs about 1e-1)."""
+def assert_same_tokens(got: list[int], expected: list[int], prompt_ids: list[int], model, label: str = "") -> None:
+    """Equal token for token; a first divergence passes only where the reference's top-2 gap < 1e-5."""
     n = min(len(got), len(expected))
     for i in range(n):
         if got[i] != expected[i]:
             gap = top2_gap(model, prompt_ids + expected[:i])
             print(f"{label}: first divergence at token {i}, reference top-2 logit gap {gap:.2e}")
-            assert gap < tie_gap, f"{label}: tokens differ at {i} ({got[i]} vs {expected[i]}), top-2 gap {gap:.2e}"
+            assert gap < TIE_GAP, f"{label}: tokens differ at {i} ({got[i]} vs {expected[i]}), top-2 gap {gap:.2e}"
             return
     assert len(got) == len(expected), f"{label}: lengths differ ({len(got)} vs {len(expected)})"
 
