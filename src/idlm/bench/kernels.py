@@ -8,7 +8,6 @@ which kernel is fastest at each row count, and the int8 row limit quantize_model
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -16,17 +15,6 @@ from typing import Any, Callable
 import torch
 
 from idlm.bench.results import machine_info, write_results
-
-
-def _time(kernels: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {k: [] for k in kernels}
-    for r in range(repeats + 3):
-        for name, k in kernels.items():
-            t0 = time.perf_counter()
-            k()
-            if r >= 3:
-                times[name].append(time.perf_counter() - t0)
-    return {k: round(statistics.median(v) * 1e6, 1) for k, v in times.items()}
 
 
 def shapes(model: str) -> dict[str, tuple[int, int]]:
@@ -47,7 +35,7 @@ def shapes(model: str) -> dict[str, tuple[int, int]]:
 
 def run_kernels_bench(args: argparse.Namespace) -> dict[str, Any]:
     from idlm.models.llama import PackedLinear
-    from idlm.models.quantize import Int8Linear, copies_beyond_cache, int8_row_limit
+    from idlm.models.quantize import Int8Linear, copies_beyond_cache, int8_row_limit, interleaved_medians
 
     rows_list = [int(r) for r in args.rows.split(",")]
     rows = []
@@ -67,7 +55,7 @@ def run_kernels_bench(args: argparse.Namespace) -> dict[str, Any]:
                 kernels = {"int8": _cycle(int8, x), "fp32": _cycle(fp32, x)}
                 if bf16 is not None:
                     kernels["bf16"] = _cycle(bf16, xb)
-                t = _time(kernels, args.repeats)
+                t = {n: round(v * 1e6, 1) for n, v in interleaved_medians(kernels, args.repeats, warmup=3).items()}
                 rows.append({"product": name, "out": n, "in": k, "rows": m, **{f"{k_}_us": v for k_, v in t.items()},
                              "fastest": min(t, key=t.get)})
             limit = int8_row_limit(k, n)

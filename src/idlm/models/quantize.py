@@ -5,9 +5,9 @@ computes `aten._weight_int8pack_mm(x_bf16, w_int8, s_bf16)`: it reads a quarter 
 bfloat16 inputs (and many times slower with fp32 ones), and rounds its output to bfloat16. Only the products run
 in bfloat16: the residual stream, attention, norms, the KV cache and the gated LoRA keep the model's dtype
 (float32 on CPU). A model kept in bfloat16 end to end drifted from itself between an AR step and a verify step
-(rounding of the residual stream compounds over layers and tokens), which breaks "greedy R-ISD == greedy AR";
-this way the int8 kernel is the only approximation, and it computes every row independently of the others, so
-an AR step and an R-ISD step produce the same numbers for the same token.
+(rounding of the residual stream compounds over layers and tokens). Even so, rounding the products' inputs
+to bf16 turns the 1e-7 differences between a 1-row AR step and a many-row verify step into bf16 steps, so
+greedy R-ISD int8 equals greedy AR int8 up to near-ties at bf16 precision, not bitwise (docs/architecture.md).
 
 The kernel is fastest for few-row products and slower than oneDNN's packed float32 product once a step has many
 rows, so a start-up microbenchmark (`int8_row_limit`, per machine: AVX2 and AVX-512-BF16 CPUs differ) picks the
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,19 @@ class Int8Linear:
         return y if self.bias is None else y + self.bias
 
 
+def interleaved_medians(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Seconds per call of each function (median of `repeats`), called in turn so all see the same machine
+    state; the first `warmup` rounds are not counted."""
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for r in range(repeats + warmup):
+        for name, f in calls.items():
+            t0 = time.perf_counter()
+            f()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
 def copies_beyond_cache(weight_bytes: int, cache_bytes: int = 64 << 20) -> int:
     """How many copies of a weight to cycle through so that each timed call reads it from memory, as a decode
     step does (it streams every layer's weights once); one hot weight would time the cache instead. At most
@@ -100,18 +114,18 @@ def int8_row_limit(in_features: int, out_features: int, dtype: torch.dtype = tor
     with torch.inference_mode():
         for m in ROW_CANDIDATES:
             x = torch.randn(m, in_features, dtype=dtype)
-            times: list[list[float]] = [[], []]
-            for r in range(repeats + 2):
-                for i, row_limit in enumerate((1 << 30, 0)):  # the int8 kernel, then the dense path
+
+            def on_next_copy(row_limit: int) -> Callable[[], Tensor]:
+                def call() -> Tensor:
+                    nonlocal calls
                     lin = lins[calls % len(lins)]
                     calls += 1
                     lin.row_limit = row_limit
-                    t0 = time.perf_counter()
-                    lin(x)
-                    if r >= 2:
-                        times[i].append(time.perf_counter() - t0)
-            int8, dense = (sorted(t)[len(t) // 2] for t in times)
-            if int8 >= dense:
+                    return lin(x)
+                return call
+
+            t = interleaved_medians({"int8": on_next_copy(1 << 30), "dense": on_next_copy(0)}, repeats)
+            if t["int8"] >= t["dense"]:
                 break
             limit = m
     return limit
