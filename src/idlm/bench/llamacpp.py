@@ -2,7 +2,8 @@
 
 llama-cpp-python is optional (`pip install idlm[bench]`, which builds llama.cpp from source: 10-17 minutes on
 a 2-core machine); without it the benchmark notes how to add the row and goes on. Greedy, batch 1, the prompt
-through the model's chat template (the same token ids as idlm's rows), exactly `max_tokens` new tokens (EOS ignored), wall time per request.
+through the model's chat template (the same token ids as idlm's rows), exactly `max_tokens` new tokens (EOS
+ignored), wall time per request.
 """
 from __future__ import annotations
 
@@ -38,10 +39,8 @@ class LlamaCpp:
         self.name = f"{gguf.stem.rsplit('.', 1)[-1]} (llama-cpp-python {llama_cpp.__version__})"
         self.llm = Llama(model_path=str(gguf), n_ctx=context, n_threads=threads, n_threads_batch=threads,
                          n_batch=512, verbose=False)
-        self.eos = self.llm.token_eos()
 
     def _generate(self, ids: list[int], max_tokens: int) -> list[int]:
-        self.llm.reset()
         out: list[int] = []
         for tok in self.llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
             out.append(tok)  # EOS ignored: every request does the same work as the other rows
