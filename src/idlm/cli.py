@@ -26,6 +26,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="recompute shared prompt prefixes")
     p.add_argument("--stationary", action="store_true",
                    help="every ISD decode step feeds its layout's widest row count (cold rounds padded)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compiled forwards (torch.compile; each step shape compiles once, minutes on a cold "
+                        "cache). Default: on for serve, off for one-shot commands")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -87,7 +90,7 @@ def load_llm(args: argparse.Namespace):
     return LLM(args.model, adapter=args.adapter, dtype=args.dtype, device=args.device, quantize=args.quantize,
                kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.prefix_caching,
-               stationary=args.stationary, clamp_max_tokens=True)
+               stationary=args.stationary, compile=bool(args.compile), clamp_max_tokens=True)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -14,7 +14,13 @@ from test_lora import random_gated_adapter
 
 
 class Server(ServerProcess):
-    """A running `idlm serve` (started as users start it) with readers of its /metrics and memory."""
+    """A running `idlm serve` (started as users start it) with readers of its /metrics and memory.
+
+    Eager steps unless `compile=True` (serve's default): compiling costs a server start-up tens of seconds on a
+    cold cache, and tests/test_compile.py covers the compiled forward."""
+
+    def __init__(self, *args: str, compile: bool = False, **kw):
+        super().__init__(*args, *([] if compile else ["--no-compile"]), **kw)
 
     def metrics(self) -> dict[str, float]:
         """Unlabelled samples and labelled ones as name{labels} -> value."""

@@ -24,7 +24,8 @@ SERVED = "tiny"
 def server(tiny_model):  # noqa: F811
     model, adapter = tiny_model
     s = Server("--model", str(model), "--adapter", str(adapter), "--decoding", "ar", "--served-model-name", SERVED,
-               "--kv-cache-tokens", "8192", "--max-model-len", "512")
+               "--kv-cache-tokens", "8192", "--max-model-len", "512", compile=True)  # serve's default: compiled
+    assert "compiled step graphs" in s.log
     yield s
     assert s.stop() == 0, s.log
 

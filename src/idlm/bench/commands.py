@@ -29,6 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                       "weights, bfloat16 inputs to the products), one interleaved run")
     d.add_argument("--stationary", choices=["off", "on", "both"], default="off",
                    help="the stationary-batch mode (ISD steps padded to their layout's width); both: rows of each")
+    d.add_argument("--compile", choices=["off", "on", "both"], default="off",
+                   help="compiled forwards (models/compile.py); both: rows of each")
     d.add_argument("--no-transformers", dest="transformers", action="store_false",
                    help="skip the transformers generate baseline")
     d.add_argument("--no-llamacpp", dest="llamacpp", action="store_false",

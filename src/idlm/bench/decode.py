@@ -16,7 +16,7 @@ import sys
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -39,6 +39,14 @@ def heldout_prompts(n: int) -> list[str]:
 
 
 PROMPT_SETS = {"heldout": heldout_prompts, "bench": bench_prompts}
+
+
+class Variant(NamedTuple):
+    """One engine configuration of a run (its own LLM)."""
+
+    quantize: str
+    stationary: bool
+    compile: bool
 
 
 def run_ours(llm, prompts: list[str], max_tokens: int, batch: int, decoding: str, stride: int | None,
@@ -174,19 +182,24 @@ def run_decode_bench(args: argparse.Namespace) -> dict[str, Any]:
     make_prompts = PROMPT_SETS[args.prompt_set]
     prompts = {b: make_prompts(max(args.prompts, b)) for b in batches}
     dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
-    # engine variants: weight format x stationary mode, each its own LLM, every row interleaved in one run
-    variants = [(q.strip(), st) for q in str(args.quantize).split(",") if q.strip()
-                for st in ([False, True] if args.stationary == "both" else [args.stationary == "on"])]
+    # engine variants: weight format x stationary mode x compiled, each its own LLM, every row interleaved in one run
+    def modes(flag: str) -> list[bool]:
+        return [False, True] if flag == "both" else [flag == "on"]
+
+    variants = [Variant(q.strip(), st, cp) for q in str(args.quantize).split(",") if q.strip()
+                for st in modes(args.stationary) for cp in modes(args.compile)]
     llms = {v: LLM(args.model, adapter=args.adapter, dtype=dtype, device=device, max_num_seqs=max(batches),
-                   kv_cache_tokens=max(batches) * (args.max_tokens + 320), quantize=v[0], stationary=v[1])
+                   kv_cache_tokens=max(batches) * (args.max_tokens + 320), quantize=v.quantize,
+                   stationary=v.stationary, compile=v.compile)
             for v in variants}
     llm = llms[variants[0]]
     base, notes = configurations(args, llm.adapter is not None)
-    configs = [{**c, "variant": v, "engine": c["engine"] + ("" if v[0] == "none" else f" {v[0]}")
-                + (" stationary" if v[1] else "")}
-               for v in variants for c in base if not (v[1] and c["decoding"] == "ar")]  # AR has nothing to pad
-    for c in configs:  # warm-up (and the cost model of auto, measured once per machine and cached)
-        run_ours(llms[c["variant"]], prompts[batches[0]][:1], 8, 1, c["decoding"], c["stride"], **c["options"])
+    configs = [{**c, "variant": v, "engine": c["engine"] + ("" if v.quantize == "none" else f" {v.quantize}")
+                + (" stationary" if v.stationary else "") + (" compiled" if v.compile else "")}
+               for v in variants for c in base if not (v.stationary and c["decoding"] == "ar")]  # AR: nothing to pad
+    for c in configs:  # warm-up at every batch size: the cost model of auto (measured once per machine and cached),
+        for b in batches:  # compiled variants' graphs
+            run_ours(llms[c["variant"]], prompts[b][:b], 8, b, c["decoding"], c["stride"], **c["options"])
     lcpp = _llamacpp(args, batches, notes)
     if lcpp is not None:
         lcpp_ids = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in prompts[1]]
@@ -205,21 +218,25 @@ def run_decode_bench(args: argparse.Namespace) -> dict[str, Any]:
                 lcpp_runs.append(lcpp.run(lcpp_ids, args.max_tokens))
                 print(f"repeat {r + 1}/{args.repeats} batch  1 {'llama.cpp':>28}: {lcpp_runs[-1]['tok_per_s']:7.2f} "
                       f"tok/s", file=sys.stderr)
-    ar_of = {c["variant"][0]: i for i, c in enumerate(configs) if c["decoding"] == "ar"}  # AR of each weight format
+    # the AR row of each weight format and compile mode
+    ar_of = {(c["variant"].quantize, c["variant"].compile): i for i, c in enumerate(configs) if c["decoding"] == "ar"}
     rows = []
     for b in batches:
         for i, c in enumerate(configs):
-            (quantize, stationary), ar = c["variant"], ar_of.get(c["variant"][0])
+            v = c["variant"]
+            ar = ar_of.get((v.quantize, v.compile))
             ar_runs = runs[(ar, b)] if ar is not None and i != ar else None
-            row = {"engine": c["engine"], "dtype": dtype, "quantize": quantize, "stationary": stationary,
-                   "int8_row_limits": llms[c["variant"]].int8_row_limits, "batch": b, "decoding": c["decoding"],
+            row = {"engine": c["engine"], "dtype": dtype, "quantize": v.quantize, "stationary": v.stationary,
+                   "compile": v.compile, "int8_row_limits": llms[v].int8_row_limits, "batch": b,
+                   "decoding": c["decoding"],
                    "stride": c["stride"] or 1, "branches": c["options"].get("branches", 0),
                    **_summary(runs[(i, b)], ar_runs)}
-            if quantize != "none" and "none" in ar_of:  # quality: where greedy output leaves the dense AR's
-                row["tokens_to_divergence_vs_" + dtype] = _divergence(runs[(i, b)][-1], runs[(ar_of["none"], b)][-1])
+            dense_ar = ar_of.get(("none", False))
+            if v.quantize != "none" and dense_ar is not None:  # quality: where greedy output leaves the dense AR's
+                row["tokens_to_divergence_vs_" + dtype] = _divergence(runs[(i, b)][-1], runs[(dense_ar, b)][-1])
             rows.append(row)
     if lcpp_runs:
-        ar = ar_of.get("none")
+        ar = ar_of.get(("none", False))
         rows.append({"engine": f"llama.cpp {lcpp.name}", "dtype": lcpp.name, "quantize": lcpp.name, "batch": 1,
                      "decoding": "ar", "stride": 1, "branches": 0,
                      **_summary(lcpp_runs, runs[(ar, 1)] if ar is not None else None)})

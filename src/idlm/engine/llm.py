@@ -5,6 +5,7 @@ evaluation all submit requests here and step the same engine (continuous batchin
 """
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence as Seq
@@ -89,7 +90,7 @@ class LLM:
         quantize: None, or "int8" (CPU: int8 weights per output channel, products with bfloat16 inputs, everything
             else in `dtype`; models/quantize.py).
         engine: `EngineConfig` fields (kv_cache_tokens, max_num_seqs, max_num_batched_tokens, max_model_len,
-        kv_block_size, enable_prefix_caching, clamp_max_tokens)."""
+        kv_block_size, enable_prefix_caching, clamp_max_tokens, stationary, compile)."""
         device = device or default_device()
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("device cuda requested but torch sees no CUDA device")
@@ -137,6 +138,8 @@ class LLM:
             config = EngineConfig(**engine)
         except TypeError as e:
             raise ValueError(f"unknown engine option: {e}") from e
+        if config.compile:  # compiled kernels persist beside the converted models (the default is under /tmp)
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
         self.model = model
         self.model_draft_len = draft_len
         self.engine = LLMEngine(model, self.tokenizer, eos_token_ids, config)
@@ -165,6 +168,7 @@ class LLM:
         batches = tuple(b for b in batches if b <= min(fit, self.engine.config.max_num_seqs)) or (1,)
         key = {**machine_key(), "model": self.name, "dtype": str(self.dtype), "device": str(self.device),
                "adapter": str(self.adapter_path), "fused": self.fused, "quantize": self.quantize,
+               "compile": self.engine.config.compile,
                "batches": list(batches),
                "layouts": sorted({repr(d) for d in decodings}), "measures": "forward + greedy decode, interleaved"}
         if self.checkpoint is None:
@@ -294,6 +298,15 @@ class LLM:
         throughout (continuous batching). Closing the iterator early aborts the requests still running."""
         items = [(p, self.encode(p)) if isinstance(p, str) else (None, list(p)) for p in prompts]
         return self._as_completed(items, params, self._decodings(len(items), decoding, stride, options))
+
+    def warm_up(self, decoding: str | None = None, stride: int | None = None) -> None:
+        """A short greedy request alone and two together, by AR and by `decoding` (default: the default one), so
+        compiled step graphs (and auto's cost model) exist before the first real request. Needs an idle engine."""
+        params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+        prompt = self.encode("Warm-up: count from one to ten.")
+        for d in dict.fromkeys(["ar", decoding or self.default_decoding]):
+            for n in (1, 2):
+                self.generate([prompt] * n, params, decoding=d, stride=None if d == "ar" else stride)
 
     def stream(self, prompt_ids: list[int], params: SamplingParams | None = None, *, decoding: Any = None,
                stride: int | None = None, **options: Any) -> Iterator[tuple[str, RequestOutput | None]]:

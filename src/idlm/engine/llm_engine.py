@@ -40,6 +40,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     clamp_max_tokens: bool = False  # shorten max_tokens to what fits instead of refusing the request
     stationary: bool = False  # every ISD decode step feeds its layout's widest row count (scheduler.py)
+    compile: bool = False  # compiled forwards (models/compile.py); each new step shape class compiles once
 
     def __post_init__(self) -> None:
         for name in ("kv_cache_tokens", "kv_block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -63,7 +64,7 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or model.config.max_position_embeddings
         num_blocks = -(-config.kv_cache_tokens // config.kv_block_size)
         self.kv = KVCache(model.config, num_blocks, config.kv_block_size, self.dtype, self.device)
-        self.runner = ModelRunner(model, self.kv, self.device)
+        self.runner = ModelRunner(model, self.kv, self.device, config.compile)
         self.blocks = BlockManager(num_blocks, config.kv_block_size)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.enable_prefix_caching, config.stationary)

@@ -13,6 +13,7 @@ import torch
 from idlm.decoding.policy import StepPlan
 from idlm.engine.kv_cache import KVCache
 from idlm.models.attention import PagedAttention
+from idlm.models.compile import CompiledForward
 from idlm.models.llama import LORA_OFF, CausalLM
 
 
@@ -24,8 +25,11 @@ class RunnerInput:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv: KVCache, device: torch.device):
+    def __init__(self, model: CausalLM, kv: KVCache, device: torch.device, compile: bool = False):
+        """compile: run forwards through `models.compile.CompiledForward` (the model's kernels stay, the ops
+        between them are compiled; the first step of each shape class compiles)."""
         self.model = model
+        self.forward = CompiledForward(model) if compile else model
         self.kv = kv
         self.device = device
         self.num_forwards = 0
@@ -63,8 +67,8 @@ class ModelRunner:
             gate = LORA_OFF
         else:
             gate = torch.tensor(gates, device=dev)
-        hidden = self.model(torch.tensor(ids, dtype=torch.long, device=dev),
-                            torch.tensor(positions, dtype=torch.long, device=dev), meta, lora_gate=gate)
+        hidden = self.forward(torch.tensor(ids, dtype=torch.long, device=dev),
+                              torch.tensor(positions, dtype=torch.long, device=dev), meta, lora_gate=gate)
         self.num_forwards += 1
         self.num_rows += len(ids)
         extra = hidden[torch.tensor(hidden_rows, device=dev)] if hidden_rows else None

@@ -31,7 +31,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     max_tokens = args.max_tokens or task.max_tokens
     # the default KV pool (32k tokens) holds 16 requests of 2k; beyond it the scheduler preempts, never fails
     llm = LLM(args.model, adapter=args.adapter, dtype=args.dtype, device=args.device, quantize=args.quantize,
-              max_num_seqs=args.batch_size, clamp_max_tokens=True)
+              max_num_seqs=args.batch_size, compile=args.compile, clamp_max_tokens=True)
     if runs is None:
         runs = runner.parse_runs(llm.default_decoding, args.stride)
     greedy = args.temperature == 0.0
@@ -54,6 +54,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "task": task.name, "about": task.about, "n": len(items), "data_file": str(path),
         "command": "idlm " + " ".join(sys.argv[1:]), "model": args.model,
         "adapter": str(llm.adapter_path) if llm.adapter_path else None, "dtype": dtype, "quantize": llm.quantize,
+        "compile": args.compile,
         "temperature": args.temperature, "seed": args.seed, "max_tokens": max_tokens, "batch_size": args.batch_size,
         "tie_tolerance": tie if greedy else None, "sandbox_network": network_isolation() if task.name == "humaneval"
         else None, "machine": machine_info(str(llm.device)), "runs": results, "parity": par,
@@ -90,6 +91,7 @@ def register(subparsers) -> None:
     e.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     e.add_argument("--device", choices=["cpu", "cuda"], default=None)
     e.add_argument("--quantize", choices=["none", "int8"], default=None, help="int8 weights (models/quantize.py)")
+    e.add_argument("--compile", action="store_true", help="compiled forwards (models/compile.py)")
     e.add_argument("--batch-size", type=int, default=16, help="requests decoded together")
     e.add_argument("--max-tokens", type=int, default=None, help="answer budget (default: the task's)")
     e.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default; parity needs it)")

@@ -21,11 +21,13 @@ class AttentionBackend(Protocol):
         """q: [..., H, D], k/v: [..., Hkv, D] -> [..., H, D]."""
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+          folded_mask: torch.Tensor | None = None) -> torch.Tensor:
     """q: [B, H, Q, D], k/v: [B, Hkv, S, D]; grouped-query heads share kv heads (never materialized H times).
 
     With a mask, the G query heads of a kv head are folded into the query axis ([B, Hkv, G*Q, D]) so one
     kv head serves them all; measured on CPU (32 sequences x 900 keys) 16x faster than repeating k/v.
+    `folded_mask`: the mask already repeated for the G heads (`_fold`), when the caller reuses it over layers.
     """
     b, h, qn, d = q.shape
     groups = h // k.shape[1]
@@ -34,8 +36,14 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     if groups == 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     folded = q.reshape(b, k.shape[1], groups * qn, d)
-    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask.repeat(1, 1, groups, 1))
+    folded_mask = _fold(mask, groups) if folded_mask is None else folded_mask
+    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=folded_mask)
     return out.reshape(b, h, qn, d)
+
+
+def _fold(mask: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, 1, Q, S] -> [B, 1, G*Q, S]: the mask of query heads folded into the query axis (see `_sdpa`)."""
+    return mask.repeat(1, 1, groups, 1)
 
 
 @dataclass
@@ -93,6 +101,7 @@ class _Group:
     q_index: [B, Qmax] index of each sequence's rows in the group's rows + a zero row (R), or None when B == 1.
     out_index: [R] positions of the real rows in the flattened [B * Qmax] output, or None when B == 1.
     mask: [B, 1, Qmax, nb * block_size] bool: which cached and new keys each row sees.
+    folded: the mask folded for grouped-query heads, made by the first layer and reused by the others.
     """
 
     rows: torch.Tensor | None
@@ -100,6 +109,7 @@ class _Group:
     q_index: torch.Tensor | None
     out_index: torch.Tensor | None
     mask: torch.Tensor
+    folded: torch.Tensor | None = None
 
     def attend(self, kp: torch.Tensor, vp: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         nblocks, bs, hkv, d = kp.shape
@@ -107,7 +117,10 @@ class _Group:
         keys = kp[self.block_tables].view(b, nb * bs, hkv, d).transpose(1, 2)
         vals = vp[self.block_tables].view(b, nb * bs, hkv, d).transpose(1, 2)
         qb = q.unsqueeze(0) if self.q_index is None else torch.cat([q, q.new_zeros(1, *q.shape[1:])])[self.q_index]
-        out = _sdpa(qb.transpose(1, 2), keys, vals, self.mask).transpose(1, 2)  # [B, Qmax, H, D]
+        groups = q.shape[1] // hkv
+        if groups > 1 and self.folded is None:
+            self.folded = _fold(self.mask, groups)
+        out = _sdpa(qb.transpose(1, 2), keys, vals, self.mask, self.folded).transpose(1, 2)  # [B, Qmax, H, D]
         return out[0] if self.out_index is None else out.reshape(-1, *out.shape[2:])[self.out_index]
 
 

@@ -58,6 +58,12 @@ class LoRAProj(Proj):
         return flat.index_add(0, rows, self._delta(xf.index_select(0, rows)).to(flat.dtype)).view_as(y)
 
     def _delta(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # products of a few MASK rows: as BLAS calls each costs ~30 us of threading overhead whatever its
+            # size (a step has two per projection group per layer); as multiply-and-sum the compiler emits one
+            # fused loop per product (models/compile.py). Only drafts change by the different summation order.
+            h = (x.unsqueeze(-2) * self.lora_A).sum(-1) * self.scaling
+            return (h.unsqueeze(-2) * self.lora_B).sum(-1)
         return F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)
 
 

@@ -12,6 +12,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 
 log = logging.getLogger("idlm.serve")
 
@@ -52,7 +53,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     llm = LLM(args.model, adapter=args.adapter, dtype=args.dtype, device=args.device, quantize=args.quantize,
               kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.prefix_caching,
-              max_model_len=args.max_model_len, stationary=args.stationary)
+              max_model_len=args.max_model_len, stationary=args.stationary, compile=args.compile is not False)
     options = ServeOptions(args.served_model_name or llm.name, args.decoding or llm.default_decoding, args.stride,
                            args.api_key, args.max_queue, args.drain_timeout)
     engine = AsyncLLM(llm.engine)
@@ -64,6 +65,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logger.addHandler(h)
         logger.propagate = False
+    if llm.engine.config.compile:  # compile the step graphs now, not on the first requests
+        t0 = time.perf_counter()
+        llm.warm_up(options.decoding, options.stride)
+        log.info("compiled step graphs in %.1f s (--no-compile: eager steps, no start-up compile)",
+                 time.perf_counter() - t0)
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None) -> None:

@@ -1,0 +1,123 @@
+"""Compiled serving forwards: one inductor graph per step shape class, our kernels and the paged attention
+kept as opaque calls inside it.
+
+What the compiler takes: everything between the products (embedding, RMSNorm, RoPE, the q/k/v split, SiLU
+times up, residual adds, the gated adapter's gather / small products / scatter), which eager PyTorch runs as
+some 40 small ops per layer, each paying dispatch overhead. What it must not take: the products' kernels
+(oneDNN-packed weights and int8 weights are opaque objects chosen per machine, models/llama.py PackedLinear,
+models/quantize.py Int8Linear) and the paged attention (its metadata is rebuilt by the runner every step and
+it writes the KV pool). Both enter the graph as custom ops (`idlm::kernel`, `idlm::attend`) whose
+implementations look the callable up by an integer handle, so a graph never holds a step's metadata and never
+recompiles for it.
+
+Shapes: compiled with dynamic dims, so the number of rows and of gated rows are symbols; PyTorch specializes
+sizes 0 and 1, so a batch-1 AR step (1 row) gets its own graph and every other step shares one. The gate
+kinds (none, all rows, chosen rows) are separate graphs. No step recompiles once its class has been seen.
+Devices without our CPU kernels trace the plain F.linear, which the compiler then lowers itself.
+"""
+from __future__ import annotations
+
+import itertools
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from idlm.models.attention import AttentionBackend
+from idlm.models.llama import CausalLM, Proj, RowGate
+
+_owners: "weakref.WeakValueDictionary[int, CompiledForward]" = weakref.WeakValueDictionary()
+_handles = itertools.count()
+
+_lib = torch.library.Library("idlm", "DEF")
+_lib.define("kernel(Tensor x, int owner, int index, int out_features) -> Tensor")
+_lib.define("attend(Tensor q, Tensor k, Tensor v, int owner, int layer) -> Tensor")
+
+
+def _kernel(x: Tensor, owner: int, index: int, out_features: int) -> Tensor:  # noqa: ARG001
+    return _owners[owner].kernels[index](x).contiguous()
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, owner: int, layer: int) -> Tensor:
+    attn = _owners[owner].attn
+    if attn is None:
+        raise RuntimeError("idlm::attend called outside a CompiledForward call")
+    return attn.attend(layer, q, k, v).contiguous()
+
+
+_lib.impl("kernel", _kernel, "CompositeExplicitAutograd")
+_lib.impl("attend", _attend, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("idlm::kernel")
+def _kernel_shape(x: Tensor, owner: int, index: int, out_features: int) -> Tensor:  # noqa: ARG001
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+@torch.library.register_fake("idlm::attend")
+def _attend_shape(q: Tensor, k: Tensor, v: Tensor, owner: int, layer: int) -> Tensor:  # noqa: ARG001
+    return q.new_empty(q.shape)
+
+
+class OpaqueKernel:
+    """A projection's kernel as the compiler sees it: one `idlm::kernel` call (eager: the kernel itself)."""
+
+    def __init__(self, owner: int, index: int, out_features: int, inner: Callable[[Tensor], Tensor]):
+        self.owner, self.index, self.out_features, self.inner = owner, index, out_features, inner
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            return torch.ops.idlm.kernel(x, self.owner, self.index, self.out_features)
+        return self.inner(x)
+
+
+class _OpaqueAttention:
+    """The attention backend inside the graph: the step's real backend is looked up when the graph runs."""
+
+    def __init__(self, owner: int):
+        self.owner = owner
+
+    def attend(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return torch.ops.idlm.attend(q, k, v, self.owner, layer_idx)
+
+
+class CompiledForward:
+    """`model(input_ids [T], positions [T], attn, lora_gate)` for serving, compiled (see the module doc).
+
+    Wraps the model's projection kernels in place (eager calls are unchanged), so build it after the model's
+    kernels are final (fusing, int8, packing)."""
+
+    def __init__(self, model: CausalLM):
+        self.model = model
+        self.handle = next(_handles)
+        _owners[self.handle] = self
+        self.attn: AttentionBackend | None = None
+        self.kernels: list[Callable[[Tensor], Tensor]] = []
+        for m in model.modules():
+            if isinstance(m, Proj) and m.kernel is not None:
+                inner = m.kernel.inner if isinstance(m.kernel, OpaqueKernel) else m.kernel
+                self.kernels.append(inner)
+                m.kernel = OpaqueKernel(self.handle, len(self.kernels) - 1, m.out_features, inner)
+        self._backend = _OpaqueAttention(self.handle)
+        # the compiler caches graphs per code object, and every instance compiles the same `_forward` (a process
+        # may hold several engines: benchmarks, tests): room for ~8 shape classes per instance
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+        setattr(config, name, max(getattr(config, name), 8 * (len(_owners) + 1)))
+        self._compiled = torch.compile(self._forward, dynamic=True, fullgraph=True)
+
+    def _forward(self, input_ids: Tensor, positions: Tensor, lora_gate) -> Tensor:
+        return self.model(input_ids, positions, self._backend, lora_gate=lora_gate)
+
+    def __call__(self, input_ids: Tensor, positions: Tensor, attn: AttentionBackend,
+                 lora_gate: Tensor | None | object = None) -> Tensor:
+        if isinstance(lora_gate, Tensor):
+            lora_gate = RowGate.from_mask(lora_gate)
+        if isinstance(lora_gate, RowGate) and lora_gate.span is not None:
+            lora_gate = RowGate(lora_gate.rows)  # span bounds would be guarded as constants: one graph per span
+        self.attn = attn
+        try:
+            return self._compiled(input_ids, positions, lora_gate)
+        finally:
+            self.attn = None
