@@ -1,7 +1,7 @@
 """int8 weight-only inference (models/quantize.py): the quantizer's error bound, the int8 kernel against a
 dequantized reference and across row counts, the two kernels agreeing, greedy R-ISD int8 == greedy AR int8 (the
 lossless claim holds within one weight format) on a tiny model and on the embedded one, and top-1 agreement of
-int8 with fp32 on the embedded model."""
+int8 with fp32 on the embedded model; the bf16 weight format likewise."""
 from __future__ import annotations
 
 import pytest
@@ -13,7 +13,8 @@ from idlm.eval.runner import TIE_TOLERANCE, divergence
 from idlm.models.attention import DenseAttention
 from idlm.models.llama import LORA_OFF
 from idlm.models.lora import AdapterConfig, add_lora
-from idlm.models.quantize import ROW_CANDIDATES, Int8Linear, int8_row_limit, quantize_int8, quantize_model
+from idlm.models.quantize import (ROW_CANDIDATES, Bf16Linear, Int8Linear, bf16_weights, int8_row_limit,
+                                  quantize_int8, quantize_model)
 
 from conftest import requires_embedded, tiny_model
 from oracles import assert_same_tokens
@@ -120,4 +121,75 @@ def test_embedded_int8_top1_agrees_with_fp32_and_risd_int8_equals_ar_int8(embedd
     for a, r in zip(ar, int8.chat(convs[:5], logprobs, decoding="risd", stride=4)):
         div = divergence(a, r, TIE_TOLERANCE["int8"])
         print("int8 risd 4 vs ar:", div)
+        assert div is None or (div["kind"] == "token" and div["near_tie"]), div
+
+
+def bf16_supported() -> bool:
+    try:
+        Bf16Linear(torch.randn(8, 8), None)
+        return True
+    except RuntimeError:
+        return False
+
+
+requires_bf16 = pytest.mark.skipif(not bf16_supported(), reason="oneDNN cannot pack bfloat16 on this CPU")
+
+
+@requires_bf16
+def test_bf16_linear_matches_a_rounded_reference_and_rows_agree_up_to_rounding():
+    torch.manual_seed(0)
+    w, bias = torch.randn(96, 64), torch.randn(96)
+    lin = Bf16Linear(w, bias)
+    x = torch.randn(2, 20, 64)
+    y = lin(x)
+    assert y.shape == (2, 20, 96) and y.dtype == torch.float32
+    ref = x.bfloat16().double() @ w.bfloat16().double().T + bias.double()
+    assert (y.double() - ref).abs().max() <= 2 ** -8 * ref.abs().max()  # bf16 inputs and outputs
+    flat = x.reshape(40, 64)
+    for rows in (1, 3, 7):  # other row counts: the same product up to accumulation order (1 bf16 ulp)
+        assert (lin(flat[:rows]) - y.reshape(40, 96)[:rows]).abs().max() <= 2 ** -7 * ref.abs().max()
+
+
+@requires_bf16
+def test_risd_bf16_equals_ar_bf16_on_a_tiny_model(tokenizer):
+    model = tiny_model()
+    cfg = AdapterConfig(r=4, lora_alpha=8, gated=True, draft_len=3, trained_stride=4)
+    torch.manual_seed(1)
+    for mod in add_lora(model, cfg):
+        torch.nn.init.normal_(mod.lora_B, std=0.3)
+    model.requires_grad_(False)
+    bf16_weights(model)
+    assert all(isinstance(m.kernel, Bf16Linear) for m in model.modules() if hasattr(m, "kernel"))
+    llm = LLM.from_model(model, tokenizer, [tokenizer.eos_token_id], adapter=cfg)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(100, 40000, (n,), generator=gen).tolist() for n in (12, 30, 21, 45)]
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    ar = llm.generate(prompts, params, decoding="ar")
+    for p, a, r in zip(prompts, ar, llm.generate(prompts, params, decoding="risd", stride=4)):
+        assert_same_tokens(r.token_ids, a.token_ids, p, llm.model, "bf16 risd 4")
+
+
+@requires_bf16
+@requires_embedded
+def test_embedded_bf16_top1_agrees_with_fp32_and_risd_bf16_equals_ar_bf16(embedded_llm):
+    bf16 = LLM("smollm2-135m", quantize="bf16", kv_cache_tokens=8192)
+    convs = [[{"role": "user", "content": p}] for p in heldout_prompts(8)]
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    agree = total = 0
+    for conv, out in zip(convs, embedded_llm.chat(convs, params, decoding="ar")):
+        ids = embedded_llm.apply_chat_template(conv) + out.token_ids
+        x, pos = torch.tensor([ids]), torch.arange(len(ids))[None]
+        n = len(out.token_ids) + 1
+        with torch.no_grad():
+            ref = embedded_llm.model.logits(embedded_llm.model(x, pos, DenseAttention())[0, -n:]).argmax(-1)
+            got = bf16.model.logits(bf16.model(x, pos, DenseAttention(), LORA_OFF)[0, -n:]).argmax(-1)
+        agree += int((ref == got).sum())
+        total += n
+    assert agree / total >= 0.99, agree / total  # measured 99.5% on 16 prompts (int8: 96.1%)
+    # lossless at bf16 precision, as int8 (see above): measured 7 of 16 prompts x 64 tokens diverge, all at gaps
+    # of 0.003-0.064 in both runs' own log-probs
+    logprobs = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True, logprobs=5)
+    ar = bf16.chat(convs[:5], logprobs, decoding="ar")
+    for a, r in zip(ar, bf16.chat(convs[:5], logprobs, decoding="risd", stride=4)):
+        div = divergence(a, r, TIE_TOLERANCE["bf16"])
         assert div is None or (div["kind"] == "token" and div["near_tie"]), div

@@ -300,9 +300,9 @@ def markdown_table(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         div = next((v for k, v in r.items() if k.startswith("tokens_to_divergence_vs_")), None)
         if div is not None:
+            limits = f"; int8 kernel up to {r['int8_row_limits']} rows (by weight shape)" if r["int8_row_limits"] else ""
             lines.append(f"{r['engine']} batch {r['batch']}: greedy output leaves the unquantized AR's after "
-                         f"{div['median']} tokens (median; per request {div['per_request']}); int8 kernel up to "
-                         f"{r['int8_row_limits']} rows (by weight shape).")
+                         f"{div['median']} tokens (median; per request {div['per_request']}){limits}.")
     choices = [f"{r['engine']} batch {r['batch']}: {r['choices']}" for r in result["rows"] if r.get("choices")]
     if choices:
         lines.append("")

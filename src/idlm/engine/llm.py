@@ -25,7 +25,7 @@ from idlm.loading.cache import cache_dir
 from idlm.models.fuse import fuse_projections
 from idlm.models.llama import CausalLM
 from idlm.models.lora import AdapterConfig, load_adapter
-from idlm.models.quantize import quantize_model
+from idlm.models.quantize import bf16_weights, quantize_model
 
 DECODINGS = ("auto", "ar", "isd", "risd")
 # Acceptance by draft position assumed for an adapter that records none (adaptive decoding's prior).
@@ -87,18 +87,19 @@ class LLM:
         """adapter: a PEFT/idlm adapter dir; None = the model's default adapter if it ships one; "none" = no adapter.
         pack_cpu_weights: on CPU, pre-pack frozen weights for oneDNN (few-row forwards cost near one row).
         fuse: q/k/v and gate/up (and their adapters) as one matmul each (models/fuse.py).
-        quantize: None, or "int8" (CPU: int8 weights per output channel, products with bfloat16 inputs, everything
-            else in `dtype`; models/quantize.py).
+        quantize: None, "int8" (CPU: int8 weights per output channel, products with bfloat16 inputs, everything
+            else in `dtype`) or "bf16" (CPU with AVX512-BF16: weights rounded to bfloat16, products with bfloat16
+            inputs, everything else in `dtype`); models/quantize.py.
         engine: `EngineConfig` fields (kv_cache_tokens, max_num_seqs, max_num_batched_tokens, max_model_len,
         kv_block_size, enable_prefix_caching, clamp_max_tokens, stationary, compile)."""
         device = device or default_device()
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("device cuda requested but torch sees no CUDA device")
-        if quantize not in (None, "none", "int8"):
-            raise ValueError(f"unknown quantize {quantize!r}; choose int8 or none")
+        if quantize not in (None, "none", "int8", "bf16"):
+            raise ValueError(f"unknown quantize {quantize!r}; choose int8, bf16 or none")
         self.quantize = None if quantize in (None, "none") else quantize
         if self.quantize and not device.startswith("cpu"):
-            raise ValueError("quantize int8 is a CPU path (the int8 kernel with bfloat16 inputs)")
+            raise ValueError(f"quantize {quantize} is a CPU path (CPU kernels with bfloat16 inputs)")
         self.device = device
         self.dtype = parse_dtype(dtype, device)
         self.checkpoint = load_checkpoint(model, self.dtype, device)
@@ -113,7 +114,9 @@ class LLM:
         self.fused = fuse
         if fuse:
             fuse_projections(self.checkpoint.model)
-        self.int8_row_limits = quantize_model(self.checkpoint.model) if self.quantize else None
+        self.int8_row_limits = quantize_model(self.checkpoint.model) if self.quantize == "int8" else None
+        if self.quantize == "bf16":
+            bf16_weights(self.checkpoint.model)
         if device == "cpu" and pack_cpu_weights:
             self.checkpoint.model.pack_for_cpu_inference()
         self.name = self.checkpoint.name

@@ -19,9 +19,9 @@ from typing import Any
 from idlm.eval.tasks import EvalError, Item, Task
 
 DECODING_NAMES = ("ar", "auto", "isd", "risd")
-# int8: each product's inputs and outputs are rounded to bf16, so AR and verify steps drift apart over tokens
-# (models/quantize.py; measured per-token log-prob differences up to 0.12, divergences at gaps of 0.002-0.09)
-TIE_TOLERANCE = {"float32": 2e-3, "bfloat16": 5e-2, "float16": 2e-2, "int8": 0.2}
+# int8 and bf16 weights: each product's inputs and outputs are rounded to bf16, so AR and verify steps drift apart
+# over tokens (models/quantize.py; int8: per-token log-prob differences up to 0.12, divergences at gaps 0.002-0.09)
+TIE_TOLERANCE = {"float32": 2e-3, "bfloat16": 5e-2, "float16": 2e-2, "int8": 0.2, "bf16": 0.2}
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,7 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {r['label']} | {'yes' if r['lossless'] else 'no'} | {r['accuracy']:.3f} "
                      f"({r['correct']}/{r['n']}) | [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] | "
                      f"{r['tokens_per_forward']:.2f} | {r['tokens_per_second']:.1f} | {cmp} |")
-    weights = " + int8 weights" if result.get("quantize") else ""
+    weights = f" + {result['quantize']} weights" if result.get("quantize") else ""
     lines += ["", f"Model {result['model']} + adapter {result['adapter']}, {result['dtype']}{weights}, temperature "
               f"{result['temperature']}, max {result['max_tokens']} tokens, batch {result['batch_size']}; "
               f"{m['cpu']} ({m['cores']} cores, capability {m['cpu_capability']}), torch {m['torch']}.",
