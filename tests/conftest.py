@@ -78,6 +78,23 @@ def tiny_model(seed: int = 0, **overrides):
     return model.eval().requires_grad_(False)
 
 
+def gated_tiny_model(seed: int = 0):
+    """(a tiny model with a random gated LoRA adapter whose deltas matter (B ~ N(0, 0.3)), its AdapterConfig)."""
+    from idlm.models.lora import AdapterConfig, add_lora
+
+    model = tiny_model(seed)
+    cfg = AdapterConfig(r=4, lora_alpha=8, gated=True, draft_len=3, trained_stride=4)
+    torch.manual_seed(1)
+    for mod in add_lora(model, cfg):
+        torch.nn.init.normal_(mod.lora_B, std=0.3)
+    return model.requires_grad_(False), cfg
+
+
+def random_prompts(lengths: tuple[int, ...] = (12, 30, 21, 45), seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(100, 40000, (n,), generator=gen).tolist() for n in lengths]
+
+
 @pytest.fixture()
 def tiny_engine(tokenizer):
     from idlm.engine.llm_engine import EngineConfig, LLMEngine

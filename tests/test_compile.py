@@ -3,25 +3,18 @@ graph per step shape class (no recompiles from step to step), with the CPU kerne
 from __future__ import annotations
 
 import pytest
-import torch
 from torch._dynamo.utils import counters
 
 from idlm import LLM, SamplingParams
 from idlm.models.compile import OpaqueKernel
-from idlm.models.lora import AdapterConfig, add_lora
 from idlm.models.quantize import quantize_model
 
-from conftest import tiny_model
+from conftest import gated_tiny_model, random_prompts
 from oracles import assert_same_tokens
 
 
 def gated_tiny(kernels: str):
-    model = tiny_model()
-    cfg = AdapterConfig(r=4, lora_alpha=8, gated=True, draft_len=3, trained_stride=4)
-    torch.manual_seed(1)
-    for mod in add_lora(model, cfg):
-        torch.nn.init.normal_(mod.lora_B, std=0.3)
-    model.requires_grad_(False)
+    model, cfg = gated_tiny_model()
     if kernels == "int8":
         quantize_model(model, row_limit=4)
     if kernels != "plain":
@@ -36,8 +29,7 @@ def test_compiled_greedy_equals_eager_and_risd_equals_ar(tokenizer, kernels):
     compiled = LLM.from_model(model, tokenizer, [tokenizer.eos_token_id], adapter=cfg, compile=True)
     if kernels != "plain":  # the model's kernels enter the graph as opaque calls
         assert all(isinstance(m.kernel, OpaqueKernel) for m in model.modules() if getattr(m, "kernel", None))
-    gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(100, 40000, (n,), generator=gen).tolist() for n in (12, 30, 21, 45)]
+    prompts = random_prompts()
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     ar = eager.generate(prompts, params, decoding="ar")
     for p, want, got in zip(prompts, ar, compiled.generate(prompts, params, decoding="ar")):

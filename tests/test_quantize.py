@@ -12,11 +12,10 @@ from idlm.bench.decode import heldout_prompts
 from idlm.eval.runner import TIE_TOLERANCE, divergence
 from idlm.models.attention import DenseAttention
 from idlm.models.llama import LORA_OFF
-from idlm.models.lora import AdapterConfig, add_lora
 from idlm.models.quantize import (ROW_CANDIDATES, Bf16Linear, Int8Linear, bf16_weights, int8_row_limit,
                                   quantize_int8, quantize_model)
 
-from conftest import requires_embedded, tiny_model
+from conftest import gated_tiny_model, random_prompts, requires_embedded, tiny_model
 from oracles import assert_same_tokens
 
 
@@ -73,24 +72,48 @@ def test_quantize_model_replaces_every_product_and_refuses_trainable_models():
         quantize_model(tiny_model(vocab_size=500).requires_grad_(True))
 
 
+def assert_risd_equals_ar_on_tiny(tokenizer, weights, label: str, strides=(2, 4)) -> None:
+    """A tiny gated model given a weight format by `weights(model)`: greedy, batched R-ISD == AR token for token."""
+    model, cfg = gated_tiny_model()
+    weights(model)
+    llm = LLM.from_model(model, tokenizer, [tokenizer.eos_token_id], adapter=cfg)
+    prompts = random_prompts()
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    ar = llm.generate(prompts, params, decoding="ar")
+    for stride in strides:
+        for p, a, r in zip(prompts, ar, llm.generate(prompts, params, decoding="risd", stride=stride)):
+            assert_same_tokens(r.token_ids, a.token_ids, p, llm.model, f"{label} risd {stride}")
+
+
+def top1_agreement(reference: LLM, other: LLM, convs) -> float:
+    """Teacher-forced on the reference's greedy answers: how often both models' argmax agree."""
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    agree = total = 0
+    for conv, out in zip(convs, reference.chat(convs, params, decoding="ar")):
+        ids = reference.apply_chat_template(conv) + out.token_ids
+        x, pos = torch.tensor([ids]), torch.arange(len(ids))[None]
+        n = len(out.token_ids) + 1
+        with torch.no_grad():
+            ref = reference.model.logits(reference.model(x, pos, DenseAttention(), LORA_OFF)[0, -n:]).argmax(-1)
+            got = other.model.logits(other.model(x, pos, DenseAttention(), LORA_OFF)[0, -n:]).argmax(-1)
+        agree += int((ref == got).sum())
+        total += n
+    return agree / total
+
+
+def assert_risd_equals_ar_up_to_near_ties(llm: LLM, convs) -> None:
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True, logprobs=5)
+    ar = llm.chat(convs, params, decoding="ar")
+    for a, r in zip(ar, llm.chat(convs, params, decoding="risd", stride=4)):
+        div = divergence(a, r, TIE_TOLERANCE[llm.quantize])
+        print(f"{llm.quantize} risd 4 vs ar:", div)
+        assert div is None or (div["kind"] == "token" and div["near_tie"]), div
+
+
 @pytest.mark.parametrize("row_limit", [1, 4, 1 << 20])
 def test_risd_int8_equals_ar_int8_on_a_tiny_model(tokenizer, row_limit):
     """Greedy, batched: whichever kernel a step's row count picks, R-ISD's output is AR's token for token."""
-    model = tiny_model()
-    cfg = AdapterConfig(r=4, lora_alpha=8, gated=True, draft_len=3, trained_stride=4)
-    torch.manual_seed(1)
-    for mod in add_lora(model, cfg):
-        torch.nn.init.normal_(mod.lora_B, std=0.3)
-    model.requires_grad_(False)
-    quantize_model(model, row_limit=row_limit)
-    llm = LLM.from_model(model, tokenizer, [tokenizer.eos_token_id], adapter=cfg)
-    gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(100, 40000, (n,), generator=gen).tolist() for n in (12, 30, 21, 45)]
-    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    ar = llm.generate(prompts, params, decoding="ar")
-    for stride in (2, 4):
-        for p, a, r in zip(prompts, ar, llm.generate(prompts, params, decoding="risd", stride=stride)):
-            assert_same_tokens(r.token_ids, a.token_ids, p, llm.model, f"int8 risd {stride} limit {row_limit}")
+    assert_risd_equals_ar_on_tiny(tokenizer, lambda m: quantize_model(m, row_limit=row_limit), f"int8 {row_limit}")
 
 
 @requires_embedded
@@ -98,31 +121,14 @@ def test_embedded_int8_top1_agrees_with_fp32_and_risd_int8_equals_ar_int8(embedd
     int8 = LLM("smollm2-135m", quantize="int8", kv_cache_tokens=8192)
     assert int8.quantize == "int8" and int8.dtype == torch.float32
     convs = [[{"role": "user", "content": p}] for p in heldout_prompts(8)]
-    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
-    dense = embedded_llm.chat(convs, params, decoding="ar")
-    agree = total = 0
-    for conv, out in zip(convs, dense):  # teacher-forced on fp32's greedy text: top-1 at each generated position
-        ids = embedded_llm.apply_chat_template(conv) + out.token_ids
-        x, pos = torch.tensor([ids]), torch.arange(len(ids))[None]
-        n = len(out.token_ids) + 1
-        with torch.no_grad():
-            ref = embedded_llm.model.logits(embedded_llm.model(x, pos, DenseAttention())[0, -n:]).argmax(-1)
-            got = int8.model.logits(int8.model(x, pos, DenseAttention(), LORA_OFF)[0, -n:]).argmax(-1)
-        agree += int((ref == got).sum())
-        total += n
-    assert agree / total >= 0.95, agree / total
+    agreement = top1_agreement(embedded_llm, int8, convs)
+    assert agreement >= 0.95, agreement
     # Lossless at bfloat16 precision, not bitwise: every product rounds its inputs and outputs to bf16, which turns
     # the ~1e-7 differences between a 1-row AR step and a 7-row verify step (attention, oneDNN blocking, the
     # kernel choice by row count) into bf16 steps. Measured per-token log-prob differences between the two runs:
     # median ~0.005, max 0.12 (fp32: 1e-6, 2e-5); 6 of 16 prompts x 64 tokens diverged, all where both runs' own
     # top-2 log-probs were 0.002-0.09 apart. A wrong kernel, gate or verify rule differs by far more, and soon.
-    logprobs = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True, logprobs=5)
-    ar = int8.chat(convs[:5], logprobs, decoding="ar")
-    for a, r in zip(ar, int8.chat(convs[:5], logprobs, decoding="risd", stride=4)):
-        div = divergence(a, r, TIE_TOLERANCE["int8"])
-        print("int8 risd 4 vs ar:", div)
-        assert div is None or (div["kind"] == "token" and div["near_tie"]), div
-
+    assert_risd_equals_ar_up_to_near_ties(int8, convs[:5])
 
 def bf16_supported() -> bool:
     try:
@@ -152,21 +158,11 @@ def test_bf16_linear_matches_a_rounded_reference_and_rows_agree_up_to_rounding()
 
 @requires_bf16
 def test_risd_bf16_equals_ar_bf16_on_a_tiny_model(tokenizer):
-    model = tiny_model()
-    cfg = AdapterConfig(r=4, lora_alpha=8, gated=True, draft_len=3, trained_stride=4)
-    torch.manual_seed(1)
-    for mod in add_lora(model, cfg):
-        torch.nn.init.normal_(mod.lora_B, std=0.3)
-    model.requires_grad_(False)
-    bf16_weights(model)
-    assert all(isinstance(m.kernel, Bf16Linear) for m in model.modules() if hasattr(m, "kernel"))
-    llm = LLM.from_model(model, tokenizer, [tokenizer.eos_token_id], adapter=cfg)
-    gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(100, 40000, (n,), generator=gen).tolist() for n in (12, 30, 21, 45)]
-    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    ar = llm.generate(prompts, params, decoding="ar")
-    for p, a, r in zip(prompts, ar, llm.generate(prompts, params, decoding="risd", stride=4)):
-        assert_same_tokens(r.token_ids, a.token_ids, p, llm.model, "bf16 risd 4")
+    def bf16(model):
+        bf16_weights(model)
+        assert all(isinstance(m.kernel, Bf16Linear) for m in model.modules() if hasattr(m, "kernel"))
+
+    assert_risd_equals_ar_on_tiny(tokenizer, bf16, "bf16", strides=(4,))
 
 
 @requires_bf16
@@ -174,22 +170,8 @@ def test_risd_bf16_equals_ar_bf16_on_a_tiny_model(tokenizer):
 def test_embedded_bf16_top1_agrees_with_fp32_and_risd_bf16_equals_ar_bf16(embedded_llm):
     bf16 = LLM("smollm2-135m", quantize="bf16", kv_cache_tokens=8192)
     convs = [[{"role": "user", "content": p}] for p in heldout_prompts(8)]
-    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
-    agree = total = 0
-    for conv, out in zip(convs, embedded_llm.chat(convs, params, decoding="ar")):
-        ids = embedded_llm.apply_chat_template(conv) + out.token_ids
-        x, pos = torch.tensor([ids]), torch.arange(len(ids))[None]
-        n = len(out.token_ids) + 1
-        with torch.no_grad():
-            ref = embedded_llm.model.logits(embedded_llm.model(x, pos, DenseAttention())[0, -n:]).argmax(-1)
-            got = bf16.model.logits(bf16.model(x, pos, DenseAttention(), LORA_OFF)[0, -n:]).argmax(-1)
-        agree += int((ref == got).sum())
-        total += n
-    assert agree / total >= 0.99, agree / total  # measured 99.5% on 16 prompts (int8: 96.1%)
-    # lossless at bf16 precision, as int8 (see above): measured 7 of 16 prompts x 64 tokens diverge, all at gaps
-    # of 0.003-0.064 in both runs' own log-probs
-    logprobs = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True, logprobs=5)
-    ar = bf16.chat(convs[:5], logprobs, decoding="ar")
-    for a, r in zip(ar, bf16.chat(convs[:5], logprobs, decoding="risd", stride=4)):
-        div = divergence(a, r, TIE_TOLERANCE["bf16"])
-        assert div is None or (div["kind"] == "token" and div["near_tie"]), div
+    agreement = top1_agreement(embedded_llm, bf16, convs)
+    assert agreement >= 0.99, agreement  # measured 99.5% on 16 prompts (int8: 96.1%)
+    # lossless at bf16 precision, as int8 (above): measured 7 of 16 prompts x 64 tokens diverge, all at gaps of
+    # 0.003-0.064 in both runs' own log-probs
+    assert_risd_equals_ar_up_to_near_ties(bf16, convs[:5])
