@@ -53,71 +53,73 @@ def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
     return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
 
 
-class Int8Linear:
-    """x @ w.T (+ bias) with an int8 weight: the int8 kernel up to `row_limit` rows, the dequantized weight
-    (oneDNN-packed where possible) above it; x and the result keep x's dtype.
+class Bf16Products:
+    """The frame both weight formats share: x's rows rounded to bfloat16, the subclass's `product` of them, the
+    result rounded to bfloat16 and returned in x's dtype, plus the bias.
 
-    `exact_top` (the LM head): the kernel rounds logits to bfloat16, whose step is 0.125 at a logit of 16, so
-    close candidates would tie or swap by rounding alone. The `exact_top` largest outputs of each row are
-    recomputed in x's dtype from the same bf16 inputs and int8 weight (a k-row gather and a small product), so
-    the argmax and the near-top probabilities are those of the quantized model, not of its rounding."""
+    `weight`: the model the product computes, as a [N, K] tensor in the model's dtype (what anything reading the
+    projection's weight sees). `exact_top` (the LM head): products are rounded to bfloat16, whose step is 0.125 at
+    a logit of 16, so close candidates would tie or swap by rounding alone. The `exact_top` largest outputs of each
+    row are recomputed from the same bf16 inputs and `weight` in x's dtype (a k-row gather and a small product),
+    so the argmax and the near-top probabilities are those of the rounded model, not of its rounding."""
+
+    weight: Tensor
+    bias: Tensor | None
+    exact_top: int
+
+    def product(self, xb: Tensor) -> Tensor:
+        """[rows, K] bfloat16 -> [rows, N] bfloat16."""
+        raise NotImplementedError
+
+    def __call__(self, x: Tensor) -> Tensor:
+        rows, k = x.numel() // x.shape[-1], x.shape[-1]
+        xb = x.reshape(rows, k).to(KERNEL_DTYPE)
+        y = self.product(xb).to(x.dtype)
+        if self.exact_top:
+            top = y.topk(self.exact_top, dim=-1).indices  # [rows, k]
+            exact = torch.bmm(self.weight[top], xb.to(self.weight.dtype)[:, :, None])[..., 0]
+            y = y.scatter(-1, top, exact.to(y.dtype))
+        y = y.view(*x.shape[:-1], self.weight.shape[0])
+        return y if self.bias is None else y + self.bias
+
+
+class Int8Linear(Bf16Products):
+    """x @ w.T (+ bias) with an int8 weight: the int8 kernel up to `row_limit` rows, the dequantized weight
+    (oneDNN-packed where possible) above it; x and the result keep x's dtype."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, row_limit: int, exact_top: int = 0):
         self.q, scales = quantize_int8(weight)
         self.scales = scales.to(KERNEL_DTYPE)  # exact: quantize_int8 picks bf16 values
-        self.dequantized = (self.q.float() * scales[:, None]).to(weight.dtype)
+        self.weight = (self.q.float() * scales[:, None]).to(weight.dtype)  # dequantized
         self.bias = bias
         self.row_limit = row_limit
         self.exact_top = exact_top
         try:
-            self.dense = PackedLinear(self.dequantized) if weight.device.type == "cpu" else None
+            self.dense = PackedLinear(self.weight) if weight.device.type == "cpu" else None
         except RuntimeError:
             self.dense = None
 
-    def __call__(self, x: Tensor) -> Tensor:
-        rows, k = x.numel() // x.shape[-1], x.shape[-1]
-        xb = x.reshape(rows, k).to(KERNEL_DTYPE)
-        if rows <= self.row_limit:
-            y = torch.ops.aten._weight_int8pack_mm(xb, self.q, self.scales)
-        else:
-            xd = xb.to(self.dequantized.dtype)
-            y = (self.dense(xd) if self.dense is not None else F.linear(xd, self.dequantized)).to(KERNEL_DTYPE)
-        y = y.to(x.dtype)
-        if self.exact_top:
-            y = exact_top(y, xb, self.dequantized, self.exact_top)
-        y = y.view(*x.shape[:-1], self.q.shape[0])
-        return y if self.bias is None else y + self.bias
+    def product(self, xb: Tensor) -> Tensor:
+        if xb.shape[0] <= self.row_limit:
+            return torch.ops.aten._weight_int8pack_mm(xb, self.q, self.scales)
+        xd = xb.to(self.weight.dtype)
+        return (self.dense(xd) if self.dense is not None else F.linear(xd, self.weight)).to(KERNEL_DTYPE)
 
 
-def exact_top(y: Tensor, xb: Tensor, weight: Tensor, k: int) -> Tensor:
-    """y [rows, N] (products rounded to bf16) with each row's k largest entries recomputed exactly: from the same
-    bf16 inputs xb [rows, K] and the weight [N, K] in y's dtype (a k-row gather and a small product)."""
-    top = y.topk(k, dim=-1).indices  # [rows, k]
-    exact = torch.bmm(weight[top], xb.to(weight.dtype)[:, :, None])[..., 0]
-    return y.scatter(-1, top, exact.to(y.dtype))
-
-
-class Bf16Linear:
-    """x @ w.T (+ bias) with the weight rounded to bfloat16 once and packed by oneDNN, the inputs rounded to
-    bfloat16, the result in x's dtype. On CPUs with AVX512-BF16 (or AMX) the product reads half of fp32's bytes
-    and its cost hardly grows with the row count (measured here: 1 to 7 rows +3% to +14%, where the int8 kernel
-    pays 2-2.7x), so a verify step costs about what an AR step costs. Raises RuntimeError where oneDNN cannot
-    pack bfloat16. `exact_top` as in `Int8Linear`."""
+class Bf16Linear(Bf16Products):
+    """x @ w.T (+ bias) with the weight rounded to bfloat16 once and packed by oneDNN. On CPUs with AVX512-BF16 (or
+    AMX) the product reads half of fp32's bytes and its cost hardly grows with the row count (measured here: 1 to 7
+    rows +3% to +14%, where the int8 kernel pays 2-2.7x), so a verify step costs about what an AR step costs.
+    Raises RuntimeError where oneDNN cannot pack bfloat16."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, exact_top: int = 0):
-        self.rounded = weight.to(KERNEL_DTYPE).to(weight.dtype)  # the model this computes, in the weight's dtype
+        self.weight = weight.to(KERNEL_DTYPE).to(weight.dtype)  # the rounded model, in the weight's dtype
         self.packed = PackedLinear(weight.to(KERNEL_DTYPE))
         self.bias = bias
         self.exact_top = exact_top
 
-    def __call__(self, x: Tensor) -> Tensor:
-        rows, k = x.numel() // x.shape[-1], x.shape[-1]
-        xb = x.reshape(rows, k).to(KERNEL_DTYPE)
-        y = self.packed(xb).to(x.dtype)
-        if self.exact_top:
-            y = exact_top(y, xb, self.rounded, self.exact_top)
-        y = y.view(*x.shape[:-1], self.rounded.shape[0])
-        return y if self.bias is None else y + self.bias
+    def product(self, xb: Tensor) -> Tensor:
+        return self.packed(xb)
 
 
 def interleaved_medians(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
@@ -167,15 +169,20 @@ def int8_row_limit(in_features: int, out_features: int, dtype: torch.dtype = tor
     return limit
 
 
+def _require_frozen_cpu(model: CausalLM, fmt: str) -> None:
+    w = model.model.embed_tokens.weight
+    if w.device.type != "cpu" or w.requires_grad:
+        raise ValueError(f"{fmt} weights are for frozen inference on CPU (got a model on {w.device.type}"
+                         f"{', trainable' if w.requires_grad else ''})")
+
+
 def quantize_model(model: CausalLM, row_limit: int | None = None) -> dict[str, int]:
     """Give every projection and the LM head of a frozen CPU model an `Int8Linear` kernel (the embedding lookup
     keeps the exact weight). The row limit of each weight shape is measured on this machine (the crossover
     differs by shape: measured here 4 rows for gate/up, 7 for down, 4 for the LM head) unless `row_limit`
     fixes one for all. Returns {"out x in": limit}. Call after fusing and before `pack_for_cpu_inference`,
     which leaves kernels in place."""
-    w = model.model.embed_tokens.weight
-    if w.device.type != "cpu" or w.requires_grad:
-        raise ValueError(f"int8 weights are for frozen inference on CPU (got a model on {w.device.type})")
+    _require_frozen_cpu(model, "int8")
     limits: dict[str, int] = {}
 
     def limit_for(weight: Tensor) -> int:
@@ -189,7 +196,7 @@ def quantize_model(model: CausalLM, row_limit: int | None = None) -> dict[str, i
         for m in model.modules():
             if isinstance(m, Proj):
                 m.kernel = Int8Linear(m.weight, m.bias, limit_for(m.weight))
-                m.weight.data = m.kernel.dequantized  # what anything reading the weight sees is the quantized model
+                m.weight.data = m.kernel.weight  # what anything reading the weight sees is the quantized model
         head = model.output_weight()
         model.head_kernel = Int8Linear(head, None, limit_for(head), exact_top=EXACT_TOP)
     log.info("int8 (%s): the int8 kernel runs products of up to these row counts (measured), larger ones the "
@@ -200,9 +207,7 @@ def quantize_model(model: CausalLM, row_limit: int | None = None) -> dict[str, i
 def bf16_weights(model: CausalLM) -> None:
     """Give every projection and the LM head of a frozen CPU model a `Bf16Linear` kernel (the embedding lookup
     keeps the exact weight). Raises ValueError where this CPU cannot run oneDNN's bfloat16 product."""
-    w = model.model.embed_tokens.weight
-    if w.device.type != "cpu" or w.requires_grad:
-        raise ValueError(f"bf16 weights are for frozen inference on CPU (got a model on {w.device.type})")
+    _require_frozen_cpu(model, "bf16")
     try:
         with torch.no_grad():
             kernels = {m: Bf16Linear(m.weight, m.bias) for m in model.modules() if isinstance(m, Proj)}
@@ -212,5 +217,5 @@ def bf16_weights(model: CausalLM) -> None:
                          f"({torch.backends.cpu.get_cpu_capability()}): {e}") from e
     for m, k in kernels.items():
         m.kernel = k
-        m.weight.data = k.rounded  # what anything reading the weight sees is the rounded model
+        m.weight.data = k.weight  # what anything reading the weight sees is the rounded model
     model.head_kernel = head
