@@ -170,26 +170,50 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_acceptance(args: argparse.Namespace) -> int:
     from idlm.eval.acceptance import evaluate_isd, load_eval_prompts
+    from idlm.eval.paired import paired_bootstrap
 
     llm = load_llm(args)
+    baseline = load_llm(argparse.Namespace(**{**vars(args), "adapter": args.baseline_adapter})) \
+        if args.baseline_adapter else None
     prompts = load_eval_prompts(args.prompts, llm.tokenizer, args.num_prompts)
-    decoding = args.decoding or ("risd" if llm.adapter is not None else "isd")
     strides = [int(x) for x in args.stride.split(",")] if args.stride else [llm.default_stride]
+
+    def evaluate(engine, n: int, t: float) -> dict:
+        decoding = args.decoding or ("risd" if engine.adapter is not None else "isd")
+        res = evaluate_isd(engine.model, engine.tokenizer, engine.checkpoint.eos_token_ids, prompts, n,
+                           args.max_tokens, engine.make_decoding(decoding, n).lora, temperature=t, seed=args.seed)
+        res.update(model=args.model, adapter=str(engine.adapter_path) if engine.adapter_path else None,
+                   decoding=decoding)
+        print(json.dumps(res) if args.json else
+              f"{res['adapter'] or 'no adapter'}: stride {n}, temperature {t:g}: TPF {res['tokens_per_forward']:.3f}, "
+              f"acceptance by position {res['acceptance_by_position']}, introspective acceptance "
+              f"{res['introspective_acceptance']:.3f}, rounds {res['rounds']} ({res['prompts']} prompts, "
+              f"{res['generated_tokens']} tokens)")
+        return res
+
     rows = []
     for n, t in [(n, float(t)) for t in args.temperature.split(",") for n in strides]:
-        lora = llm.make_decoding(decoding, n).lora
-        res = evaluate_isd(llm.model, llm.tokenizer, llm.checkpoint.eos_token_ids, prompts, n,
-                           args.max_tokens, lora, temperature=t, seed=args.seed)
-        res.update(model=args.model, adapter=str(llm.adapter_path) if llm.adapter_path else None, decoding=decoding)
+        res = evaluate(llm, n, t)
+        if baseline is not None:
+            base = evaluate(baseline, n, t)
+            res["baseline"] = base
+            res["comparison"] = paired_bootstrap(base["per_prompt"], res["per_prompt"], seed=args.seed)
+            print(comparison_line(res["comparison"]))
         rows.append(res)
-        print(json.dumps(res) if args.json else
-              f"stride {n}, temperature {t:g}: TPF {res['tokens_per_forward']:.3f}, acceptance by position "
-              f"{res['acceptance_by_position']}, introspective acceptance {res['introspective_acceptance']:.3f}, "
-              f"rounds {res['rounds']} ({res['prompts']} prompts, {res['generated_tokens']} tokens)")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=2)
     return 0
+
+
+def comparison_line(c: dict) -> str:
+    def one(s: dict) -> str:
+        return (f"{s['baseline']:.3f} -> {s['candidate']:.3f} ({s['difference']:+.3f}, 95% CI "
+                f"[{s['ci95'][0]:+.3f}, {s['ci95'][1]:+.3f}], better in {100 * s['candidate_better']:.1f}% of resamples)")
+
+    lines = [f"paired bootstrap over {c['prompts']} prompts, adapter vs baseline: TPF {one(c['tokens_per_forward'])}"]
+    lines += [f"  acceptance at draft position {j + 1}: {one(s)}" for j, s in enumerate(c["acceptance_by_position"])]
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=0, help="prompt i is seeded seed + i when sampling")
     a.add_argument("--json", action="store_true", help="one JSON line per stride")
     a.add_argument("--out", default=None, help="write all rows as JSON")
+    a.add_argument("--baseline-adapter", default=None,
+                   help="also decode the same prompts with this adapter ('none': off) and report a paired bootstrap "
+                        "interval of the differences (TPF, acceptance by position)")
     a.set_defaults(func=cmd_acceptance)
 
     m = sub.add_parser("models", help="list known and cached models")

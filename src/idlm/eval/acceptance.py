@@ -56,7 +56,8 @@ def evaluate_isd(
     temperature: float = 0.0,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """ISD over the prompts, batched through `LLM`: aggregate TPF and acceptance by draft position.
+    """ISD over the prompts, batched through `LLM`: aggregate TPF and acceptance by draft position, and each
+    prompt's counts (`per_prompt`, for eval/paired.py).
     lora: where the model's adapter acts (none | all | gated). temperature 0: greedy (acceptance = share of
     drafts equal to the argmax); above 0: exact drafting and the min(1, p/q) rule, prompt i seeded seed + i."""
     from idlm.decoding.policy import Decoding
@@ -90,4 +91,7 @@ def evaluate_isd(
         "rounds": dict(total.rounds),
         "generated_tokens": total.generated_tokens,
         "seconds": round(time.perf_counter() - t0, 2),
+        "per_prompt": [{"generated_tokens": o.stats.generated_tokens, "forwards": o.stats.forwards,
+                        "proposed_by_position": list(o.stats.proposed_by_position),
+                        "accepted_by_position": list(o.stats.accepted_by_position)} for o in outs],
     }
