@@ -121,6 +121,28 @@ def draw_alternatives(q: Tensor, raw: Tensor, first: Tensor, greedy: Tensor, key
     return top.indices, top.values > 0
 
 
+def _result(it: DecodeItem, acc: int, token: int, ratio_sum: float, new: list[int], alternatives: list[int] = (),
+            from_branch: bool = False, tree_next: int | None = None) -> DecodeResult:
+    """One request's step result from its accepted-draft count `acc`, the token after them (next token or
+    correction), and the new drafts, which it keeps only after full acceptance or from a branch. tree_next:
+    the token after an accepted alternative (`token`), which ends the step cold."""
+    k = len(it.drafts)
+    rejected = acc < k
+    n_test = min(k, it.decoding.num_verified, max(it.budget, 0))
+    keep = tree_next is None and (not rejected or from_branch)
+    if tree_next is not None:
+        tokens, kinds = [token, tree_next], [DRAFTED, CLEAN]
+    else:
+        tokens, kinds = it.drafts[:acc] + [token], [DRAFTED] * acc + [CORRECTION if rejected else CLEAN]
+    return DecodeResult(tokens, rejected, list(new) if keep else [], acc + 1 if rejected else n_test, ratio_sum,
+                        from_branch, list(alternatives) if keep and new else [], tree_next is not None, kinds)
+
+
+def _argmax_only(it: DecodeItem) -> bool:
+    """Whether a greedy request's step needs nothing but argmaxes (see Decoder._decode_argmax)."""
+    return not it.decoding.fast_verify and not it.num_branches and it.decoding.tree <= 1
+
+
 class Decoder:
     """Batched sampling and verification; owns the per-slot tensors of the requests it serves."""
 
@@ -184,6 +206,8 @@ class Decoder:
         wmax = max(it.decoding.tree for it in items) - 1 if mmax else 0  # alternatives to draft
         penalized = any(it.params.uses_penalties for it in items)
         greedy_step = all(it.params.greedy for it in items)
+        if greedy_step and not penalized and self.drafter is None and all(_argmax_only(it) for it in items):
+            return self._decode_argmax(items, logits)
         # ---- layout (Python, integers) ------------------------------------------------------------
         row_params: list[SamplingParams] = []
         row_slot: list[int] = []
@@ -348,21 +372,35 @@ class Decoder:
             self._external_drafts(items, packed, mmax, wmax)
         out = []
         for it, row in zip(items, packed):
-            k, m = len(it.drafts), it.decoding.num_masks
-            acc, tok, from_branch, tree_hit = int(row[0]), int(row[1]), bool(row[3]), bool(row[4])
-            rejected_py = acc < k
-            n_test = min(k, it.decoding.num_verified, max(it.budget, 0))
-            keep = not tree_hit and (not rejected_py or from_branch)
-            new = [int(v) for v in row[DRAFTS : DRAFTS + m]] if keep else []
-            alts = row[DRAFTS + mmax : DRAFTS + mmax + wmax]
-            oks = row[DRAFTS + mmax + wmax :]
-            alt = [int(alts[j]) for j in range(it.decoding.tree - 1) if oks[j]] if new else []
-            tokens = [tok, int(row[5])] if tree_hit else it.drafts[:acc] + [tok]
-            kinds = [DRAFTED, CLEAN] if tree_hit else [DRAFTED] * acc + [CORRECTION if rejected_py else CLEAN]
-            out.append(DecodeResult(tokens, rejected_py, new, acc + 1 if rejected_py else n_test, row[2], from_branch,
-                                    alt, tree_hit, kinds))
+            m = it.decoding.num_masks
+            alts, oks = row[DRAFTS + mmax : DRAFTS + mmax + wmax], row[DRAFTS + mmax + wmax :]
+            out.append(_result(it, int(row[0]), int(row[1]), row[2], [int(v) for v in row[DRAFTS : DRAFTS + m]],
+                               [int(alts[j]) for j in range(it.decoding.tree - 1) if oks[j]], bool(row[3]),
+                               int(row[5]) if row[4] else None))
         if any(it.params.logprobs is not None for it in items):
             self._logprobs(items, out, first_row, logits, tree, after_logits)
+        return out
+
+    def _decode_argmax(self, items: list[DecodeItem], logits: Tensor) -> list[DecodeResult]:
+        """`decode` for a greedy step with nothing but drafts to verify and MASK rows to draft (no penalties,
+        alternatives, branches or top-k acceptance): p and q are one-hots, so a draft is accepted while it is
+        its row's argmax, the next token or correction is the argmax of the row after the accepted run, and
+        the new drafts are their rows' argmaxes. One argmax over all rows; the rest is integers."""
+        top = logits.argmax(-1).tolist()
+        if len(top) != sum(it.num_rows for it in items):
+            raise ValueError(f"{len(top)} logit rows for items that need {sum(it.num_rows for it in items)}")
+        out, first_row, base = [], [], 0
+        for it in items:
+            k, m = len(it.drafts), it.decoding.num_masks
+            n_test = min(k, it.decoding.num_verified, max(it.budget, 0))
+            acc = 0  # untested drafts (beyond num_verified or the budget) pass, as in `decode`
+            while acc < k and (acc >= n_test or it.drafts[acc] == top[base + acc]):
+                acc += 1
+            out.append(_result(it, acc, top[base + acc], float(min(acc, n_test)), top[base + k + 1 : base + k + 1 + m]))
+            first_row.append(base)
+            base += k + 1 + m
+        if any(it.params.logprobs is not None for it in items):
+            self._logprobs(items, out, first_row, logits, Tree([], [], [], [], []), None)
         return out
 
     @staticmethod
