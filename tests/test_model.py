@@ -63,16 +63,19 @@ def test_embedded_model_logits_match_transformers(embedded_llm, hf_reference):
         assert _rel_err(got, expected) <= 1e-4, prompt
 
 
-def _paged_step(model, kv, blocks, table, start, tokens):
+def _paged_step(model, kv, blocks, table, start, tokens, spans=None):
     assert blocks.grow(table, start + len(tokens))
     meta = PagedAttention.build(kv.k, kv.v, kv.block_size, [table], [start], [len(tokens)], "cpu")
+    if spans is not None:
+        spans.append(meta.groups[0].span)
     with torch.no_grad():
         h = model(torch.tensor(tokens), torch.arange(start, start + len(tokens)), meta)
     return model.logits(h)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_paged_incremental_equals_full_forward(family):
+@pytest.mark.parametrize("family,scrambled", [("llama", False), ("qwen3", False), ("llama", True)])
+def test_paged_incremental_equals_full_forward(family, scrambled):
+    """Consecutive blocks attend through a view of the pool (span), scattered ones through a gathered copy."""
     model = tiny_model(vocab_size=500, family=family, qk_norm=family == "qwen3")
     torch.manual_seed(1)
     seq = torch.randint(0, 500, (40,)).tolist()
@@ -80,11 +83,15 @@ def test_paged_incremental_equals_full_forward(family):
         full = model.logits(model(torch.tensor([seq]), torch.arange(40)[None], DenseAttention()))[0]
     kv = KVCache(model.config, num_blocks=16, block_size=4, dtype=torch.float32, device="cpu")
     blocks = BlockManager(16, 4)
+    if scrambled:
+        blocks.free_ids.rotate(5)
+        blocks.free_ids[1], blocks.free_ids[2] = blocks.free_ids[2], blocks.free_ids[1]
     table: list[int] = []
     got = {}
+    spans = []
 
     def record(start, tokens):
-        out = _paged_step(model, kv, blocks, table, start, tokens)
+        out = _paged_step(model, kv, blocks, table, start, tokens, spans)
         for i in range(len(tokens)):
             got[start + i] = out[i]
 
@@ -101,6 +108,7 @@ def test_paged_incremental_equals_full_forward(family):
     assert sorted(got) == list(range(40))
     paged = torch.stack([got[i] for i in range(40)])
     assert _rel_err(paged, full) <= 1e-5
+    assert all(span is None for span in spans) if scrambled else spans[-1] == (0, 40)
 
 
 @pytest.mark.parametrize("lens", [(5, 11, 2), (5, 70, 2, 41, 1)])  # the second mixes prefill chunks (> SHORT_QUERY)
