@@ -85,7 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--steps", type=int, default=24, help="engine steps under the profiler per decoding")
     pr.add_argument("--rows", type=int, default=12, help="ops per profiler table")
     pr.add_argument("--out", default="benchmarks/results")
-    pr.set_defaults(func=_lazy("idlm.bench.profile", "run_profile_bench"))
+    pr.set_defaults(func=_lazy("idlm.bench.step_profile", "run_profile_bench"))
     k = bsub.add_parser("kernels", help="one projection's cost by row count: int8 kernel, fp32 and bf16 oneDNN, "
                                         "for every weight shape of the model")
     k.add_argument("--model", default="smollm2-135m")
