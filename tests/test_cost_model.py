@@ -6,7 +6,8 @@ import pytest
 
 from idlm import SamplingParams
 from idlm.decoding.policy import Decoding
-from idlm.engine.cost_model import CostModel, machine_key, measure
+from idlm.engine.cost_model import CostModel, measure
+from idlm.engine.machine_cache import machine_key
 
 
 def test_measures_every_layout_and_leaves_the_engine_as_it_was(tiny_engine, tmp_path):

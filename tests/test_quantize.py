@@ -11,6 +11,7 @@ from idlm import LLM, SamplingParams
 from idlm.bench.decode import heldout_prompts
 from idlm.eval.runner import TIE_TOLERANCE, divergence
 from idlm.models.attention import DenseAttention
+from idlm.models import quantize
 from idlm.models.llama import LORA_OFF
 from idlm.models.quantize import (ROW_CANDIDATES, Bf16Linear, Int8Linear, bf16_weights, int8_row_limit,
                                   quantize_int8, quantize_model)
@@ -59,6 +60,30 @@ def test_row_limits_are_measured_per_weight_shape():
     limits = quantize_model(tiny_model(vocab_size=500))
     assert set(limits) == {"64x64", "32x64", "128x64", "64x128", "500x64"}
     assert all(v in (0, *ROW_CANDIDATES) for v in limits.values())
+
+
+def test_known_row_limits_are_used_and_only_missing_shapes_measured(monkeypatch):
+    measured = []
+    monkeypatch.setattr(quantize, "int8_row_limit", lambda k, n, dtype: measured.append(f"{n}x{k}") or 2)
+    known = {"64x64": 8, "32x64": 0, "128x64": 16, "999x9": 4}  # one shape of another model, two missing
+    limits = quantize_model(tiny_model(vocab_size=500), known=known)
+    assert limits == {"64x64": 8, "32x64": 0, "128x64": 16, "64x128": 2, "500x64": 2}
+    assert sorted(measured) == ["500x64", "64x128"]
+
+
+def test_an_int8_llm_measures_row_limits_once_per_machine(tmp_path, tokenizer, monkeypatch):  # noqa: F811
+    from test_loading import save_tiny
+
+    save_tiny(tmp_path / "model", tokenizer)
+    monkeypatch.setenv("IDLM_CACHE", str(tmp_path / "cache"))
+    measured = []
+    monkeypatch.setattr(quantize, "int8_row_limit", lambda k, n, dtype: measured.append(f"{n}x{k}") or 4)
+    first = LLM(str(tmp_path / "model"), quantize="int8", kv_cache_tokens=256)
+    assert measured and set(first.int8_row_limits.values()) == {4}
+    assert list((tmp_path / "cache" / "int8").glob("*.json"))
+    count = len(measured)
+    second = LLM(str(tmp_path / "model"), quantize="int8", kv_cache_tokens=256)
+    assert len(measured) == count and second.int8_row_limits == first.int8_row_limits
 
 
 def test_quantize_model_replaces_every_product_and_refuses_trainable_models():

@@ -23,7 +23,8 @@ from idlm.bench.results import machine_info
 from idlm.bench.results import write_results
 from idlm.decoding.policy import Decoding
 from idlm.decoding.round_model import estimate
-from idlm.engine.cost_model import CONTEXT, CostModel, StepFit, machine_key, measure
+from idlm.engine.cost_model import CONTEXT, CostModel, StepFit, measure
+from idlm.engine.machine_cache import machine_key
 VALIDATE_BATCHES = (1, 4, 16)
 VALIDATE_STRIDES = (3, 4)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from idlm.engine.cost_model import machine_key
+from idlm.engine.machine_cache import machine_key
 
 
 def write_results(result: dict[str, Any], out: Path, kind: str, markdown: str) -> Path:

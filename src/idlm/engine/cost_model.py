@@ -14,10 +14,6 @@ at a given batch size: TPF / (time of its average step / time of an AR step).
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import platform
 import re
 import statistics
 import time
@@ -32,18 +28,8 @@ from idlm.decoding.decoder import DecodeItem
 from idlm.decoding.policy import Decoding, StepPlan
 from idlm.decoding.sampling import SamplingParams
 from idlm.decoding.round_model import estimate
+from idlm.engine.machine_cache import load_record, save_record
 from idlm.engine.model_runner import RunnerInput
-
-
-def machine_key() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                   if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__}
 
 
 CONTEXT = 128  # cached tokens per sequence in a measured step
@@ -148,27 +134,15 @@ class CostModel:
         return e.speedup(*self.round_seconds(decoding, batch, mask_token_id), t_ar)
 
     # ---- persistence ---------------------------------------------------------------------------
-    def path(self, root: Path) -> Path:
-        digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
-        return root / "cost" / f"{digest}.json"
-
     def save(self, root: Path) -> Path:
-        p = self.path(root)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"key": self.key, "seconds": self.seconds}, indent=1))
-        os.replace(tmp, p)
-        return p
+        return save_record(root, "cost", self.key, self.seconds)
 
     @classmethod
     def load(cls, root: Path, key: dict[str, Any]) -> "CostModel | None":
-        p = cls(key).path(root)
-        if not p.is_file():
+        seconds = load_record(root, "cost", key)
+        if seconds is None:
             return None
-        d = json.loads(p.read_text())
-        if d.get("key") != key:
-            return None
-        return cls(key, {name: {int(b): s for b, s in v.items()} for name, v in d["seconds"].items()})
+        return cls(key, {name: {int(b): s for b, s in v.items()} for name, v in seconds.items()})
 
 
 def measure(engine: Any, decodings: list[Decoding], batches: list[int], context: int = CONTEXT, repeats: int = 5,

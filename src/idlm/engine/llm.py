@@ -17,7 +17,8 @@ from idlm.decoding.decoder import TokenLogprob
 from idlm.decoding.policy import Decoding
 from idlm.decoding.sampling import SamplingParams
 from idlm.decoding.stats import RequestStats
-from idlm.engine.cost_model import CONTEXT, CostModel, machine_key, measure
+from idlm.engine.cost_model import CONTEXT, CostModel, measure
+from idlm.engine.machine_cache import load_record, machine_key, save_record
 from idlm.engine.llm_engine import EngineConfig, LLMEngine
 from idlm.engine.sequence import Sequence
 from idlm.loading import load_checkpoint
@@ -114,13 +115,23 @@ class LLM:
         self.fused = fuse
         if fuse:
             fuse_projections(self.checkpoint.model)
-        self.int8_row_limits = quantize_model(self.checkpoint.model) if self.quantize == "int8" else None
+        self.int8_row_limits = self._quantize_int8() if self.quantize == "int8" else None
         if self.quantize == "bf16":
             bf16_weights(self.checkpoint.model)
         if device == "cpu" and pack_cpu_weights:
             self.checkpoint.model.pack_for_cpu_inference()
         self.name = self.checkpoint.name
         self._start(self.checkpoint.model, self.checkpoint.eos_token_ids, self.checkpoint.config.draft_len, engine)
+
+    def _quantize_int8(self) -> dict[str, int]:
+        """int8 weights with the row limits measured on this machine once and kept in $IDLM_CACHE/int8/
+        (measurements vary up to 2x between start-ups: runs on one machine should choose the same kernels)."""
+        root, key = cache_dir(), {**machine_key(), "dtype": str(self.dtype), "measures": "int8_row_limit"}
+        known = load_record(root, "int8", key) or {}
+        limits = quantize_model(self.checkpoint.model, known=known)
+        if not limits.items() <= known.items():
+            save_record(root, "int8", key, {**known, **limits})
+        return limits
 
     @classmethod
     def from_model(cls, model: CausalLM, tokenizer: Any, eos_token_ids: list[int],

@@ -176,20 +176,21 @@ def _require_frozen_cpu(model: CausalLM, fmt: str) -> None:
                          f"{', trainable' if w.requires_grad else ''})")
 
 
-def quantize_model(model: CausalLM, row_limit: int | None = None) -> dict[str, int]:
+def quantize_model(model: CausalLM, row_limit: int | None = None, known: dict[str, int] | None = None) -> dict[str, int]:
     """Give every projection and the LM head of a frozen CPU model an `Int8Linear` kernel (the embedding lookup
     keeps the exact weight). The row limit of each weight shape is measured on this machine (the crossover
     differs by shape: measured here 4 rows for gate/up, 7 for down, 4 for the LM head) unless `row_limit`
-    fixes one for all. Returns {"out x in": limit}. Call after fusing and before `pack_for_cpu_inference`,
-    which leaves kernels in place."""
+    fixes one for all or `known` has it from an earlier measurement. Returns {"out x in": limit}. Call after
+    fusing and before `pack_for_cpu_inference`, which leaves kernels in place."""
     _require_frozen_cpu(model, "int8")
     limits: dict[str, int] = {}
+    known = known or {}
 
     def limit_for(weight: Tensor) -> int:
         key = f"{weight.shape[0]}x{weight.shape[1]}"
         if key not in limits:
-            limits[key] = row_limit if row_limit is not None else int8_row_limit(weight.shape[1], weight.shape[0],
-                                                                                 weight.dtype)
+            limits[key] = row_limit if row_limit is not None else known[key] if key in known else \
+                int8_row_limit(weight.shape[1], weight.shape[0], weight.dtype)
         return limits[key]
 
     with torch.no_grad():
