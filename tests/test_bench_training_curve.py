@@ -25,5 +25,6 @@ def test_points_follow_cumulative_tokens_across_stages(tmp_path):
     assert main(["bench", "training-curve", str(a), str(run_b), "--out", str(out)]) == 0
     pts = json.loads(out.with_suffix(".json").read_text())["points"]
     assert [(p["tokens"], p["tokens_per_forward"]) for p in pts] == [(200, 1.1), (250, 1.2), (350, 1.3)]
+    assert [p["stage"] for p in pts] == ["1: a.jsonl", "2: b", "2: b"]  # a run dir is named by its folder
     assert out.with_suffix(".png").stat().st_size > 1000
     assert main(["bench", "training-curve", str(tmp_path / "missing.jsonl")]) == 2

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 
-def stage_points(metrics: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
+def stage_points(metrics: Path, offset: int, label: str) -> tuple[list[dict[str, Any]], int]:
     """(evaluation points with cumulative tokens, tokens at the stage's end)."""
     tokens_at: dict[int, int] = {}
     evals = []
@@ -28,7 +28,7 @@ def stage_points(metrics: Path, offset: int) -> tuple[list[dict[str, Any]], int]
     points = []
     for rec in evals:
         ev = rec["eval"]
-        points.append({"stage": metrics.name, "step": rec["step"], "tokens": offset + tokens_at.get(rec["step"], last),
+        points.append({"stage": label, "step": rec["step"], "tokens": offset + tokens_at.get(rec["step"], last),
                        "tokens_per_forward": ev["tokens_per_forward"],
                        "acceptance_by_position": ev["acceptance_by_position"], "prompts": ev.get("prompts")})
     return points, offset + last
@@ -48,18 +48,25 @@ def run(args: argparse.Namespace) -> int:
         metrics = p / "metrics.jsonl" if p.is_dir() else p
         if not metrics.is_file():
             raise FileNotFoundError(f"no metrics file at {metrics}")
-        got, offset = stage_points(metrics, offset)
+        got, offset = stage_points(metrics, offset, f"{len(bounds) + 1}: {p.name}")
         points += got
         bounds.append(offset)
     if not points:
         raise ValueError("the stages hold no evaluation records")
-    x = [pt["tokens"] / 1e6 for pt in points]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    a.plot(x, [pt["tokens_per_forward"] for pt in points], "o-")
-    a.set(xlabel="training tokens (M)", ylabel="tokens per forward", title="held-out TPF")
-    for j in range(max(len(pt["acceptance_by_position"]) for pt in points)):
-        b.plot(x, [pt["acceptance_by_position"][j] if j < len(pt["acceptance_by_position"]) else None
-                   for pt in points], "o-", label=f"draft {j + 1}")
+    stages = list(dict.fromkeys(pt["stage"] for pt in points))  # each stage its own segment: eval sets may differ
+    positions = max(len(pt["acceptance_by_position"]) for pt in points)
+    for i, stage in enumerate(stages):
+        pts = [pt for pt in points if pt["stage"] == stage]
+        x = [pt["tokens"] / 1e6 for pt in pts]
+        marker = "osd^v<>"[i % 7]
+        a.plot(x, [pt["tokens_per_forward"] for pt in pts], marker + "-", color="C0",
+               label=f"{stage} ({pts[0]['prompts']} prompts)")
+        for j in range(positions):
+            b.plot(x, [pt["acceptance_by_position"][j] if j < len(pt["acceptance_by_position"]) else None
+                       for pt in pts], marker + "-", color=f"C{j}", label=f"draft {j + 1}" if i == 0 else None)
+    a.set(xlabel="training tokens (M)", ylabel="tokens per forward", title="TPF (stride 4, greedy)")
+    a.legend(fontsize=7)
     b.set(xlabel="training tokens (M)", ylabel="acceptance", title="acceptance by draft position")
     b.legend()
     for ax in (a, b):
