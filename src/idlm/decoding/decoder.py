@@ -60,6 +60,12 @@ class DecodeItem:
         return len(self.drafts) + 1 + self.decoding.num_masks
 
     @property
+    def num_tested(self) -> int:
+        """Drafts this step tests: at most the decoding's verified count and the tokens the budget allows (the
+        rest pass untested)."""
+        return min(len(self.drafts), self.decoding.num_verified, max(self.budget, 0))
+
+    @property
     def num_hidden(self) -> int:
         """Rows given as hidden states: the alternatives, then the branches."""
         return (len(self.alternatives) if self.drafts else 0) + self.num_branches * self.decoding.num_masks
@@ -128,13 +134,12 @@ def _result(it: DecodeItem, acc: int, token: int, ratio_sum: float, new: list[in
     the token after an accepted alternative (`token`), which ends the step cold."""
     k = len(it.drafts)
     rejected = acc < k
-    n_test = min(k, it.decoding.num_verified, max(it.budget, 0))
     keep = tree_next is None and (not rejected or from_branch)
     if tree_next is not None:
         tokens, kinds = [token, tree_next], [DRAFTED, CLEAN]
     else:
         tokens, kinds = it.drafts[:acc] + [token], [DRAFTED] * acc + [CORRECTION if rejected else CLEAN]
-    return DecodeResult(tokens, rejected, list(new) if keep else [], acc + 1 if rejected else n_test, ratio_sum,
+    return DecodeResult(tokens, rejected, list(new) if keep else [], acc + 1 if rejected else it.num_tested, ratio_sum,
                         from_branch, list(alternatives) if keep and new else [], tree_next is not None, kinds)
 
 
@@ -206,6 +211,9 @@ class Decoder:
         wmax = max(it.decoding.tree for it in items) - 1 if mmax else 0  # alternatives to draft
         penalized = any(it.params.uses_penalties for it in items)
         greedy_step = all(it.params.greedy for it in items)
+        need = sum(it.num_rows for it in items)
+        if need != logits.shape[0]:
+            raise ValueError(f"{logits.shape[0]} logit rows for items that need {need}")
         if greedy_step and not penalized and self.drafter is None and all(_argmax_only(it) for it in items):
             return self._decode_argmax(items, logits)
         # ---- layout (Python, integers) ------------------------------------------------------------
@@ -234,7 +242,7 @@ class Decoder:
                     extra_toks += it.drafts[:j]
             p_index.append([base + j for j in range(k)] + [base + k] * (kmax + 1 - k))
             main_index.append([base + k + 1 + j for j in range(m)] + [0] * (mmax - m))
-            n_test = min(k, d.num_verified, max(it.budget, 0))
+            n_test = it.num_tested
             draft_tok.append(it.drafts + [0] * (kmax - k))
             valid.append([j < k for j in range(kmax)])
             tested.append([j < n_test for j in range(kmax)])
@@ -270,8 +278,6 @@ class Decoder:
                                    for j in range(it.num_branches)] + [[0] * (mmax + 1)] * (kmax - it.num_branches))
             hbase += a + it.num_branches * m
             base += k + 1 + m
-        if base != logits.shape[0]:
-            raise ValueError(f"{logits.shape[0]} logit rows for items that need {base}")
 
         def t(values, dtype=torch.long):
             return torch.tensor(values, dtype=dtype, device=dev)
@@ -387,12 +393,10 @@ class Decoder:
         its row's argmax, the next token or correction is the argmax of the row after the accepted run, and
         the new drafts are their rows' argmaxes. One argmax over all rows; the rest is integers."""
         top = logits.argmax(-1).tolist()
-        if len(top) != sum(it.num_rows for it in items):
-            raise ValueError(f"{len(top)} logit rows for items that need {sum(it.num_rows for it in items)}")
         out, first_row, base = [], [], 0
         for it in items:
             k, m = len(it.drafts), it.decoding.num_masks
-            n_test = min(k, it.decoding.num_verified, max(it.budget, 0))
+            n_test = it.num_tested
             acc = 0  # untested drafts (beyond num_verified or the budget) pass, as in `decode`
             while acc < k and (acc >= n_test or it.drafts[acc] == top[base + acc]):
                 acc += 1

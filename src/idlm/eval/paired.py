@@ -14,14 +14,14 @@ import numpy as np
 
 
 def _columns(records: list[dict[str, Any]], positions: int) -> dict[str, np.ndarray]:
-    def padded(values: list[int]) -> list[int]:
-        return list(values[:positions]) + [0] * (positions - len(values[:positions]))
+    def padded(name: str) -> np.ndarray:  # [prompts, positions]: positions a prompt never reached count 0
+        return np.array([list(r[name]) + [0] * (positions - len(r[name])) for r in records], dtype=np.float64)
 
     return {
         "generated": np.array([r["generated_tokens"] for r in records], dtype=np.float64),
         "forwards": np.array([r["forwards"] for r in records], dtype=np.float64),
-        "accepted": np.array([padded(r["accepted_by_position"]) for r in records], dtype=np.float64).reshape(-1, positions),
-        "tested": np.array([padded(r["proposed_by_position"]) for r in records], dtype=np.float64).reshape(-1, positions),
+        "accepted": padded("accepted_by_position"),
+        "tested": padded("proposed_by_position"),
     }
 
 
