@@ -1,5 +1,5 @@
 """`idlm bench kernels` on a tiny checkpoint: a row per product and row count, each kernel timed, the fastest
-named, the int8 row limit recorded; JSON and markdown written."""
+named, the int8 and int4 row limits recorded; JSON and markdown written."""
 from __future__ import annotations
 
 import json
@@ -17,7 +17,10 @@ def test_kernels_bench_times_every_product_and_row_count(tmp_path, tiny_tokenize
     assert {(r["product"], r["rows"]) for r in result["rows"]} == {
         (p, m) for p in ("qkv", "o", "gate_up", "down", "lm_head") for m in (1, 7)}
     for r in result["rows"]:
-        assert r["int8_us"] > 0 and r["fp32_us"] > 0 and r["fastest"] in ("int8", "fp32", "bf16")
+        assert r["int8_us"] > 0 and r["fp32_us"] > 0 and r["fastest"] in ("int8", "int4", "fp32", "bf16")
         assert r["int8_row_limit"] in (0, 1, 2, 4, 8, 16, 32, 64)
+        # the tiny model's products all fit the int4 kernel but its LM head (500 outputs, not a multiple of 16)
+        assert (r["int4_us"] > 0 and r["int4_row_limit"] in (0, 1, 2, 4, 8, 16, 32, 64)) if r["product"] != "lm_head" \
+            else "int4_us" not in r
     assert result["machine"]["cpu_capability"]
     assert "| lm_head" in next((tmp_path / "out").glob("kernels-cpu-*.md")).read_text()

@@ -15,14 +15,14 @@ from oracles import assert_same_tokens
 
 def gated_tiny(kernels: str):
     model, cfg = gated_tiny_model()
-    if kernels == "int8":
-        quantize_model(model, row_limit=4)
+    if kernels == "int4":  # int4 projections, the int8 LM head: both quantized kernels
+        quantize_model(model, "int4", row_limit=4)
     if kernels != "plain":
         model.pack_for_cpu_inference()
     return model, cfg
 
 
-@pytest.mark.parametrize("kernels", ["plain", "packed", "int8"])
+@pytest.mark.parametrize("kernels", ["plain", "packed", "int4"])
 def test_compiled_greedy_equals_eager_and_risd_equals_ar(tokenizer, kernels):
     model, cfg = gated_tiny(kernels)
     eager = LLM.from_model(model, tokenizer, [tokenizer.eos_token_id], adapter=cfg)
@@ -42,8 +42,12 @@ def test_compiled_greedy_equals_eager_and_risd_equals_ar(tokenizer, kernels):
         assert alone.token_ids == risd[0].token_ids  # batched == one at a time
 
 
-def test_steps_do_not_recompile_once_their_shape_class_is_seen(tokenizer):
-    model, cfg = gated_tiny("packed")
+@pytest.mark.parametrize("kernels", ["packed", "int4"])
+def test_steps_do_not_recompile_once_their_shape_class_is_seen(tokenizer, kernels):
+    model, cfg = gated_tiny(kernels)
+    if kernels == "int4":  # row limits differ by weight shape, as measured ones do: each limit is a row-count branch
+        for i, m in enumerate(m for m in model.modules() if getattr(m, "kernel", None) is not None):
+            m.kernel.row_limit = (2, 4, 8, 16)[i % 4]
     llm = LLM.from_model(model, tokenizer, [tokenizer.eos_token_id], adapter=cfg, compile=True)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     warm = [list(range(200, 230)), list(range(300, 311))]
@@ -57,3 +61,21 @@ def test_steps_do_not_recompile_once_their_shape_class_is_seen(tokenizer):
         llm.generate(other, params, decoding="risd", stride=stride)
         llm.generate(other[1:], params, decoding="ar")
     assert counters["stats"]["unique_graphs"] == seen
+
+
+def test_two_compiled_engines_keep_their_own_weights(tokenizer):
+    """Their graphs share one code object and the guards inside each model are filtered out: each engine must
+    still run its own model (a graph traced on one model's int4 kernels holds their tensors)."""
+    prompts = random_prompts()[:2]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outputs = []
+    for seed in (0, 1):
+        model, cfg = gated_tiny_model(seed)
+        quantize_model(model, "int4", row_limit=4)
+        eager = LLM.from_model(model, tokenizer, [tokenizer.eos_token_id], adapter=cfg)
+        compiled = LLM.from_model(model, tokenizer, [tokenizer.eos_token_id], adapter=cfg, compile=True)
+        want = [o.token_ids for o in eager.generate(prompts, params, decoding="risd", stride=4)]
+        outputs.append((compiled, want))
+    for compiled, want in outputs:  # interleaved: the second engine's graphs exist when the first runs again
+        assert [o.token_ids for o in compiled.generate(prompts, params, decoding="risd", stride=4)] == want
+    assert outputs[0][1] != outputs[1][1]

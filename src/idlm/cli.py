@@ -16,9 +16,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", default=None, help="adapter dir (default: the model's shipped adapter; 'none': off)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default float32 on cpu, bfloat16 on cuda")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default cuda when available")
-    p.add_argument("--quantize", choices=["none", "int8", "bf16"], default=None,
-                   help="int8: int8 weights per output channel; bf16: weights rounded to bfloat16 (CPUs with "
-                        "AVX512-BF16); both with bfloat16 inputs to the products, the rest in float32 (CPU)")
+    p.add_argument("--quantize", choices=["none", "int8", "int4", "bf16"], default=None,
+                   help="int8: int8 weights per output channel; int4: 4-bit weights per group of 32 (GGUF Q4_1's "
+                        "layout), the LM head int8; bf16: weights rounded to bfloat16 (CPUs with AVX512-BF16); all "
+                        "with bfloat16 inputs to the products, the rest in float32 (CPU)")
     p.add_argument("--kv-cache-tokens", type=int, default=32768, help="KV pool size in tokens")
     p.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,

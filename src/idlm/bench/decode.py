@@ -220,6 +220,11 @@ def run_decode_bench(args: argparse.Namespace) -> dict[str, Any]:
                       f"tok/s", file=sys.stderr)
     # the AR row of each weight format and compile mode
     ar_of = {(c["variant"].quantize, c["variant"].compile): i for i, c in enumerate(configs) if c["decoding"] == "ar"}
+
+    def dense_ar(compiled: bool) -> int | None:
+        """The unquantized AR row, of the same compile mode where there is one."""
+        return ar_of.get(("none", compiled), ar_of.get(("none", not compiled)))
+
     rows = []
     for b in batches:
         for i, c in enumerate(configs):
@@ -227,16 +232,16 @@ def run_decode_bench(args: argparse.Namespace) -> dict[str, Any]:
             ar = ar_of.get((v.quantize, v.compile))
             ar_runs = runs[(ar, b)] if ar is not None and i != ar else None
             row = {"engine": c["engine"], "dtype": dtype, "quantize": v.quantize, "stationary": v.stationary,
-                   "compile": v.compile, "int8_row_limits": llms[v].int8_row_limits, "batch": b,
+                   "compile": v.compile, "row_limits": llms[v].row_limits, "batch": b,
                    "decoding": c["decoding"],
                    "stride": c["stride"] or 1, "branches": c["options"].get("branches", 0),
                    **_summary(runs[(i, b)], ar_runs)}
-            dense_ar = ar_of.get(("none", False))
-            if v.quantize != "none" and dense_ar is not None:  # quality: where greedy output leaves the dense AR's
-                row["tokens_to_divergence_vs_" + dtype] = _divergence(runs[(i, b)][-1], runs[(dense_ar, b)][-1])
+            dense = dense_ar(v.compile)
+            if v.quantize != "none" and dense is not None:  # quality: where greedy output leaves the dense AR's
+                row["tokens_to_divergence_vs_" + dtype] = _divergence(runs[(i, b)][-1], runs[(dense, b)][-1])
             rows.append(row)
     if lcpp_runs:
-        ar = ar_of.get(("none", False))
+        ar = dense_ar(False)
         rows.append({"engine": f"llama.cpp {lcpp.name}", "dtype": lcpp.name, "quantize": lcpp.name, "batch": 1,
                      "decoding": "ar", "stride": 1, "branches": 0,
                      **_summary(lcpp_runs, runs[(ar, 1)] if ar is not None else None)})
@@ -300,7 +305,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         div = next((v for k, v in r.items() if k.startswith("tokens_to_divergence_vs_")), None)
         if div is not None:
-            limits = f"; int8 kernel up to {r['int8_row_limits']} rows (by weight shape)" if r["int8_row_limits"] else ""
+            limits = f"; quantized kernels up to {r['row_limits']} rows (by kernel and weight shape)" \
+                if r.get("row_limits") else ""
             lines.append(f"{r['engine']} batch {r['batch']}: greedy output leaves the unquantized AR's after "
                          f"{div['median']} tokens (median; per request {div['per_request']}){limits}.")
     choices = [f"{r['engine']} batch {r['batch']}: {r['choices']}" for r in result["rows"] if r.get("choices")]

@@ -1,9 +1,10 @@
 """`idlm bench kernels`: one projection's cost by row count and kernel, for every weight shape of a model.
 
-Kernels: the int8 kernel (`aten._weight_int8pack_mm`, bf16 inputs; models/quantize.py), oneDNN with the weight
-packed in float32 (the default path) and in bfloat16 (where the CPU packs it). The row counts are those of
-decode steps (AR: 1 per request; R-ISD stride N: 2N - 1). Interleaved, median of `repeats`; the table says
-which kernel is fastest at each row count, and the int8 row limit quantize_model would measure.
+Kernels: the int8 kernel (`aten._weight_int8pack_mm`) and the int4 one (`aten._weight_int4pack_mm_for_cpu`, where
+the shape fits it), both with bf16 inputs (models/quantize.py), oneDNN with the weight packed in float32 (the
+default path) and in bfloat16 (where the CPU packs it). The row counts are those of decode steps (AR: 1 per
+request; R-ISD stride N: 2N - 1). Interleaved, median of `repeats`; the table says which kernel is fastest at
+each row count, and the row limits quantize_model would measure.
 """
 from __future__ import annotations
 
@@ -35,14 +36,15 @@ def shapes(model: str) -> dict[str, tuple[int, int]]:
 
 def run_kernels_bench(args: argparse.Namespace) -> dict[str, Any]:
     from idlm.models.llama import PackedLinear
-    from idlm.models.quantize import Int8Linear, copies_beyond_cache, int8_row_limit, interleaved_medians
+    from idlm.models.quantize import Int4Linear, Int8Linear, copies_beyond_cache, interleaved_medians, measure_row_limit
 
     rows_list = [int(r) for r in args.rows.split(",")]
     rows = []
     for name, (n, k) in shapes(args.model).items():
         w = torch.randn(n, k) * 0.05
         copies = 1 if args.hot else copies_beyond_cache(w.numel() * 4)
-        int8 = [Int8Linear(w, None, 1 << 30) for _ in range(copies)]
+        kinds = [Int8Linear] + ([Int4Linear] if Int4Linear.fits(w) else [])
+        quantized = {kind.format: [kind(w, None, 1 << 30) for _ in range(copies)] for kind in kinds}
         fp32 = [PackedLinear(w) for _ in range(copies)]
         try:
             bf16 = [PackedLinear(w.bfloat16()) for _ in range(copies)]
@@ -52,16 +54,16 @@ def run_kernels_bench(args: argparse.Namespace) -> dict[str, Any]:
             for m in rows_list:
                 x = torch.randn(m, k)
                 xb = x.bfloat16()
-                kernels = {"int8": _cycle(int8, x), "fp32": _cycle(fp32, x)}
+                kernels = {**{f: _cycle(lins, x) for f, lins in quantized.items()}, "fp32": _cycle(fp32, x)}
                 if bf16 is not None:
                     kernels["bf16"] = _cycle(bf16, xb)
                 t = {n: round(v * 1e6, 1) for n, v in interleaved_medians(kernels, args.repeats, warmup=3).items()}
                 rows.append({"product": name, "out": n, "in": k, "rows": m, **{f"{k_}_us": v for k_, v in t.items()},
                              "fastest": min(t, key=t.get)})
-            limit = int8_row_limit(k, n)
+            limits = {f"{kind.format}_row_limit": measure_row_limit(kind, k, n) for kind in kinds}
         for r in rows:
             if r["product"] == name:
-                r["int8_row_limit"] = limit
+                r.update(limits)
     result = {"benchmark": "kernels", "model": args.model, "repeats": args.repeats,
               "weights": "hot (one copy, in cache)" if args.hot else "from memory (copies cycled past 64 MB)",
               "rows": rows, "machine": machine_info("cpu"), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -81,13 +83,15 @@ def _cycle(kernels: list, x: torch.Tensor) -> Callable[[], Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    has_bf16 = any("bf16_us" in r for r in result["rows"])
-    lines = ["| product (out x in) | rows | int8 kernel (us) | fp32 oneDNN (us) | "
-             + ("bf16 oneDNN (us) | " if has_bf16 else "") + "fastest | int8 row limit |",
-             "|---|---|---|---|" + ("---|" if has_bf16 else "") + "---|---|"]
+    columns = [("int8_us", "int8 kernel (us)"), ("int4_us", "int4 kernel (us)"), ("fp32_us", "fp32 oneDNN (us)"),
+               ("bf16_us", "bf16 oneDNN (us)"), ("fastest", "fastest"), ("int8_row_limit", "int8 row limit"),
+               ("int4_row_limit", "int4 row limit")]
+    columns = [(k, h) for k, h in columns if any(k in r for r in result["rows"])]
+    lines = ["| product (out x in) | rows | " + " | ".join(h for _, h in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
     for r in result["rows"]:
-        lines.append(f"| {r['product']} ({r['out']} x {r['in']}) | {r['rows']} | {r['int8_us']} | {r['fp32_us']} | "
-                     + (f"{r.get('bf16_us', '')} | " if has_bf16 else "") + f"{r['fastest']} | {r['int8_row_limit']} |")
+        lines.append(f"| {r['product']} ({r['out']} x {r['in']}) | {r['rows']} | "
+                     + " | ".join(str(r.get(k, "")) for k, _ in columns) + " |")
     m = result["machine"]
     lines += ["", f"{m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads, capability "
                   f"{m['cpu_capability']}), torch {m['torch']}; median of {result['repeats']} interleaved calls; weights "

@@ -26,7 +26,7 @@ from idlm.loading.cache import cache_dir
 from idlm.models.fuse import fuse_projections
 from idlm.models.llama import CausalLM
 from idlm.models.lora import AdapterConfig, load_adapter
-from idlm.models.quantize import bf16_weights, quantize_model
+from idlm.models.quantize import FORMATS as QUANTIZE_FORMATS, bf16_weights, quantize_model
 
 DECODINGS = ("auto", "ar", "isd", "risd")
 # Acceptance by draft position assumed for an adapter that records none (adaptive decoding's prior).
@@ -89,15 +89,16 @@ class LLM:
         pack_cpu_weights: on CPU, pre-pack frozen weights for oneDNN (few-row forwards cost near one row).
         fuse: q/k/v and gate/up (and their adapters) as one matmul each (models/fuse.py).
         quantize: None, "int8" (CPU: int8 weights per output channel, products with bfloat16 inputs, everything
-            else in `dtype`) or "bf16" (CPU with AVX512-BF16: weights rounded to bfloat16, products with bfloat16
-            inputs, everything else in `dtype`); models/quantize.py.
+            else in `dtype`), "int4" (CPU: int4 weights per group of 32, GGUF Q4_1's layout, the LM head int8;
+            products with bfloat16 inputs) or "bf16" (CPU with AVX512-BF16: weights rounded to bfloat16, products
+            with bfloat16 inputs, everything else in `dtype`); models/quantize.py.
         engine: `EngineConfig` fields (kv_cache_tokens, max_num_seqs, max_num_batched_tokens, max_model_len,
         kv_block_size, enable_prefix_caching, clamp_max_tokens, stationary, compile)."""
         device = device or default_device()
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("device cuda requested but torch sees no CUDA device")
-        if quantize not in (None, "none", "int8", "bf16"):
-            raise ValueError(f"unknown quantize {quantize!r}; choose int8, bf16 or none")
+        if quantize not in (None, "none", *QUANTIZE_FORMATS, "bf16"):
+            raise ValueError(f"unknown quantize {quantize!r}; choose {', '.join(QUANTIZE_FORMATS)}, bf16 or none")
         self.quantize = None if quantize in (None, "none") else quantize
         if self.quantize and not device.startswith("cpu"):
             raise ValueError(f"quantize {quantize} is a CPU path (CPU kernels with bfloat16 inputs)")
@@ -115,7 +116,7 @@ class LLM:
         self.fused = fuse
         if fuse:
             fuse_projections(self.checkpoint.model)
-        self.int8_row_limits = self._quantize_int8() if self.quantize == "int8" else None
+        self.row_limits = self._quantize() if self.quantize in QUANTIZE_FORMATS else None
         if self.quantize == "bf16":
             bf16_weights(self.checkpoint.model)
         if device == "cpu" and pack_cpu_weights:
@@ -123,14 +124,15 @@ class LLM:
         self.name = self.checkpoint.name
         self._start(self.checkpoint.model, self.checkpoint.eos_token_ids, self.checkpoint.config.draft_len, engine)
 
-    def _quantize_int8(self) -> dict[str, int]:
-        """int8 weights with the row limits measured on this machine once and kept in $IDLM_CACHE/int8/
-        (measurements vary up to 2x between start-ups: runs on one machine should choose the same kernels)."""
-        root, key = cache_dir(), {**machine_key(), "dtype": str(self.dtype), "measures": "int8_row_limit"}
-        known = load_record(root, "int8", key) or {}
-        limits = quantize_model(self.checkpoint.model, known=known)
+    def _quantize(self) -> dict[str, int]:
+        """Quantized weights with the kernels' row limits measured on this machine once and kept in
+        $IDLM_CACHE/row_limits/ (measurements vary up to 2x between start-ups: runs on one machine should
+        choose the same kernels)."""
+        root, key = cache_dir(), {**machine_key(), "dtype": str(self.dtype), "measures": "row_limit"}
+        known = load_record(root, "row_limits", key) or {}
+        limits = quantize_model(self.checkpoint.model, self.quantize, known=known)
         if not limits.items() <= known.items():
-            save_record(root, "int8", key, {**known, **limits})
+            save_record(root, "row_limits", key, {**known, **limits})
         return limits
 
     @classmethod
@@ -143,7 +145,7 @@ class LLM:
         self.checkpoint = None
         self.tokenizer = tokenizer
         self.adapter, self.adapter_path, self.name = adapter, None, name
-        self.fused, self.quantize, self.int8_row_limits = False, None, None
+        self.fused, self.quantize, self.row_limits = False, None, None
         self._start(model, eos_token_ids, model.config.draft_len, engine)
         return self
 

@@ -1,18 +1,28 @@
-"""int8 weight-only projections for CPU inference: per-output-channel symmetric scales.
+"""Weight-only quantized projections for CPU inference: int8 per output channel, int4 per group of 32.
 
-Each projection (and the LM head) keeps w_int8 [N, K] with scales s [N] (w ~ w_int8 * s, |w_int8| <= 127) and
-computes `aten._weight_int8pack_mm(x_bf16, w_int8, s_bf16)`: it reads a quarter of fp32's bytes, is fast with
-bfloat16 inputs (and many times slower with fp32 ones), and rounds its output to bfloat16. Only the products run
-in bfloat16: the residual stream, attention, norms, the KV cache and the gated LoRA keep the model's dtype
+int8 (`Int8Linear`): each projection (and the LM head) keeps w_int8 [N, K] with scales s [N] (w ~ w_int8 * s,
+|w_int8| <= 127) and computes `aten._weight_int8pack_mm(x_bf16, w_int8, s_bf16)`: it reads a quarter of fp32's
+bytes, is fast with bfloat16 inputs (and many times slower with fp32 ones), and rounds its output to bfloat16.
+
+int4 (`Int4Linear`): 4-bit codes q in 0..15 per group of 32 inputs with a scale and a zero per group (w ~ (q - 8)
+* scale + zero, asymmetric: the group's min and max are on the grid), by `aten._weight_int4pack_mm_for_cpu`
+(bfloat16 inputs, scales and zeros): an eighth of fp32's bytes. This is GGUF's Q4_1 layout (blocks of 32, a
+scale and a minimum each), so quantizing weights that were dequantized from Q4_1 (the embedded default) gives
+back their codes: the int4 model is the checkpoint's own 4-bit weights, with the scale and zero rounded to
+bfloat16. The LM head stays int8 in this format (the embedded default's is Q8_0; 4 bits would be a different
+model), as do projections the int4 kernel cannot take (out features not a multiple of 16, in features not of
+32).
+
+Only the products run in bfloat16: the residual stream, attention, norms, the KV cache and the gated LoRA keep the model's dtype
 (float32 on CPU). A model kept in bfloat16 end to end drifted from itself between an AR step and a verify step
 (rounding of the residual stream compounds over layers and tokens). Even so, rounding the products' inputs
 to bf16 turns the 1e-7 differences between a 1-row AR step and a many-row verify step into bf16 steps, so
 greedy R-ISD int8 equals greedy AR int8 up to near-ties at bf16 precision, not bitwise (docs/architecture.md).
 
-The kernel is fastest for few-row products and slower than oneDNN's packed float32 product once a step has many
-rows, so a start-up microbenchmark (`int8_row_limit`, per machine: AVX2 and AVX-512-BF16 CPUs differ) picks the
-row count up to which it is used; above it, the dequantized weight w_int8 * s in float32, with the inputs and
-outputs rounded to bfloat16 as the int8 kernel rounds them (the same quantized model; the two differ only in the
+Both kernels are fastest for few-row products and slower than oneDNN's packed float32 product once a step has
+many rows, so a start-up microbenchmark (`measure_row_limit`, per machine: AVX2 and AVX-512-BF16 CPUs differ)
+picks the row count up to which each is used; above it, the dequantized weight in float32, with the inputs and
+outputs rounded to bfloat16 as the kernels round them (the same quantized model; the two differ only in the
 order of float32 accumulation). A limit of 0 means the plain float32 path everywhere.
 
 The other weight format here, bf16 (`Bf16Linear`): each weight rounded to bfloat16 once and packed by oneDNN,
@@ -36,8 +46,16 @@ from idlm.models.llama import CausalLM, PackedLinear, Proj
 
 log = logging.getLogger("idlm")
 ROW_CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
-KERNEL_DTYPE = torch.bfloat16  # the int8 kernel's activation dtype
-EXACT_TOP = 8  # logits recomputed exactly per row (Int8Linear.exact_top)
+KERNEL_DTYPE = torch.bfloat16  # the quantized kernels' activation dtype
+EXACT_TOP = 8  # logits recomputed exactly per row (Bf16Products.exact_top)
+GROUP = 32  # int4: inputs per scale and zero (GGUF's Q4 blocks)
+FORMATS = ("int8", "int4")  # quantize_model's weight formats
+
+
+def _bf16_at_least(x: Tensor) -> Tensor:
+    """x (float32) rounded to a bfloat16 value >= x, as float32."""
+    r = x.to(KERNEL_DTYPE)
+    return torch.where(r.float() < x, torch.nextafter(r, torch.full_like(r, float("inf"))), r).float()
 
 
 def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -46,11 +64,28 @@ def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
     exactly what it computes). (Choosing each channel's clip ratio for the least squared error changed top-1
     agreement with fp32 on 1,040 held-out positions only from 95.6% to 95.8%: not kept.)"""
     w = w.float()
-    exact = w.abs().amax(1).clamp_min(1e-12) / 127.0
-    scales = exact.to(KERNEL_DTYPE)
-    up = torch.nextafter(scales, torch.full_like(scales, float("inf")))
-    scales = torch.where(scales.float() < exact, up, scales).float()
+    scales = _bf16_at_least(w.abs().amax(1).clamp_min(1e-12) / 127.0)
     return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
+
+
+def quantize_int4(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(codes [N, K] int32 in 0..15, scales [N, K/GROUP], zeros [N, K/GROUP], both bfloat16 values in float32):
+    per group of GROUP inputs, w ~ (codes - 8) * scale + zero with scale = (max - min) / 15 rounded up to a bf16
+    value and zero = min + 8 * scale rounded to bf16, the codes chosen for the rounded grid. On weights
+    dequantized from GGUF Q4_1 (each block's min and max are on its grid) this returns their codes."""
+    n, k = w.shape
+    g = w.float().view(n, k // GROUP, GROUP)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scales = _bf16_at_least(((hi - lo) / 15).clamp_min(1e-12))
+    zeros = (lo + 8 * scales).to(KERNEL_DTYPE).float()
+    codes = torch.round((g - zeros[..., None]) / scales[..., None] + 8).clamp(0, 15).to(torch.int32)
+    return codes.view(n, k), scales, zeros
+
+
+def dequantize_int4(codes: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
+    n, k = codes.shape
+    g = (codes.view(n, k // GROUP, GROUP).float() - 8) * scales[..., None] + zeros[..., None]
+    return g.view(n, k)
 
 
 class Bf16Products:
@@ -83,27 +118,69 @@ class Bf16Products:
         return y if self.bias is None else y + self.bias
 
 
-class Int8Linear(Bf16Products):
-    """x @ w.T (+ bias) with an int8 weight: the int8 kernel up to `row_limit` rows, the dequantized weight
-    (oneDNN-packed where possible) above it; x and the result keep x's dtype."""
+class QuantizedLinear(Bf16Products):
+    """x @ w.T (+ bias) with a quantized weight: the subclass's `kernel` up to `row_limit` rows, the dequantized
+    weight (oneDNN-packed where possible) above it; x and the result keep x's dtype."""
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, row_limit: int, exact_top: int = 0):
-        self.q, scales = quantize_int8(weight)
-        self.scales = scales.to(KERNEL_DTYPE)  # exact: quantize_int8 picks bf16 values
-        self.weight = (self.q.float() * scales[:, None]).to(weight.dtype)  # dequantized
+    format: str  # the name row limits are recorded under
+    traceable = True  # compiled graphs trace it (models/compile.py): its tensors are plain, its kernels aten ops
+
+    def __init__(self, dequantized: Tensor, bias: Tensor | None, row_limit: int, exact_top: int):
+        self.weight = dequantized
         self.bias = bias
         self.row_limit = row_limit
         self.exact_top = exact_top
         try:
-            self.dense = PackedLinear(self.weight) if weight.device.type == "cpu" else None
+            self.dense = PackedLinear(self.weight) if dequantized.device.type == "cpu" else None
         except RuntimeError:
             self.dense = None
 
+    def kernel(self, xb: Tensor) -> Tensor:
+        """[rows, K] bfloat16 -> [rows, N] bfloat16 by the quantized kernel."""
+        raise NotImplementedError
+
     def product(self, xb: Tensor) -> Tensor:
         if xb.shape[0] <= self.row_limit:
-            return torch.ops.aten._weight_int8pack_mm(xb, self.q, self.scales)
+            return self.kernel(xb)
         xd = xb.to(self.weight.dtype)
-        return (self.dense(xd) if self.dense is not None else F.linear(xd, self.weight)).to(KERNEL_DTYPE)
+        onednn = self.dense is not None and not torch.compiler.is_compiling()  # its packed weight is opaque there
+        return (self.dense(xd) if onednn else F.linear(xd, self.weight)).to(KERNEL_DTYPE)
+
+
+class Int8Linear(QuantizedLinear):
+    """int8 weight per output channel (`quantize_int8`), `aten._weight_int8pack_mm`."""
+
+    format = "int8"
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, row_limit: int, exact_top: int = 0):
+        self.q, scales = quantize_int8(weight)
+        self.scales = scales.to(KERNEL_DTYPE)  # exact: quantize_int8 picks bf16 values
+        super().__init__((self.q.float() * scales[:, None]).to(weight.dtype), bias, row_limit, exact_top)
+
+    def kernel(self, xb: Tensor) -> Tensor:
+        return torch.ops.aten._weight_int8pack_mm(xb, self.q, self.scales)
+
+
+class Int4Linear(QuantizedLinear):
+    """int4 weight per group of GROUP inputs (`quantize_int4`), `aten._weight_int4pack_mm_for_cpu`."""
+
+    format = "int4"
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, row_limit: int, exact_top: int = 0):
+        if not self.fits(weight):
+            raise ValueError(f"int4 needs out features % 16 == 0 and in features % {GROUP} == 0, got "
+                             f"{tuple(weight.shape)}")
+        codes, scales, zeros = quantize_int4(weight)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)  # [N, K/2] uint8
+        self.scales_zeros = torch.stack([scales, zeros], -1).transpose(0, 1).contiguous().to(KERNEL_DTYPE)  # exact
+        super().__init__(dequantize_int4(codes, scales, zeros).to(weight.dtype), bias, row_limit, exact_top)
+
+    @staticmethod
+    def fits(weight: Tensor) -> bool:
+        return weight.shape[0] % 16 == 0 and weight.shape[1] % GROUP == 0
+
+    def kernel(self, xb: Tensor) -> Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, GROUP, self.scales_zeros)
 
 
 class Bf16Linear(Bf16Products):
@@ -142,12 +219,13 @@ def copies_beyond_cache(weight_bytes: int, cache_bytes: int = 64 << 20) -> int:
     return min(256, max(1, -(-cache_bytes // weight_bytes)))
 
 
-def int8_row_limit(in_features: int, out_features: int, dtype: torch.dtype = torch.float32, repeats: int = 20) -> int:
-    """The largest row count (of ROW_CANDIDATES) up to which the int8 kernel beats the dense path on this machine
+def measure_row_limit(kind: type[QuantizedLinear], in_features: int, out_features: int,
+                      dtype: torch.dtype = torch.float32, repeats: int = 20) -> int:
+    """The largest row count (of ROW_CANDIDATES) up to which `kind`'s kernel beats the dense path on this machine
     for a [rows, in] x [in, out] projection with `dtype` activations (0: never). Interleaved, median of
     `repeats`, casts included, each call on a weight copy out of cache."""
     w = torch.randn(out_features, in_features).to(dtype)
-    lins = [Int8Linear(w, None, 0) for _ in range(copies_beyond_cache(w.numel() * w.element_size()))]
+    lins = [kind(w, None, 0) for _ in range(copies_beyond_cache(w.numel() * w.element_size()))]
     limit, calls = 0, 0
     with torch.inference_mode():
         for m in ROW_CANDIDATES:
@@ -162,8 +240,8 @@ def int8_row_limit(in_features: int, out_features: int, dtype: torch.dtype = tor
                     return lin(x)
                 return call
 
-            t = interleaved_medians({"int8": on_next_copy(1 << 30), "dense": on_next_copy(0)}, repeats)
-            if t["int8"] >= t["dense"]:
+            t = interleaved_medians({"kernel": on_next_copy(1 << 30), "dense": on_next_copy(0)}, repeats)
+            if t["kernel"] >= t["dense"]:
                 break
             limit = m
     return limit
@@ -176,32 +254,37 @@ def _require_frozen_cpu(model: CausalLM, fmt: str) -> None:
                          f"{', trainable' if w.requires_grad else ''})")
 
 
-def quantize_model(model: CausalLM, row_limit: int | None = None, known: dict[str, int] | None = None) -> dict[str, int]:
-    """Give every projection and the LM head of a frozen CPU model an `Int8Linear` kernel (the embedding lookup
-    keeps the exact weight). The row limit of each weight shape is measured on this machine (the crossover
-    differs by shape: measured here 4 rows for gate/up, 7 for down, 4 for the LM head) unless `row_limit`
-    fixes one for all or `known` has it from an earlier measurement. Returns {"out x in": limit}. Call after
-    fusing and before `pack_for_cpu_inference`, which leaves kernels in place."""
-    _require_frozen_cpu(model, "int8")
+def quantize_model(model: CausalLM, fmt: str = "int8", row_limit: int | None = None,
+                   known: dict[str, int] | None = None) -> dict[str, int]:
+    """Give every projection and the LM head of a frozen CPU model a quantized kernel (the embedding lookup keeps
+    the exact weight): `fmt` "int8" gives every one an `Int8Linear`; "int4" gives the projections the int4 kernel
+    can take an `Int4Linear` and the rest and the LM head an `Int8Linear`. The row limit of each kernel and weight
+    shape is measured on this machine (the crossover differs by shape: measured here 4 rows for int8 gate/up,
+    7 for down, 4 for the LM head) unless `row_limit` fixes one for all or `known` has it from an earlier
+    measurement. Returns {"format out x in": limit}. Call after fusing and before `pack_for_cpu_inference`,
+    which leaves kernels in place."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown weight format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    _require_frozen_cpu(model, fmt)
     limits: dict[str, int] = {}
     known = known or {}
 
-    def limit_for(weight: Tensor) -> int:
-        key = f"{weight.shape[0]}x{weight.shape[1]}"
+    def kernel_for(weight: Tensor, bias: Tensor | None, exact_top: int = 0) -> QuantizedLinear:
+        kind = Int4Linear if fmt == "int4" and not exact_top and Int4Linear.fits(weight) else Int8Linear
+        key = f"{kind.format} {weight.shape[0]}x{weight.shape[1]}"
         if key not in limits:
             limits[key] = row_limit if row_limit is not None else known[key] if key in known else \
-                int8_row_limit(weight.shape[1], weight.shape[0], weight.dtype)
-        return limits[key]
+                measure_row_limit(kind, weight.shape[1], weight.shape[0], weight.dtype)
+        return kind(weight, bias, limits[key], exact_top)
 
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, Proj):
-                m.kernel = Int8Linear(m.weight, m.bias, limit_for(m.weight))
+                m.kernel = kernel_for(m.weight, m.bias)
                 m.weight.data = m.kernel.weight  # what anything reading the weight sees is the quantized model
-        head = model.output_weight()
-        model.head_kernel = Int8Linear(head, None, limit_for(head), exact_top=EXACT_TOP)
-    log.info("int8 (%s): the int8 kernel runs products of up to these row counts (measured), larger ones the "
-             "dequantized weight: %s", torch.backends.cpu.get_cpu_capability(), limits)
+        model.head_kernel = kernel_for(model.output_weight(), None, exact_top=EXACT_TOP)
+    log.info("%s (%s): each kernel runs products of up to these row counts (measured), larger ones the "
+             "dequantized weight: %s", fmt, torch.backends.cpu.get_cpu_capability(), limits)
     return limits
 
 
