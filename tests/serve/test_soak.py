@@ -1,6 +1,7 @@
-"""A soak of 1,000 mixed requests on a tiny model: normal, stopped early (stop strings, small max_tokens),
+"""A soak of 2,000 mixed requests on a tiny model: normal, stopped early (stop strings, small max_tokens),
 aborted mid-stream, invalid. Afterwards every KV block is free, the log holds no error, and RSS grew by at most
-200 MB after warm-up."""
+100 MB over the second 1,000 (the first fill the bounded caches: oneDNN's primitives, one per product shape, and
+the allocator's pools; RSS rises by about 150 MB there, then by about 15 MB per 1,000 requests)."""
 from __future__ import annotations
 
 import concurrent.futures
@@ -11,7 +12,7 @@ import random
 from serve_helpers import Server, tiny_model, tiny_tokenizer  # noqa: F401 (fixtures)
 from test_api import request
 
-TOTAL, WARMUP, WORKERS = 1000, 100, 16
+TOTAL, WARMUP, WORKERS = 2000, 1000, 16
 
 
 def one(url: str, i: int) -> str:
@@ -59,14 +60,14 @@ def test_soak_of_a_thousand_mixed_requests(tiny_model):  # noqa: F811
             kinds = list(pool.map(lambda i: one(s.url, i), range(WARMUP)))
             warm = s.rss_mb()
             kinds += list(pool.map(lambda i: one(s.url, i), range(WARMUP, TOTAL)))
-        assert {k: kinds.count(k) for k in set(kinds)} == {"normal": 250, "stopped": 250, "aborted": 250,
-                                                           "invalid": 250}
+        assert {k: kinds.count(k) for k in set(kinds)} == {"normal": 500, "stopped": 500, "aborted": 500,
+                                                           "invalid": 500}
         m = s.wait_for(lambda m: m["idlm_running_requests"] == 0 and m["idlm_queue_depth"] == 0
                        and m["idlm_kv_blocks_free"] == free, timeout=60)
         assert m["idlm_kv_blocks_free"] == free and m["idlm_running_requests"] == 0
-        assert m['idlm_requests_total{finish_reason="none",status="invalid"}'] == 250
-        assert m['idlm_requests_total{finish_reason="none",status="aborted"}'] == 250
-        assert s.rss_mb() <= warm + 200
+        assert m['idlm_requests_total{finish_reason="none",status="invalid"}'] == 500
+        assert m['idlm_requests_total{finish_reason="none",status="aborted"}'] == 500
+        assert s.rss_mb() <= warm + 100
     finally:
         assert s.stop() == 0, s.log
     assert "ERROR" not in s.log and "Traceback" not in s.log, s.log
