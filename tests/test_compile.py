@@ -47,19 +47,18 @@ def test_steps_do_not_recompile_once_their_shape_class_is_seen(tokenizer, kernel
     model, cfg = gated_tiny(kernels)
     if kernels == "int4":  # row limits differ by weight shape, as measured ones do: each limit is a row-count branch
         for i, m in enumerate(m for m in model.modules() if getattr(m, "kernel", None) is not None):
-            m.kernel.row_limit = (2, 4, 8, 16)[i % 4]
+            m.kernel.row_limit = (2, 4, 8, 48)[i % 4]
     llm = LLM.from_model(model, tokenizer, [tokenizer.eos_token_id], adapter=cfg, compile=True)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    warm = [list(range(200, 230)), list(range(300, 311))]
-    for stride in (2, 4):  # batch 1 and 2, AR and R-ISD, prefill: every class these runs meet
-        for batch in (warm[:1], warm):
-            llm.generate(batch, params, decoding="ar")
-            llm.generate(batch, params, decoding="risd", stride=stride)
+    llm.warm_up("risd", 4)  # what `idlm serve` runs before its first request
     seen = counters["stats"]["unique_graphs"]
-    other = [list(range(1000, 1000 + n)) for n in (7, 52)]  # new lengths, batch composition and positions
-    for stride in (2, 4):
+    other = [list(range(1000, 1000 + n)) for n in (7, 52, 90)]  # new lengths, batch compositions and positions
+    for stride in (2, 3, 4):
         llm.generate(other, params, decoding="risd", stride=stride)
-        llm.generate(other[1:], params, decoding="ar")
+        for prompt in other:  # alone: a prefill of a few rows, of more than the row limit
+            llm.generate([prompt], params, decoding="risd", stride=stride)
+    llm.generate(other, params, decoding="ar")
+    llm.generate(other[2:], params, decoding="ar")
     assert counters["stats"]["unique_graphs"] == seen
 
 

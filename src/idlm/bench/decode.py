@@ -198,8 +198,10 @@ def run_decode_bench(args: argparse.Namespace) -> dict[str, Any]:
                 + (" stationary" if v.stationary else "") + (" compiled" if v.compile else "")}
                for v in variants for c in base if not (v.stationary and c["decoding"] == "ar")]  # AR: nothing to pad
     for c in configs:  # warm-up at every batch size: the cost model of auto (measured once per machine and cached),
-        for b in batches:  # compiled variants' graphs
+        for b in batches:  # compiled variants' graphs (every step class: LLM.warm_up, as `idlm serve` runs it)
             run_ours(llms[c["variant"]], prompts[b][:b], 8, b, c["decoding"], c["stride"], **c["options"])
+        if c["variant"].compile:
+            llms[c["variant"]].warm_up(c["decoding"], c["stride"])
     lcpp = _llamacpp(args, batches, notes)
     if lcpp is not None:
         lcpp_ids = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in prompts[1]]

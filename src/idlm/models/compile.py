@@ -17,8 +17,9 @@ filtered out; those on the step's inputs (row counts, the gate kind) stay. Measu
 per-call lookup 2.1 -> 0.85 ms.
 
 Shapes: compiled with dynamic dims, so the number of rows and of gated rows are symbols; PyTorch specializes
-sizes 0 and 1, so a batch-1 AR step (1 row) gets its own graph and every other step shares one. The gate
-kinds (none, all rows, chosen rows) are separate graphs. No step recompiles once its class has been seen.
+sizes 0 and 1, so a batch-1 AR step (1 row) gets its own graph and every other step shares one; the count of
+gated rows is marked unbacked (never specialized: one MASK row, stride 2 alone, shares the graph of many). The
+gate kinds (none, all rows, chosen rows) are separate graphs. No step recompiles once its class has been seen.
 Devices without our CPU kernels trace the plain F.linear, which the compiler then lowers itself.
 """
 from __future__ import annotations
@@ -146,6 +147,8 @@ class CompiledForward:
             lora_gate = RowGate.from_mask(lora_gate)
         if isinstance(lora_gate, RowGate) and lora_gate.span is not None:
             lora_gate = RowGate(lora_gate.rows)  # span bounds would be guarded as constants: one graph per span
+        if isinstance(lora_gate, RowGate):  # one MASK row (stride 2 alone) would otherwise get a graph of its own
+            torch._dynamo.decorators.mark_unbacked(lora_gate.rows, 0)
         self.attn = attn
         try:
             return self._compiled(input_ids, positions, lora_gate)
