@@ -7,7 +7,7 @@ import torch
 
 from idlm.config import ModelConfig
 from idlm.models.attention import DenseAttention
-from idlm.models.lora import load_adapter, read_adapter_config
+from idlm.models.lora import LoRAProj, load_adapter, read_adapter_config
 from idlm.training.objective import build_example
 from idlm.training.checkpoints import export_full_model
 from idlm.training.trainer import Trainer, random_model
@@ -47,9 +47,24 @@ def test_gated_adapter_export_roundtrip(tmp_path):
         if p.requires_grad:
             torch.testing.assert_close(p.detach(), trained[n].detach())
     assert sum(p.requires_grad for p in cont.parameters()) == sum(p.requires_grad for p in tr.model.parameters())
-    with pytest.raises(TrainingError, match="lora.init"):
+    with pytest.raises(TrainingError, match="lora.init"):  # a rank cannot shrink
         prepare_model(random_model(TINY_MODEL, cfg.seed),
-                      tiny_config(tmp_path, mode="gated_lora", lora={"r": 8, "alpha": 8, "init": str(path)}))
+                      tiny_config(tmp_path, mode="gated_lora", lora={"r": 2, "alpha": 8, "init": str(path)}))
+    with pytest.raises(TrainingError, match="lora.init"):  # nor the targets change
+        prepare_model(random_model(TINY_MODEL, cfg.seed), tiny_config(
+            tmp_path, mode="gated_lora", lora={"r": 4, "alpha": 8, "init": str(path), "targets": ["q_proj"]}))
+
+    # a rank can grow (r 4 -> 8, alpha 8 -> 32: another scaling): the same function until the new rank trains
+    grown = random_model(TINY_MODEL, cfg.seed)
+    prepare_model(grown, tiny_config(tmp_path, mode="gated_lora", lora={"r": 8, "alpha": 32, "init": str(path)}))
+    proj = next(m for m in grown.modules() if isinstance(m, LoRAProj))
+    assert proj.lora_A.shape[0] == 8 and proj.lora_A.requires_grad and proj.scaling == 4
+    assert proj.lora_A[4:].abs().sum() > 0 and proj.lora_B[:, 4:].abs().sum() == 0  # new rank: random A, zero B
+    with torch.no_grad():
+        torch.testing.assert_close(_hidden(grown, ex, gate), _hidden(tr.model, ex, gate))
+    loss = _hidden(grown, ex, gate).square().sum()
+    loss.backward()
+    assert proj.lora_B.grad[:, 4:].abs().sum() > 0  # the new rank trains
 
 
 def test_full_model_export_loads_with_mask_row_and_block_size(tmp_path):

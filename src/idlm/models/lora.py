@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -164,12 +164,21 @@ def read_adapter_config(path: str | Path) -> AdapterConfig:
     return AdapterConfig.from_json(d)
 
 
-def load_adapter(model: CausalLM, path: str | Path) -> AdapterConfig:
-    """Attach the adapter at `path` to `model` (frozen, inference)."""
+def load_adapter(model: CausalLM, path: str | Path, rank: int | None = None, alpha: float | None = None
+                 ) -> AdapterConfig:
+    """Attach the adapter at `path` to `model` (frozen, inference). With `rank` (at least the stored one) and
+    `alpha`, attach it grown to that rank for further training: the stored A fills the first rows (the rest keep
+    their random init), the stored B the first columns rescaled to the new alpha / rank, the rest zero, so the
+    model computes exactly what the stored adapter computes until training moves the new rank."""
     cfg = read_adapter_config(path)
     wfile = Path(path) / "adapter_model.safetensors"
     if not wfile.is_file():
         raise FileNotFoundError(f"no adapter_model.safetensors in {path}")
+    if rank is not None and rank < cfg.r:
+        raise ValueError(f"adapter {path} has rank {cfg.r}; it can grow to {rank}, not shrink")
+    stored_scaling = cfg.lora_alpha / cfg.r
+    if rank is not None:
+        cfg = replace(cfg, r=rank, lora_alpha=cfg.lora_alpha if alpha is None else alpha)
     state = load_file(str(wfile))
     add_lora(model, cfg)
     modules = {n: m for n, m in model.named_modules() if isinstance(m, LoRAProj)}
@@ -181,7 +190,10 @@ def load_adapter(model: CausalLM, path: str | Path) -> AdapterConfig:
                 t = state.get(key, state.get(alt))
                 if t is None:
                     raise KeyError(f"adapter {path} lacks {key}")
-                getattr(mod, part).copy_(t)
+                if part == "lora_A":
+                    mod.lora_A[: t.shape[0]].copy_(t)
+                else:
+                    mod.lora_B.zero_()[:, : t.shape[1]].copy_(t * (stored_scaling / mod.scaling))
         if MASK_KEY in state:
             if model.mask_embedding is not None:
                 model.mask_embedding.copy_(state[MASK_KEY])

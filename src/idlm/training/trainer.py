@@ -95,13 +95,14 @@ def prepare_model(model: CausalLM, cfg: TrainConfig) -> tuple[AdapterConfig | No
         trained_stride=cfg.stride,
         base_model_name_or_path=cfg.model if cfg.model != "random" else None,
     )
-    if cfg.lora.init:  # continue an adapter: its shape and gating must be the configured ones
+    if cfg.lora.init:  # continue an adapter: its targets and gating must be the configured ones, its rank at most
         init = read_adapter_config(cfg.lora.init)
-        have = (init.r, init.lora_alpha, sorted(init.target_modules), init.gated, init.draft_len)
-        want = (acfg.r, acfg.lora_alpha, sorted(acfg.target_modules), acfg.gated, acfg.draft_len)
-        if have != want:
-            raise TrainingError(f"lora.init {cfg.lora.init}: (r, alpha, targets, gated, draft_len) {have} != config {want}")
-        load_adapter(model, cfg.lora.init)  # its MASK embedding too
+        have = (sorted(init.target_modules), init.gated, init.draft_len)
+        want = (sorted(acfg.target_modules), acfg.gated, acfg.draft_len)
+        if have != want or init.r > acfg.r:
+            raise TrainingError(f"lora.init {cfg.lora.init}: (targets, gated, draft_len) {have}, rank {init.r}; "
+                                f"the config has {want}, rank {acfg.r} (a rank can grow, not shrink)")
+        load_adapter(model, cfg.lora.init, rank=acfg.r, alpha=acfg.lora_alpha)  # its MASK embedding too
     else:
         add_lora(model, acfg)  # keeps an extra MASK embedding the checkpoint already trained
     for mod in model.modules():
