@@ -28,6 +28,7 @@ def test_decode_bench_writes_rows_by_batch_with_auto_equal_to_ar(embedded_llm, t
     assert set(rows) == {(e, b) for e in ("idlm ar", "idlm risd N=3", "idlm auto N<=3") for b in (1, 2)}
     for (engine, b), r in rows.items():
         assert len(r["runs"]) == 2 and r["tok_per_s"] > 0
+        assert all(run["graphs_compiled"] == 0 for run in r["runs"])  # eager: nothing compiles inside a run
         if engine != "idlm ar":
             assert r["same_tokens_as_ar"] is True and r["speedup_vs_idlm_ar"] > 0
     assert sum(rows[("idlm auto N<=3", 1)]["choices"].values()) > 0

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from torch._dynamo.utils import counters
 
 from idlm.bench.results import machine_info, write_results
 
@@ -57,6 +58,7 @@ def run_ours(llm, prompts: list[str], max_tokens: int, batch: int, decoding: str
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     convs = [[{"role": "user", "content": p}] for p in prompts]
+    graphs = counters["stats"]["unique_graphs"]
     outs, t0 = [], time.perf_counter()
     for i in range(0, len(convs), batch):
         outs += llm.chat(convs[i : i + batch], params, decoding=decoding, stride=stride, **options)
@@ -68,7 +70,8 @@ def run_ours(llm, prompts: list[str], max_tokens: int, batch: int, decoding: str
     run = {"tok_per_s": pooled.generated_tokens / seconds, "tokens": pooled.generated_tokens, "seconds": seconds,
            "tpf": pooled.tokens_per_forward, "rows_per_forward": d["rows_per_forward"],
            "cold_share": d.get("cold_share", 0.0), "tree_hits": pooled.tree_hits,
-           "acceptance": d.get("acceptance_by_position", []), "token_ids": [o.token_ids for o in outs]}
+           "acceptance": d.get("acceptance_by_position", []), "token_ids": [o.token_ids for o in outs],
+           "graphs_compiled": counters["stats"]["unique_graphs"] - graphs}  # inside the timed run: warm-up missed
     if pooled.decoding == "auto":
         run["choices"] = dict(pooled.choices)
     return run
@@ -215,7 +218,8 @@ def run_decode_bench(args: argparse.Namespace) -> dict[str, Any]:
                                **c["options"])
                 runs.setdefault((i, b), []).append(run)
                 print(f"repeat {r + 1}/{args.repeats} batch {b:>2} {c['engine']:>28}: {run['tok_per_s']:7.2f} tok/s, "
-                      f"TPF {run['tpf']:.3f}", file=sys.stderr)
+                      f"TPF {run['tpf']:.3f}" + (f", {run['graphs_compiled']} graph(s) compiled inside the run"
+                                                  if run["graphs_compiled"] else ""), file=sys.stderr)
             if lcpp is not None and b == 1:
                 lcpp_runs.append(lcpp.run(lcpp_ids, args.max_tokens))
                 print(f"repeat {r + 1}/{args.repeats} batch  1 {'llama.cpp':>28}: {lcpp_runs[-1]['tok_per_s']:7.2f} "
