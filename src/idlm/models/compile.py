@@ -68,15 +68,18 @@ def _attend_shape(q: Tensor, k: Tensor, v: Tensor, owner: int, layer: int) -> Te
 
 
 class OpaqueKernel:
-    """A projection's kernel as the compiler sees it: one `idlm::kernel` call (eager: the kernel itself)."""
+    """A projection's kernel as the compiler sees it: one `idlm::kernel` call, or for a traceable (quantized)
+    kernel its own ops at the graph's row limit (eager: the kernel itself)."""
 
-    def __init__(self, owner: int, index: int, out_features: int, inner: Callable[[Tensor], Tensor]):
+    def __init__(self, owner: int, index: int, out_features: int, inner: Callable[..., Tensor],
+                 row_limit: int | None = None):
         self.owner, self.index, self.out_features, self.inner = owner, index, out_features, inner
+        self.row_limit = row_limit
 
     def __call__(self, x: Tensor) -> Tensor:
         if torch.compiler.is_compiling():
             if getattr(self.inner, "traceable", False):
-                return self.inner(x)
+                return self.inner(x, row_limit=self.row_limit)
             return torch.ops.idlm.kernel(x, self.owner, self.index, self.out_features)
         return self.inner(x)
 
@@ -108,21 +111,17 @@ class CompiledForward:
         self.handle = next(_handles)
         _owners[self.handle] = self
         self.attn: AttentionBackend | None = None
-        self.kernels: list[Callable[[Tensor], Tensor]] = []
-        for m in model.modules():
-            if isinstance(m, Proj) and m.kernel is not None:
-                inner = m.kernel.inner if isinstance(m.kernel, OpaqueKernel) else m.kernel
-                self.kernels.append(inner)
-                m.kernel = OpaqueKernel(self.handle, len(self.kernels) - 1, m.out_features, inner)
+        projs = [m for m in model.modules() if isinstance(m, Proj) and m.kernel is not None]
+        self.kernels: list[Callable[..., Tensor]] = [m.kernel.inner if isinstance(m.kernel, OpaqueKernel)
+                                                     else m.kernel for m in projs]
         # a traced quantized kernel branches on the step's row count (its row limit): one boundary per distinct
         # limit would split every shape class again (measured int8 limits 4 / 8 / 16: four classes per gate
         # kind, past the recompile limit). One limit for the whole graph, the largest measured: between a
         # kernel's own limit and it, that kernel is somewhat slower than the dense path, never another model.
-        quantized = [k for k in self.kernels if getattr(k, "traceable", False)]
-        if quantized:
-            limit = max(k.row_limit for k in quantized)
-            for k in quantized:
-                k.row_limit = limit
+        # Eager calls keep each kernel's own limit.
+        limit = max((k.row_limit for k in self.kernels if getattr(k, "traceable", False)), default=None)
+        for i, (m, inner) in enumerate(zip(projs, self.kernels)):
+            m.kernel = OpaqueKernel(self.handle, i, m.out_features, inner, limit)
         self._backend = _OpaqueAttention(self.handle)
         # the compiler caches graphs per code object, and every instance compiles the same `_forward` (a process
         # may hold several engines: benchmarks, tests): room for ~12 shape classes per instance

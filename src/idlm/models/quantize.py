@@ -102,14 +102,14 @@ class Bf16Products:
     bias: Tensor | None
     exact_top: int
 
-    def product(self, xb: Tensor) -> Tensor:
-        """[rows, K] bfloat16 -> [rows, N] bfloat16."""
+    def product(self, xb: Tensor, row_limit: int | None = None) -> Tensor:
+        """[rows, K] bfloat16 -> [rows, N] bfloat16; `row_limit` overrides a quantized format's own."""
         raise NotImplementedError
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, row_limit: int | None = None) -> Tensor:
         rows, k = x.numel() // x.shape[-1], x.shape[-1]
         xb = x.reshape(rows, k).to(KERNEL_DTYPE)
-        y = self.product(xb).to(x.dtype)
+        y = self.product(xb, row_limit).to(x.dtype)
         if self.exact_top:
             top = y.topk(self.exact_top, dim=-1).indices  # [rows, k]
             exact = torch.bmm(self.weight[top], xb.to(self.weight.dtype)[:, :, None])[..., 0]
@@ -139,8 +139,8 @@ class QuantizedLinear(Bf16Products):
         """[rows, K] bfloat16 -> [rows, N] bfloat16 by the quantized kernel."""
         raise NotImplementedError
 
-    def product(self, xb: Tensor) -> Tensor:
-        if xb.shape[0] <= self.row_limit:
+    def product(self, xb: Tensor, row_limit: int | None = None) -> Tensor:
+        if xb.shape[0] <= (self.row_limit if row_limit is None else row_limit):
             return self.kernel(xb)
         xd = xb.to(self.weight.dtype)
         onednn = self.dense is not None and not torch.compiler.is_compiling()  # its packed weight is opaque there
@@ -195,7 +195,7 @@ class Bf16Linear(Bf16Products):
         self.bias = bias
         self.exact_top = exact_top
 
-    def product(self, xb: Tensor) -> Tensor:
+    def product(self, xb: Tensor, row_limit: int | None = None) -> Tensor:  # noqa: ARG002 (one path)
         return self.packed(xb)
 
 
