@@ -82,3 +82,21 @@ def test_two_compiled_engines_keep_their_own_weights(tokenizer):
     for compiled, want in outputs:  # interleaved: the second engine's graphs exist when the first runs again
         assert [o.token_ids for o in compiled.generate(prompts, params, decoding="risd", stride=4)] == want
     assert outputs[0][1] != outputs[1][1]
+
+
+def test_isd_after_ar_on_a_model_without_a_mask_embedding(tokenizer):
+    """No adapter and no MASK embedding yet: the engine gives MASK its embedding before any graph compiles, so ISD
+    after AR (serve's warm-up order) runs the graphs of the model it decodes with (it aborted the process on an
+    out-of-vocabulary index when the embedding came with the first ISD request)."""
+    model, _ = gated_tiny_model()
+    model.mask_embedding = None
+    prompts = random_prompts()[:2]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    compiled = LLM.from_model(model, tokenizer, [tokenizer.eos_token_id], compile=True)
+    assert model.mask_embedding is not None
+    ar = compiled.generate(prompts, params, decoding="ar")
+    isd = compiled.generate(prompts, params, decoding="isd", stride=4)
+    eager = LLM.from_model(model, tokenizer, [tokenizer.eos_token_id]).generate(prompts, params, decoding="isd", stride=4)
+    for a, i, e in zip(ar, isd, eager):
+        assert i.token_ids == e.token_ids and len(a.token_ids) == 12
+

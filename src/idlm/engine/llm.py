@@ -156,6 +156,10 @@ class LLM:
             raise ValueError(f"unknown engine option: {e}") from e
         if config.compile:  # compiled kernels persist beside the converted models (the default is under /tmp)
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+        # a MASK outside the vocabulary that no adapter brought gets the untrained mean embedding now: the model is
+        # frozen once the engine runs (compiled step graphs do not check it again; created later, by the first ISD
+        # request, an AR graph fed the MASK id to the vocabulary table and aborted the process)
+        model.init_mask_embedding()
         self.model = model
         self.model_draft_len = draft_len
         self.engine = LLMEngine(model, self.tokenizer, eos_token_ids, config)
@@ -238,8 +242,6 @@ class LLM:
             raise ValueError(
                 f"risd needs a gated adapter: pass adapter=PATH (model {self.name!r} ships no default adapter)"
             )
-        if self.model.config.mask_token_id is None and self.model.mask_embedding is None:
-            self.model.init_mask_embedding()  # untrained MASK: the mean embedding
         if self.adapter is None:
             lora = "none"
         else:
