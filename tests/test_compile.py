@@ -99,4 +99,3 @@ def test_isd_after_ar_on_a_model_without_a_mask_embedding(tokenizer):
     eager = LLM.from_model(model, tokenizer, [tokenizer.eos_token_id]).generate(prompts, params, decoding="isd", stride=4)
     for a, i, e in zip(ar, isd, eager):
         assert i.token_ids == e.token_ids and len(a.token_ids) == 12
-
