@@ -54,8 +54,11 @@ class LoRAProj(Proj):
             a, b = lora_gate.span
             flat[a:b] += self._delta(xf[a:b]).to(flat.dtype)
             return y
+        # the gated rows are distinct, so their sums are written back (index_copy), not accumulated: the
+        # compiler lowers an index_add to atomic adds, which cost an R-ISD step ~1.5 ms (models/compile.py)
         rows = lora_gate.rows
-        return flat.index_add(0, rows, self._delta(xf.index_select(0, rows)).to(flat.dtype)).view_as(y)
+        delta = self._delta(xf.index_select(0, rows)).to(flat.dtype)
+        return flat.index_copy(0, rows, flat.index_select(0, rows) + delta).view_as(y)
 
     def _delta(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
