@@ -55,7 +55,7 @@ class LoRAProj(Proj):
             flat[a:b] += self._delta(xf[a:b]).to(flat.dtype)
             return y
         # the gated rows are distinct, so their sums are written back (index_copy), not accumulated: the
-        # compiler lowers an index_add to atomic adds, which cost an R-ISD step ~1.5 ms (models/compile.py)
+        # compiler lowers an index_add to atomic adds, which cost an R-ISD step ~1.5 ms (docs/architecture.md)
         rows = lora_gate.rows
         delta = self._delta(xf.index_select(0, rows)).to(flat.dtype)
         return flat.index_copy(0, rows, flat.index_select(0, rows) + delta).view_as(y)
