@@ -7,6 +7,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from idlm import LLM, SamplingParams
+from idlm.models.attention import SHORT_QUERY, PagedAttention
 from idlm.models.compile import OpaqueKernel
 from idlm.models.quantize import quantize_model
 
@@ -65,6 +66,24 @@ def test_steps_do_not_recompile_once_their_shape_class_is_seen(tokenizer, kernel
     llm.generate(other, params, decoding="ar")
     llm.generate(other[2:], params, decoding="ar")
     assert counters["stats"]["unique_graphs"] == seen
+
+
+def test_steps_of_one_group_run_their_attention_inside_the_graph(tokenizer, monkeypatch):
+    """Decode steps (one sequence or several) trace the paged attention into their graph; only a step with a
+    prefill chunk beside another sequence calls it at run time (`idlm::attend`)."""
+    model, cfg = gated_tiny("packed")
+    llm = LLM.from_model(model, tokenizer, [tokenizer.eos_token_id], adapter=cfg, compile=True)
+    llm.warm_up("risd", 4)
+    calls = []
+    run = PagedAttention.attend
+    monkeypatch.setattr(PagedAttention, "attend", lambda self, *a: calls.append(len(self.groups)) or run(self, *a))
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    short = [list(range(1000, 1010)), list(range(1100, 1106))]
+    for decoding in ("ar", "risd"):
+        llm.generate(short, params, decoding=decoding)
+    assert calls == []
+    llm.generate([short[0][:4], list(range(1200, 1200 + 2 * SHORT_QUERY))], params, decoding="risd")
+    assert calls and all(n > 1 for n in calls)
 
 
 def test_two_compiled_engines_keep_their_own_weights(tokenizer):

@@ -111,6 +111,32 @@ def test_paged_incremental_equals_full_forward(family, scrambled):
     assert all(span is None for span in spans) if scrambled else spans[-1] == (0, 40)
 
 
+@pytest.mark.parametrize("lens", [(3,), (9,), (3, 6), (3, 40)])
+def test_graph_inputs_give_the_steps_own_attention(lens):
+    """What a compiled graph traces (`graph_inputs` -> `from_graph_inputs`: keys gathered by whole blocks, a span's
+    too, with the mask widened to them; a one-block table padded with a second) attends as the step does; a step
+    with a prefill chunk beside another sequence (several groups) stays out of graphs."""
+    model = tiny_model(vocab_size=500)
+    kv = KVCache(model.config, num_blocks=16, block_size=4, dtype=torch.float32, device="cpu")
+    blocks = BlockManager(16, 4)
+    tables: list[list[int]] = [[] for _ in lens]
+    for t, n in zip(tables, lens):
+        assert blocks.grow(t, n)
+    torch.manual_seed(3)
+    ids = torch.randint(0, 500, (sum(lens),))
+    pos = torch.cat([torch.arange(n) for n in lens])
+    meta = PagedAttention.build(kv.k, kv.v, kv.block_size, tables, [0] * len(lens), list(lens), "cpu")
+    inputs = meta.graph_inputs()
+    if any(n > SHORT_QUERY for n in lens):
+        assert inputs is None
+        return
+    assert (meta.groups[0].span is not None) == (len(lens) == 1)
+    with torch.no_grad():
+        want = model(ids, pos, meta)
+        got = model(ids, pos, PagedAttention.from_graph_inputs(*inputs))
+    assert _rel_err(got, want) <= 1e-6
+
+
 @pytest.mark.parametrize("lens", [(5, 11, 2), (5, 70, 2, 41, 1)])  # the second mixes prefill chunks (> SHORT_QUERY)
 def test_batched_paged_rows_equal_single(lens):
     """Several sequences with different query counts in one forward == each alone (short ones attend as one padded

@@ -318,17 +318,19 @@ class LLM:
         return self._as_completed(items, params, self._decodings(len(items), decoding, stride, options))
 
     def warm_up(self, decoding: str | None = None, stride: int | None = None) -> None:
-        """Short greedy requests by AR and by `decoding` (default: the default one): a short prompt alone, then
-        beside a prompt longer than every quantized kernel's row limit, so compiled step graphs exist for every
-        class of step (one row, a few rows, a prefill past the kernels' limit; each gate kind) and auto's cost
-        model is measured before the first real request. Needs an idle engine."""
+        """Short greedy requests by AR and by `decoding` (default: the default one): a short prompt alone, beside
+        another short one, then beside a prompt longer than every quantized kernel's row limit, so compiled step
+        graphs exist for every class of step (one row or a few, of one sequence or several, a prefill past the
+        kernels' limit; each gate kind) and auto's cost model is measured before the first real request. Needs
+        an idle engine."""
         params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
         short = self.encode("Warm-up: count from one to ten.")
         rows = max([64, *(self.row_limits or {}).values()]) + 1
         for d in dict.fromkeys(["ar", decoding or self.default_decoding]):
-            # a long prompt of its own per decoding: the prefix cache would otherwise shorten its prefill
+            # prompts of their own per decoding: the prefix cache would otherwise shorten their prefill
+            other = self.encode(f"Warm-up {d}: name three colours.")
             long = (self.encode(f"Warm-up {d}: one two three four five six seven eight nine ten.") * rows)[:rows]
-            for prompts in ([short], [short, long]):
+            for prompts in ([short], [short, other], [short, long]):
                 self.generate(prompts, params, decoding=d, stride=None if d == "ar" else stride)
 
     def stream(self, prompt_ids: list[int], params: SamplingParams | None = None, *, decoding: Any = None,

@@ -166,6 +166,26 @@ class PagedAttention:
             out.index_copy_(0, g.rows, g.attend(kp, vp, q.index_select(0, g.rows)).to(out.dtype))
         return out
 
+    def graph_inputs(self) -> tuple | None:
+        """The step's tensors for a compiled graph to trace its attention from (`from_graph_inputs`), when its
+        sequences attend as one group (every step but those with a prefill chunk beside other sequences); None
+        otherwise. The keys are gathered by whole blocks, a span's too (its bounds are plain ints, which a graph
+        would take as constants), with the mask widened to them; a table of one block gets a second, masked out:
+        graphs specialize sizes of 1, and short sequences would otherwise have graphs of their own."""
+        if len(self.groups) != 1:
+            return None
+        g = self.groups[0]
+        tables = g.block_tables if g.block_tables.shape[1] > 1 else g.block_tables.repeat(1, 2)
+        keys = tables.shape[1] * self.k_pool[0].shape[1]
+        mask = g.mask if g.mask.shape[-1] == keys else F.pad(g.mask, (0, keys - g.mask.shape[-1]))
+        return self.k_pool, self.v_pool, self.slot_mapping, tables, g.q_index, g.out_index, mask
+
+    @classmethod
+    def from_graph_inputs(cls, k_pool: list[torch.Tensor], v_pool: list[torch.Tensor], slot_mapping: torch.Tensor,
+                          block_tables: torch.Tensor, q_index: torch.Tensor | None, out_index: torch.Tensor | None,
+                          mask: torch.Tensor) -> "PagedAttention":
+        return cls(k_pool, v_pool, slot_mapping, [_Group(None, block_tables, q_index, out_index, mask)])
+
     @classmethod
     def build(
         cls,

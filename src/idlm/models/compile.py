@@ -1,30 +1,38 @@
-"""Compiled serving forwards: one inductor graph per step shape class, our kernels and the paged attention
-kept as opaque calls inside it.
+"""Compiled serving forwards: one inductor graph per step class, our packed kernels kept as opaque calls inside it.
 
 What the compiler takes: everything between the products (embedding, RMSNorm, RoPE, the q/k/v split, SiLU
 times up, residual adds, the gated adapter's gather / small products / scatter), which eager PyTorch runs as
 some 40 small ops per layer, each paying dispatch overhead. The quantized kernels (models/quantize.py, int8 and
 int4: plain tensors and aten ops, `traceable`) are traced into the graph, their bf16 casts included (with
 `emulate_precision_casts`, so the compiler keeps the round trips that define the quantized model). What it must
-not take: oneDNN-packed weights (opaque tensors, models/llama.py PackedLinear) and the paged attention (its
-metadata is rebuilt by the runner every step and it writes the KV pool). Both enter the graph as custom ops
-(`idlm::kernel`, `idlm::attend`) whose implementations look the callable up by an integer handle, so a graph
-never holds a step's metadata and never recompiles for it.
+not take: oneDNN-packed weights (opaque tensors, models/llama.py PackedLinear), which enter as the custom op
+`idlm::kernel`, whose implementation looks the kernel up by an integer handle.
+
+The paged attention: a step whose sequences attend as one group (every decode step, batched or not, and a
+prefill alone) is traced too: its metadata tensors are graph inputs (`PagedAttention.graph_inputs`), so the KV
+write, the block gather and the masking around the SDPA kernel are fused into the graph's own loops (the pool is
+written in place). Measured in an interleaved A/B on the embedded model (batch 1, 5 prompts x 128 tokens): steps
+0.90x (int4 AR), 0.95x (int4 R-ISD), 0.96-0.97x (fp32); as an opaque call, 30 per step, attention took 1.4 ms of
+a 7.2 ms int4 AR step, most of it dispatch. A step with a prefill chunk beside other sequences (several groups)
+calls the attention as the custom op `idlm::attend` instead, which looks the step's backend up by the handle.
 
 Guards: the model is frozen once the engine starts, so the guards the compiler would check on every call
 about the model (about 5,800 on the embedded one: every module's hook dicts, every kernel's attributes) are
-filtered out; those on the step's inputs (row counts, the gate kind) stay. Measured on an int4 AR step: the
-per-call lookup 2.1 -> 0.85 ms.
+filtered out; those on the step's inputs (row counts, the gate kind) stay, and each graph checks the handle of
+the instance it was traced for (instances share the code object). Measured on an int4 AR step: the per-call
+lookup 2.1 -> 0.85 ms.
 
 Floats: the model's float attributes (each RMSNorm's eps, each adapter's scaling) are compiled as constants
 (`specialize_float` while the graph is looked up or traced). Left as graph inputs, each became a tensor built on
 every call, 61 per AR step and 117 per R-ISD step: measured in an interleaved A/B on the embedded model, fp32,
 steps 0.96x (AR) and 0.95x (R-ISD) with them constant.
 
-Shapes: compiled with dynamic dims, so the number of rows and of gated rows are symbols; PyTorch specializes
-sizes 0 and 1, so a batch-1 AR step (1 row) gets its own graph and every other step shares one; the count of
-gated rows is marked unbacked (never specialized: one MASK row, stride 2 alone, shares the graph of many). The
-gate kinds (none, all rows, chosen rows) are separate graphs. No step recompiles once its class has been seen.
+Shapes: static, except every dim of the step's input tensors (rows, gated rows, batch, blocks, keys), marked
+dynamic per call. With every size dynamic, the model's own tensors' sizes became symbols too, and their relations
+~970 guards evaluated in Python per call (A/B: int4 AR step 0.98x without them). PyTorch specializes sizes of 1, so
+a step class is: one row or several, one sequence or several, the gate kind (none, all rows, chosen rows), the
+attention traced or opaque; the count of gated rows is marked unbacked (never specialized: one MASK row, stride 2
+alone, shares the graph of many). No step recompiles once its class has been seen (`LLM.warm_up` shows each).
 Devices without our CPU kernels trace the plain F.linear, which the compiler then lowers itself.
 """
 from __future__ import annotations
@@ -37,7 +45,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from idlm.models.attention import AttentionBackend
+from idlm.models.attention import AttentionBackend, PagedAttention
 from idlm.models.llama import CausalLM, Proj, RowGate
 
 _owners: "weakref.WeakValueDictionary[int, CompiledForward]" = weakref.WeakValueDictionary()
@@ -91,7 +99,8 @@ class OpaqueKernel:
 
 
 class _OpaqueAttention:
-    """The attention backend inside the graph: the step's real backend is looked up when the graph runs."""
+    """The attention backend inside a graph of a step of several groups: the step's real backend is looked up
+    when the graph runs."""
 
     def __init__(self, owner: int):
         self.owner = owner
@@ -130,10 +139,10 @@ class CompiledForward:
             m.kernel = OpaqueKernel(self.handle, i, m.out_features, inner, limit)
         self._backend = _OpaqueAttention(self.handle)
         # the compiler caches graphs per code object, and every instance compiles the same `_forward` (a process
-        # may hold several engines: benchmarks, tests): room for ~12 shape classes per instance
+        # may hold several engines: benchmarks, tests): room for ~16 step classes per instance
         config = torch._dynamo.config
         name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
-        setattr(config, name, max(getattr(config, name), 12 * (len(_owners) + 1)))
+        setattr(config, name, max(getattr(config, name), 16 * (len(_owners) + 1)))
         # the model is frozen once its kernels are final: of the ~5,800 guards the compiler would check on every
         # call (every module's hook dicts, every kernel's attributes), keep only those on the step's inputs
         options = {"guard_filter_fn": _guards_off_the_model} if hasattr(torch.compiler, "skip_guard_on_globals_unsafe") \
@@ -141,13 +150,19 @@ class CompiledForward:
         # the quantized kernels round their inputs and outputs to bf16 (models/quantize.py); the compiler would
         # otherwise drop a float32 -> bf16 -> float32 round trip as a no-op and compute another model
         options["emulate_precision_casts"] = True
-        self._compiled = torch.compile(self._forward, dynamic=True, fullgraph=True, options=options)
+        # static sizes but the step's inputs' (`_mark_dynamic`; see "Shapes" in the module doc)
+        self._compiled = torch.compile(self._forward, dynamic=False, fullgraph=True, options=options)
         # the model's floats (RMSNorm eps, adapter scalings) are constants of the frozen model, not graph inputs
         self._constant_floats = config.patch(specialize_float=True) if hasattr(config, "specialize_float") \
             else contextlib.nullcontext()  # a torch that has no such option specializes floats
 
-    def _forward(self, input_ids: Tensor, positions: Tensor, lora_gate) -> Tensor:
-        return self.model(input_ids, positions, self._backend, lora_gate=lora_gate)
+    def _forward(self, input_ids: Tensor, positions: Tensor, lora_gate, paged: tuple | None, owner: int) -> Tensor:
+        # instances share this code object, and the guards inside the model are filtered out: comparing the handle
+        # makes it a guarded constant of each graph, so no engine runs a graph traced on another's kernels
+        if owner != self.handle:
+            raise RuntimeError("a compiled graph ran for another CompiledForward")
+        attn = self._backend if paged is None else PagedAttention.from_graph_inputs(*paged)
+        return self.model(input_ids, positions, attn, lora_gate=lora_gate)
 
     def __call__(self, input_ids: Tensor, positions: Tensor, attn: AttentionBackend,
                  lora_gate: Tensor | None | object = None) -> Tensor:
@@ -157,9 +172,23 @@ class CompiledForward:
             lora_gate = RowGate(lora_gate.rows)  # span bounds would be guarded as constants: one graph per span
         if isinstance(lora_gate, RowGate):  # one MASK row (stride 2 alone) would otherwise get a graph of its own
             torch._dynamo.decorators.mark_unbacked(lora_gate.rows, 0)
-        self.attn = attn
+        paged = attn.graph_inputs() if isinstance(attn, PagedAttention) else None
+        _mark_dynamic(input_ids, positions)
+        if paged is not None:
+            _mark_dynamic(*paged[2:])
+        self.attn = None if paged is not None else attn
         try:
             with self._constant_floats:
-                return self._compiled(input_ids, positions, lora_gate)
+                return self._compiled(input_ids, positions, lora_gate, paged, self.handle)
         finally:
             self.attn = None
+
+
+def _mark_dynamic(*tensors: Tensor | None) -> None:
+    """Every dim of a step's input tensors is a symbol, except sizes of 1, which PyTorch specializes (a 1-row step
+    gets its own graph anyway); the model's own tensors keep static sizes."""
+    for t in tensors:
+        if t is not None:
+            for dim, size in enumerate(t.shape):
+                if size > 1:
+                    torch._dynamo.mark_dynamic(t, dim)
