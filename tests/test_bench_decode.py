@@ -73,3 +73,25 @@ def test_decode_bench_int8_and_stationary_variants_on_a_tiny_model(tmp_path, tin
         assert rows[name]["speedup_vs_idlm_ar"] > 0 and "tokens_to_divergence_vs_float32" in rows[name]
     assert rows["idlm isd N=3 stationary"]["same_tokens_as_ar"] is True
     assert any("no GGUF file" in n for n in result["notes"])
+
+
+def test_decode_bench_gives_each_panel_choice_its_rows(tmp_path, tiny_tokenizer):  # noqa: F811
+    """`--panel off,on`: every variant gets rows of each, compared with the AR of its own weight format and panel
+    choice; each row records whether the panel kernels ran."""
+    import pytest
+    import torch
+
+    from idlm.models import panel
+
+    if panel.available() and torch.backends.cpu.get_cpu_capability() not in panel.CAPABILITIES:
+        pytest.skip(panel.available())
+    save_tiny(tmp_path / "model", tiny_tokenizer)
+    proc = idlm("bench", "decode", "--model", str(tmp_path / "model"), "--decoding", "ar,isd", "--stride", "3",
+                "--batch", "1", "--prompts", "2", "--max-tokens", "10", "--quantize", "none,int8",
+                "--panel", "off,on", "--no-transformers", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["engine"]: r for r in json.loads(next(tmp_path.glob("decode-cpu-*.json")).read_text())["rows"]}
+    assert set(rows) == {f"idlm {d}{q} panel {p}" for d in ("ar", "isd N=3") for q in ("", " int8") for p in ("off", "on")}
+    assert [rows[f"idlm ar{q} panel {p}"]["panel"] for q in ("", " int8") for p in ("off", "on")] == [False, True] * 2
+    for p in ("off", "on"):
+        assert rows[f"idlm isd N=3 panel {p}"]["same_tokens_as_ar"] is True

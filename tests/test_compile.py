@@ -8,6 +8,7 @@ from torch._dynamo.utils import counters
 
 from idlm import LLM, SamplingParams
 from idlm.models.attention import SHORT_QUERY, PagedAttention
+from idlm.models import panel
 from idlm.models.compile import OpaqueKernel
 from idlm.models.quantize import quantize_model
 
@@ -17,14 +18,21 @@ from oracles import assert_same_tokens
 
 def gated_tiny(kernels: str):
     model, cfg = gated_tiny_model()
+    if kernels in ("panel", "int8 panel"):  # our panel kernels (models/panel.py), traced as one operator each
+        if panel.available() and torch.backends.cpu.get_cpu_capability() not in panel.CAPABILITIES:
+            pytest.skip(panel.available())
     if kernels == "int4":  # int4 projections, the int8 LM head: both quantized kernels
         quantize_model(model, "int4", row_limit=4)
-    if kernels != "plain":
+    if kernels == "int8 panel":
+        quantize_model(model, "int8", row_limit=4, panel=True)
+    if kernels == "panel":
+        model.pack_for_cpu_inference(panel.PanelLinear)
+    elif kernels != "plain":
         model.pack_for_cpu_inference()
     return model, cfg
 
 
-@pytest.mark.parametrize("kernels", ["plain", "packed", "int4"])
+@pytest.mark.parametrize("kernels", ["plain", "packed", "panel", "int4", "int8 panel"])
 def test_compiled_greedy_equals_eager_and_risd_equals_ar(tokenizer, kernels):
     model, cfg = gated_tiny(kernels)
     eager = LLM.from_model(model, tokenizer, [tokenizer.eos_token_id], adapter=cfg)
@@ -44,7 +52,7 @@ def test_compiled_greedy_equals_eager_and_risd_equals_ar(tokenizer, kernels):
         assert alone.token_ids == risd[0].token_ids  # batched == one at a time
 
 
-@pytest.mark.parametrize("kernels", ["packed", "int4"])
+@pytest.mark.parametrize("kernels", ["packed", "panel", "int4"])
 def test_steps_do_not_recompile_once_their_shape_class_is_seen(tokenizer, kernels):
     model, cfg = gated_tiny(kernels)
     projs = [m for m in model.modules() if getattr(m, "kernel", None) is not None]

@@ -102,7 +102,7 @@ def test_row_limits_are_measured_per_kernel_and_weight_shape():
 
 
 def fake_measure(measured: list, limit: int):
-    return lambda kind, k, n, dtype: measured.append(f"{kind.format} {n}x{k}") or limit
+    return lambda kind, k, n, dtype, **options: measured.append(f"{kind.format} {n}x{k}") or limit
 
 
 def test_known_row_limits_are_used_and_only_missing_shapes_measured(monkeypatch):

@@ -20,6 +20,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="int8: int8 weights per output channel; int4: 4-bit weights per group of 32 (GGUF Q4_1's "
                         "layout), the LM head int8; bf16: weights rounded to bfloat16 (CPUs with AVX512-BF16); all "
                         "with bfloat16 inputs to the products, the rest in float32 (CPU)")
+    p.add_argument("--panel", choices=["auto", "on", "off"], default="auto",
+                   help="our AVX2 panel kernels for float32 and int8 products (built on first use; models/panel.py): "
+                        "auto = where they are the faster on this machine (measured once)")
     p.add_argument("--kv-cache-tokens", type=int, default=32768, help="KV pool size in tokens")
     p.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
@@ -90,7 +93,7 @@ def load_llm(args: argparse.Namespace):
     from idlm import LLM
 
     return LLM(args.model, adapter=args.adapter, dtype=args.dtype, device=args.device, quantize=args.quantize,
-               kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs,
+               panel=args.panel, kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.prefix_caching,
                stationary=args.stationary, compile=bool(args.compile), clamp_max_tokens=True)
 

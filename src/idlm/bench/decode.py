@@ -48,6 +48,7 @@ class Variant(NamedTuple):
     quantize: str
     stationary: bool
     compile: bool
+    panel: str = "auto"  # models/panel.py
 
 
 def run_ours(llm, prompts: list[str], max_tokens: int, batch: int, decoding: str, stride: int | None,
@@ -189,15 +190,17 @@ def run_decode_bench(args: argparse.Namespace) -> dict[str, Any]:
     def modes(flag: str) -> list[bool]:
         return [False, True] if flag == "both" else [flag == "on"]
 
-    variants = [Variant(q.strip(), st, cp) for q in str(args.quantize).split(",") if q.strip()
+    panels = [k.strip() for k in str(args.panel).split(",") if k.strip()]
+    variants = [Variant(q.strip(), st, cp, k) for q in str(args.quantize).split(",") if q.strip() for k in panels
                 for st in modes(args.stationary) for cp in modes(args.compile)]
     llms = {v: LLM(args.model, adapter=args.adapter, dtype=dtype, device=device, max_num_seqs=max(batches),
                    kv_cache_tokens=max(batches) * (args.max_tokens + 320), quantize=v.quantize,
-                   stationary=v.stationary, compile=v.compile)
+                   panel=v.panel, stationary=v.stationary, compile=v.compile)
             for v in variants}
     llm = llms[variants[0]]
     base, notes = configurations(args, llm.adapter is not None)
     configs = [{**c, "variant": v, "engine": c["engine"] + ("" if v.quantize == "none" else f" {v.quantize}")
+                + (f" panel {v.panel}" if len(panels) > 1 else "")
                 + (" stationary" if v.stationary else "") + (" compiled" if v.compile else "")}
                for v in variants for c in base if not (v.stationary and c["decoding"] == "ar")]  # AR: nothing to pad
     for c in configs:  # warm-up at every batch size: the cost model of auto (measured once per machine and cached),
@@ -225,20 +228,22 @@ def run_decode_bench(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"repeat {r + 1}/{args.repeats} batch  1 {'llama.cpp':>28}: {lcpp_runs[-1]['tok_per_s']:7.2f} "
                       f"tok/s", file=sys.stderr)
     # the AR row of each weight format and compile mode
-    ar_of = {(c["variant"].quantize, c["variant"].compile): i for i, c in enumerate(configs) if c["decoding"] == "ar"}
+    ar_of = {(c["variant"].quantize, c["variant"].compile, c["variant"].panel): i for i, c in enumerate(configs)
+             if c["decoding"] == "ar"}
 
     def dense_ar(compiled: bool) -> int | None:
-        """The unquantized AR row, of the same compile mode where there is one."""
-        return ar_of.get(("none", compiled), ar_of.get(("none", not compiled)))
+        """The unquantized AR row (of the first panel choice), of the same compile mode where there is one."""
+        return ar_of.get(("none", compiled, panels[0]), ar_of.get(("none", not compiled, panels[0])))
 
     rows = []
     for b in batches:
         for i, c in enumerate(configs):
             v = c["variant"]
-            ar = ar_of.get((v.quantize, v.compile))
+            ar = ar_of.get((v.quantize, v.compile, v.panel))
             ar_runs = runs[(ar, b)] if ar is not None and i != ar else None
             row = {"engine": c["engine"], "dtype": dtype, "quantize": v.quantize, "stationary": v.stationary,
-                   "compile": v.compile, "row_limits": llms[v].row_limits, "batch": b,
+                   "compile": v.compile, "row_limits": llms[v].row_limits,
+                   "panel": llms[v].panel, "batch": b,
                    "decoding": c["decoding"],
                    "stride": c["stride"] or 1, "branches": c["options"].get("branches", 0),
                    **_summary(runs[(i, b)], ar_runs)}

@@ -1,9 +1,9 @@
 """`idlm bench kernels`: one projection's cost by row count and kernel, for every weight shape of a model.
 
 Kernels: the int8 kernel (`aten._weight_int8pack_mm`) and the int4 one (`aten._weight_int4pack_mm_for_cpu`, where
-the shape fits it), both with bf16 inputs (models/quantize.py), oneDNN with the weight packed in float32 (the
-default path) and in bfloat16 (where the CPU packs it). The row counts are those of decode steps (AR: 1 per
-request; R-ISD stride N: 2N - 1). Interleaved, median of `repeats`; the table says which kernel is fastest at
+the shape fits it), both with bf16 inputs (models/quantize.py), oneDNN with the weight packed in float32 and in
+bfloat16 (where the CPU packs it), and our float32 panel kernel (models/panel.py, where it builds). The row counts
+are those of decode steps (AR: 1 per request; R-ISD stride N: 2N - 1). Interleaved, median of `repeats`; the table says which kernel is fastest at
 each row count, and the row limits quantize_model would measure.
 """
 from __future__ import annotations
@@ -35,17 +35,21 @@ def shapes(model: str) -> dict[str, tuple[int, int]]:
 
 
 def run_kernels_bench(args: argparse.Namespace) -> dict[str, Any]:
+    from idlm.models import panel
     from idlm.models.llama import PackedLinear
-    from idlm.models.quantize import Int4Linear, Int8Linear, copies_beyond_cache, interleaved_medians, measure_row_limit
+    from idlm.models.quantize import Int4Linear, Int8Linear, measure_row_limit
+    from idlm.models.timing import copies_beyond_cache, interleaved_medians
 
     rows_list = [int(r) for r in args.rows.split(",")]
     rows = []
+    has_panel = panel.available() is None
     for name, (n, k) in shapes(args.model).items():
         w = torch.randn(n, k) * 0.05
         copies = 1 if args.hot else copies_beyond_cache(w.numel() * 4)
         kinds = [Int8Linear] + ([Int4Linear] if Int4Linear.fits(w) else [])
         quantized = {kind.format: [kind(w, None, 1 << 30) for _ in range(copies)] for kind in kinds}
         fp32 = [PackedLinear(w) for _ in range(copies)]
+        panels = [panel.PanelLinear(w) for _ in range(copies)] if has_panel else None
         try:
             bf16 = [PackedLinear(w.bfloat16()) for _ in range(copies)]
         except RuntimeError:
@@ -57,6 +61,8 @@ def run_kernels_bench(args: argparse.Namespace) -> dict[str, Any]:
                 kernels = {**{f: _cycle(lins, x) for f, lins in quantized.items()}, "fp32": _cycle(fp32, x)}
                 if bf16 is not None:
                     kernels["bf16"] = _cycle(bf16, xb)
+                if panels is not None:
+                    kernels["panel"] = _cycle(panels, x)
                 t = {n: round(v * 1e6, 1) for n, v in interleaved_medians(kernels, args.repeats, warmup=3).items()}
                 rows.append({"product": name, "out": n, "in": k, "rows": m, **{f"{k_}_us": v for k_, v in t.items()},
                              "fastest": min(t, key=t.get)})
@@ -84,8 +90,8 @@ def _cycle(kernels: list, x: torch.Tensor) -> Callable[[], Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     columns = [("int8_us", "int8 kernel (us)"), ("int4_us", "int4 kernel (us)"), ("fp32_us", "fp32 oneDNN (us)"),
-               ("bf16_us", "bf16 oneDNN (us)"), ("fastest", "fastest"), ("int8_row_limit", "int8 row limit"),
-               ("int4_row_limit", "int4 row limit")]
+               ("bf16_us", "bf16 oneDNN (us)"), ("panel_us", "fp32 panel (us)"), ("fastest", "fastest"),
+               ("int8_row_limit", "int8 row limit"), ("int4_row_limit", "int4 row limit")]
     columns = [(k, h) for k, h in columns if any(k in r for r in result["rows"])]
     lines = ["| product (out x in) | rows | " + " | ".join(h for _, h in columns) + " |",
              "|---|---|" + "---|" * len(columns)]

@@ -24,9 +24,11 @@ from idlm.engine.sequence import Sequence
 from idlm.loading import load_checkpoint
 from idlm.loading.cache import cache_dir
 from idlm.models.fuse import fuse_projections
-from idlm.models.llama import CausalLM
+from idlm.models import kernel_choice, panel
+from idlm.models.llama import CausalLM, Proj
 from idlm.models.lora import AdapterConfig, load_adapter
-from idlm.models.quantize import FORMATS as QUANTIZE_FORMATS, bf16_weights, quantize_model
+from idlm.models.panel import PanelLinear
+from idlm.models.quantize import FORMATS as QUANTIZE_FORMATS, Int4Linear, bf16_weights, quantize_model
 
 DECODINGS = ("auto", "ar", "isd", "risd")
 # Acceptance by draft position assumed for an adapter that records none (adaptive decoding's prior).
@@ -83,6 +85,7 @@ class LLM:
         pack_cpu_weights: bool = True,
         fuse: bool = True,
         quantize: str | None = None,
+        panel: str = "auto",
         **engine: Any,
     ):
         """adapter: a PEFT/idlm adapter dir; None = the model's default adapter if it ships one; "none" = no adapter.
@@ -92,6 +95,9 @@ class LLM:
             else in `dtype`), "int4" (CPU: int4 weights per group of 32, GGUF Q4_1's layout, the LM head int8;
             products with bfloat16 inputs) or "bf16" (CPU with AVX512-BF16: weights rounded to bfloat16, products
             with bfloat16 inputs, everything else in `dtype`); models/quantize.py.
+        panel: our AVX2 panel kernels (models/panel.py, built on first use) for the products of float32 weights
+            (instead of oneDNN's) and of int8 ones (instead of aten's): "on", "off", or "auto": where they are the
+            faster on this machine, measured once (kept in $IDLM_CACHE/panel/); off where they cannot be built.
         engine: `EngineConfig` fields (kv_cache_tokens, max_num_seqs, max_num_batched_tokens, max_model_len,
         kv_block_size, enable_prefix_caching, clamp_max_tokens, stationary, compile)."""
         device = device or default_device()
@@ -99,6 +105,8 @@ class LLM:
             raise ValueError("device cuda requested but torch sees no CUDA device")
         if quantize not in (None, "none", *QUANTIZE_FORMATS, "bf16"):
             raise ValueError(f"unknown quantize {quantize!r}; choose {', '.join(QUANTIZE_FORMATS)}, bf16 or none")
+        if panel not in ("auto", "on", "off"):
+            raise ValueError(f"unknown panel {panel!r}; choose auto, on or off")
         self.quantize = None if quantize in (None, "none") else quantize
         if self.quantize and not device.startswith("cpu"):
             raise ValueError(f"quantize {quantize} is a CPU path (CPU kernels with bfloat16 inputs)")
@@ -116,11 +124,14 @@ class LLM:
         self.fused = fuse
         if fuse:
             fuse_projections(self.checkpoint.model)
+        cpu = device.startswith("cpu") and pack_cpu_weights
+        self.panel = cpu and self._panel(panel)
         self.row_limits = self._quantize() if self.quantize in QUANTIZE_FORMATS else None
         if self.quantize == "bf16":
             bf16_weights(self.checkpoint.model)
-        if device == "cpu" and pack_cpu_weights:
-            self.checkpoint.model.pack_for_cpu_inference()
+        if cpu:
+            kind = PanelLinear if self.panel and self.dtype == torch.float32 else None
+            self.checkpoint.model.pack_for_cpu_inference(kind)
         self.name = self.checkpoint.name
         self._start(self.checkpoint.model, self.checkpoint.eos_token_ids, self.checkpoint.config.draft_len, engine)
 
@@ -128,12 +139,46 @@ class LLM:
         """Quantized weights with the kernels' row limits measured on this machine once and kept in
         $IDLM_CACHE/row_limits/ (measurements vary up to 2x between start-ups: runs on one machine should
         choose the same kernels)."""
-        root, key = cache_dir(), {**machine_key(), "dtype": str(self.dtype), "measures": "row_limit"}
+        root = cache_dir()
+        key = {**machine_key(), "dtype": str(self.dtype), "measures": "row_limit", "panel": self.panel}
         known = load_record(root, "row_limits", key) or {}
-        limits = quantize_model(self.checkpoint.model, self.quantize, known=known)
+        limits = quantize_model(self.checkpoint.model, self.quantize, known=known, panel=self.panel)
         if not limits.items() <= known.items():
             save_record(root, "row_limits", key, {**known, **limits})
         return limits
+
+    def _panel(self, choice: str) -> bool:
+        """Whether the panel kernels serve this model's products: `choice`, or for "auto" whether they are the
+        faster on this machine over the model's own weight shapes (float32, or int8 where the format has int8
+        products), measured once and kept in $IDLM_CACHE/panel/."""
+        model = self.checkpoint.model
+        if self.quantize in QUANTIZE_FORMATS:  # int4 keeps its own kernel where the shape fits it
+            fmt = "int8"
+            shapes = {tuple(model.output_weight().shape)} | {
+                tuple(m.weight.shape) for m in model.modules() if isinstance(m, Proj)
+                and not (self.quantize == "int4" and Int4Linear.fits(m.weight))}
+        else:
+            fmt = "fp32" if self.quantize is None and self.dtype == torch.float32 else None
+            shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, Proj)} | \
+                {tuple(model.output_weight().shape)}
+        if choice == "off" or fmt is None:
+            if choice == "on":
+                raise ValueError(f"the panel kernels take float32 or int8 weights, not {self.quantize or self.dtype}")
+            return False
+        why_not = panel.available(cache_dir() / "kernels")
+        if why_not:
+            if choice == "on":
+                raise ValueError(why_not)
+            return False
+        if choice == "on":
+            return True
+        root = cache_dir()
+        key = {**machine_key(), "measures": f"panel {fmt}", "shapes": [list(s) for s in sorted(shapes)]}
+        record = load_record(root, "panel", key)
+        if record is None:
+            record = kernel_choice.panel_is_faster(sorted(shapes), fmt)
+            save_record(root, "panel", key, record)
+        return bool(record["panel"])
 
     @classmethod
     def from_model(cls, model: CausalLM, tokenizer: Any, eos_token_ids: list[int],
@@ -145,7 +190,7 @@ class LLM:
         self.checkpoint = None
         self.tokenizer = tokenizer
         self.adapter, self.adapter_path, self.name = adapter, None, name
-        self.fused, self.quantize, self.row_limits = False, None, None
+        self.fused, self.quantize, self.row_limits, self.panel = False, None, None, False
         self._start(model, eos_token_ids, model.config.draft_len, engine)
         return self
 
@@ -188,7 +233,7 @@ class LLM:
         batches = tuple(b for b in batches if b <= min(fit, self.engine.config.max_num_seqs)) or (1,)
         key = {**machine_key(), "model": self.name, "dtype": str(self.dtype), "device": str(self.device),
                "adapter": str(self.adapter_path), "fused": self.fused, "quantize": self.quantize,
-               "compile": self.engine.config.compile,
+               "panel": self.panel, "compile": self.engine.config.compile,
                "batches": list(batches),
                "layouts": sorted({repr(d) for d in decodings}), "measures": "forward + greedy decode, interleaved"}
         if self.checkpoint is None:

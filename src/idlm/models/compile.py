@@ -4,7 +4,8 @@ What the compiler takes: everything between the products (embedding, RMSNorm, Ro
 times up, residual adds, the gated adapter's gather / small products / scatter), which eager PyTorch runs as
 some 40 small ops per layer, each paying dispatch overhead. The quantized kernels (models/quantize.py, int8 and
 int4: plain tensors and aten ops, `traceable`) are traced into the graph, their bf16 casts included (with
-`emulate_precision_casts`, so the compiler keeps the round trips that define the quantized model). What it must
+`emulate_precision_casts`, so the compiler keeps the round trips that define the quantized model), and so is the
+float32 panel kernel (models/panel.py: plain tensors and one registered operator). What it must
 not take: oneDNN-packed weights (opaque tensors, models/llama.py PackedLinear), which enter as the custom op
 `idlm::kernel`, whose implementation looks the kernel up by an integer handle.
 
@@ -134,7 +135,7 @@ class CompiledForward:
         # kind, past the recompile limit). One limit for the whole graph, the largest measured: between a
         # kernel's own limit and it, that kernel is somewhat slower than the dense path, never another model.
         # Eager calls keep each kernel's own limit.
-        limit = max((k.row_limit for k in self.kernels if getattr(k, "traceable", False)), default=None)
+        limit = max((k.row_limit for k in self.kernels if getattr(k, "row_limit", None) is not None), default=None)
         for i, (m, inner) in enumerate(zip(projs, self.kernels)):
             m.kernel = OpaqueKernel(self.handle, i, m.out_features, inner, limit)
         self._backend = _OpaqueAttention(self.handle)

@@ -263,18 +263,20 @@ class CausalLM(nn.Module):
             x = layer(x, cos, sin, attn, gate)
         return self.model.norm(x)
 
-    def pack_for_cpu_inference(self) -> bool:
+    def pack_for_cpu_inference(self, kind: Callable[..., Callable[[torch.Tensor], torch.Tensor]] | None = None) -> bool:
         """Give every frozen projection without a kernel (and the LM head) a oneDNN-packed one (CPU, float32 /
-        bfloat16). Weights must not change afterwards (training never calls this). Returns False where oneDNN is
-        unavailable."""
+        bfloat16), or one of `kind` (`kind(weight, bias)`, e.g. models/panel.py's `PanelLinear`). Weights must not
+        change afterwards (training never calls this). Returns False where oneDNN is unavailable."""
         w = self.model.embed_tokens.weight
-        if w.device.type != "cpu" or not torch.backends.mkldnn.is_available() or w.requires_grad:
+        if w.device.type != "cpu" or w.requires_grad or (kind is None and not torch.backends.mkldnn.is_available()):
             return False
-        os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_PRIMITIVE_CACHE_CAPACITY)  # read at first use
+        if kind is None:
+            os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_PRIMITIVE_CACHE_CAPACITY)  # read at first use
+            kind = PackedLinear
         projs = [m for m in self.modules() if isinstance(m, Proj) and m.kernel is None]
         try:
-            kernels = [PackedLinear(m.weight, m.bias) for m in projs]
-            head = self.head_kernel or PackedLinear(self.output_weight())
+            kernels = [kind(m.weight, m.bias) for m in projs]
+            head = self.head_kernel or kind(self.output_weight())
         except RuntimeError:  # e.g. bf16 packing on a CPU without bf16 support; keep the plain path
             return False
         for m, k in zip(projs, kernels):

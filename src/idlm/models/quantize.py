@@ -35,7 +35,6 @@ with fp32: 94.2% vs 96.1% on 1,040 held-out positions), so the two formats stay 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 
 import torch
@@ -43,6 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from idlm.models.llama import CausalLM, PackedLinear, Proj
+from idlm.models.panel import Int8Panels
+from idlm.models.timing import copies_beyond_cache, interleaved_medians
 
 log = logging.getLogger("idlm")
 ROW_CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
@@ -148,16 +149,20 @@ class QuantizedLinear(Bf16Products):
 
 
 class Int8Linear(QuantizedLinear):
-    """int8 weight per output channel (`quantize_int8`), `aten._weight_int8pack_mm`."""
+    """int8 weight per output channel (`quantize_int8`), by `aten._weight_int8pack_mm` or, with `panel`, our panel
+    kernel (models/panel.py, which must be loaded): the same products summed in float32, rounded to bf16 alike."""
 
     format = "int8"
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, row_limit: int, exact_top: int = 0):
+    def __init__(self, weight: Tensor, bias: Tensor | None, row_limit: int, exact_top: int = 0, panel: bool = False):
         self.q, scales = quantize_int8(weight)
         self.scales = scales.to(KERNEL_DTYPE)  # exact: quantize_int8 picks bf16 values
+        self.panels = Int8Panels(self.q, scales) if panel else None
         super().__init__((self.q.float() * scales[:, None]).to(weight.dtype), bias, row_limit, exact_top)
 
     def kernel(self, xb: Tensor) -> Tensor:
+        if self.panels is not None:
+            return self.panels.product(xb.float()).to(KERNEL_DTYPE)
         return torch.ops.aten._weight_int8pack_mm(xb, self.q, self.scales)
 
 
@@ -199,33 +204,13 @@ class Bf16Linear(Bf16Products):
         return self.packed(xb)
 
 
-def interleaved_medians(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Seconds per call of each function (median of `repeats`), called in turn so all see the same machine
-    state; the first `warmup` rounds are not counted."""
-    times: dict[str, list[float]] = {k: [] for k in calls}
-    for r in range(repeats + warmup):
-        for name, f in calls.items():
-            t0 = time.perf_counter()
-            f()
-            if r >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-
-
-def copies_beyond_cache(weight_bytes: int, cache_bytes: int = 64 << 20) -> int:
-    """How many copies of a weight to cycle through so that each timed call reads it from memory, as a decode
-    step does (it streams every layer's weights once); one hot weight would time the cache instead. At most
-    256 (tiny test models)."""
-    return min(256, max(1, -(-cache_bytes // weight_bytes)))
-
-
 def measure_row_limit(kind: type[QuantizedLinear], in_features: int, out_features: int,
-                      dtype: torch.dtype = torch.float32, repeats: int = 20) -> int:
-    """The largest row count (of ROW_CANDIDATES) up to which `kind`'s kernel beats the dense path on this machine
-    for a [rows, in] x [in, out] projection with `dtype` activations (0: never). Interleaved, median of
-    `repeats`, casts included, each call on a weight copy out of cache."""
+                      dtype: torch.dtype = torch.float32, repeats: int = 20, **options) -> int:
+    """The largest row count (of ROW_CANDIDATES) up to which `kind`'s kernel (built with `options`) beats the dense
+    path on this machine for a [rows, in] x [in, out] projection with `dtype` activations (0: never). Interleaved,
+    median of `repeats`, casts included, each call on a weight copy out of cache."""
     w = torch.randn(out_features, in_features).to(dtype)
-    lins = [kind(w, None, 0) for _ in range(copies_beyond_cache(w.numel() * w.element_size()))]
+    lins = [kind(w, None, 0, **options) for _ in range(copies_beyond_cache(w.numel() * w.element_size()))]
     limit, calls = 0, 0
     with torch.inference_mode():
         for m in ROW_CANDIDATES:
@@ -255,14 +240,14 @@ def _require_frozen_cpu(model: CausalLM, fmt: str) -> None:
 
 
 def quantize_model(model: CausalLM, fmt: str = "int8", row_limit: int | None = None,
-                   known: dict[str, int] | None = None) -> dict[str, int]:
+                   known: dict[str, int] | None = None, panel: bool = False) -> dict[str, int]:
     """Give every projection and the LM head of a frozen CPU model a quantized kernel (the embedding lookup keeps
     the exact weight): `fmt` "int8" gives every one an `Int8Linear`; "int4" gives the projections the int4 kernel
     can take an `Int4Linear` and the rest and the LM head an `Int8Linear`. The row limit of each kernel and weight
     shape is measured on this machine (the crossover differs by shape: measured here 4 rows for int8 gate/up,
     7 for down, 4 for the LM head) unless `row_limit` fixes one for all or `known` has it from an earlier
-    measurement. Returns {"format out x in": limit}. Call after fusing and before `pack_for_cpu_inference`,
-    which leaves kernels in place."""
+    measurement. `panel`: the int8 products by our panel kernel (models/panel.py, loaded). Returns {"format out x
+    in": limit}. Call after fusing and before `pack_for_cpu_inference`, which leaves kernels in place."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown weight format {fmt!r}; choose one of {', '.join(FORMATS)}")
     _require_frozen_cpu(model, fmt)
@@ -271,11 +256,12 @@ def quantize_model(model: CausalLM, fmt: str = "int8", row_limit: int | None = N
 
     def kernel_for(weight: Tensor, bias: Tensor | None, exact_top: int = 0) -> QuantizedLinear:
         kind = Int4Linear if fmt == "int4" and not exact_top and Int4Linear.fits(weight) else Int8Linear
+        options = {"panel": panel} if kind is Int8Linear else {}
         key = f"{kind.format} {weight.shape[0]}x{weight.shape[1]}"
         if key not in limits:
             limits[key] = row_limit if row_limit is not None else known[key] if key in known else \
-                measure_row_limit(kind, weight.shape[1], weight.shape[0], weight.dtype)
-        return kind(weight, bias, limits[key], exact_top)
+                measure_row_limit(kind, weight.shape[1], weight.shape[0], weight.dtype, **options)
+        return kind(weight, bias, limits[key], exact_top, **options)
 
     with torch.no_grad():
         for m in model.modules():

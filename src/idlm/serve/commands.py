@@ -51,7 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_queue < 1:
         raise ValueError(f"--max-queue must be >= 1, got {args.max_queue}")
     llm = LLM(args.model, adapter=args.adapter, dtype=args.dtype, device=args.device, quantize=args.quantize,
-              kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs,
+              panel=args.panel, kv_cache_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.prefix_caching,
               max_model_len=args.max_model_len, stationary=args.stationary, compile=args.compile is not False)
     options = ServeOptions(args.served_model_name or llm.name, args.decoding or llm.default_decoding, args.stride,

@@ -1,0 +1,55 @@
+"""Which kernels a model's products get on this machine: our panel kernels (models/panel.py) or the library's.
+
+`panel_is_faster` times both on the model's own weight shapes at the row counts of decode steps (1: AR; 7: an
+R-ISD stride 4 verify step), each call on a weight copy out of cache, interleaved, medians: float32 weights against
+oneDNN's packed product, int8 ones against `aten._weight_int8pack_mm`. The panel kernels are chosen where they are
+faster at every row count (the caller keeps the answer per machine: engine/llm.py).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from idlm.models.llama import PackedLinear
+from idlm.models.panel import PanelLinear
+from idlm.models.quantize import Int8Linear
+from idlm.models.timing import copies_beyond_cache, interleaved_medians
+
+FORMATS = ("fp32", "int8")  # what a model's panel-eligible products hold
+
+
+def _kernels(fmt: str, w: Tensor) -> dict[str, Callable[[], Callable[[Tensor], Tensor]]]:
+    """Constructors of the library's kernel and ours for a weight in `fmt`."""
+    if fmt == "fp32":
+        return {"library": lambda: PackedLinear(w), "panel": lambda: PanelLinear(w)}
+    return {"library": lambda: Int8Linear(w, None, 1 << 30), "panel": lambda: Int8Linear(w, None, 1 << 30, panel=True)}
+
+
+def panel_is_faster(shapes: list[tuple[int, int]], fmt: str, rows: tuple[int, ...] = (1, 7),
+                    repeats: int = 15) -> dict:
+    """{"panel": bool, "rows": {rows: [library seconds, panel seconds] summed over the [out, in] shapes}}."""
+    if fmt not in FORMATS:
+        raise ValueError(f"panel kernels take {', '.join(FORMATS)} weights, not {fmt!r}")
+    sums = {m: [0.0, 0.0] for m in rows}
+    with torch.inference_mode():
+        for out_features, in_features in sorted(set(shapes)):
+            w = torch.randn(out_features, in_features)
+            copies = copies_beyond_cache(w.numel() * (4 if fmt == "fp32" else 1))
+            kernels = {name: [make() for _ in range(copies)] for name, make in _kernels(fmt, w).items()}
+            for m in rows:
+                x = torch.randn(m, in_features)
+                turn = {name: 0 for name in kernels}
+
+                def on_next_copy(name: str) -> Callable[[], Tensor]:
+                    def call() -> Tensor:
+                        turn[name] += 1
+                        return kernels[name][turn[name] % copies](x)
+                    return call
+
+                t = interleaved_medians({name: on_next_copy(name) for name in kernels}, repeats)
+                sums[m][0] += t["library"]
+                sums[m][1] += t["panel"]
+    return {"panel": all(p < lib for lib, p in sums.values()),
+            "rows": {m: [round(lib, 6), round(p, 6)] for m, (lib, p) in sums.items()}}

@@ -1,0 +1,150 @@
+"""The panel kernels (models/panel.py, models/kernel_choice.py): float32 and int8 products against a float64
+reference for any shape, a row's output the same bit for bit whatever rows share the call, the choice against the
+library's kernels measured once per machine, greedy R-ISD == AR on a tiny gated model with them, and on the
+embedded model oneDNN's tokens in float32 and R-ISD int8 == AR int8 exactly."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from idlm import LLM, SamplingParams
+from idlm.bench.decode import heldout_prompts
+from idlm.models import kernel_choice, panel
+from idlm.models.panel import Int8Panels, PanelLinear
+from idlm.models.quantize import Int8Linear, quantize_int8, quantize_model
+
+from conftest import requires_embedded
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    why_not = panel.available()
+    if why_not and torch.backends.cpu.get_cpu_capability() not in panel.CAPABILITIES:
+        pytest.skip(why_not)
+    assert why_not is None  # an AVX2 CPU with the compiler compiled steps need: it must build
+
+
+@pytest.mark.parametrize("out_features,in_features", [(64, 32), (50, 37), (16, 1), (3, 200), (960, 576)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_panel_linear_matches_a_float64_reference(out_features, in_features, bias):
+    g = torch.Generator().manual_seed(out_features * in_features)
+    w = torch.randn(out_features, in_features, generator=g)
+    b = torch.randn(out_features, generator=g) if bias else None
+    lin = PanelLinear(w, b)
+    for rows in (0, 1, 3, 4, 5, 7, 8, 9, 33):
+        x = torch.randn(rows, in_features, generator=g)
+        want = x.double() @ w.double().T + (b.double() if bias else 0)
+        got = lin(x)
+        assert got.shape == (rows, out_features) and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * in_features ** 0.5)
+    x3 = torch.randn(2, 5, in_features, generator=g)  # leading dims kept
+    torch.testing.assert_close(lin(x3), lin(x3.reshape(10, in_features)).reshape(2, 5, out_features))
+
+
+def test_a_rows_output_does_not_depend_on_the_rows_beside_it():
+    """What makes an AR step (1 row) and a verify step (many) compute a position alike, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    lin = PanelLinear(torch.randn(200, 96, generator=g))
+    x = torch.randn(11, 96, generator=g)
+    batched = lin(x)
+    for i in range(11):
+        assert torch.equal(lin(x[i:i + 1]), batched[i:i + 1])
+    assert torch.equal(lin(x[3:10]), batched[3:10])  # another block split of the same rows
+    assert torch.equal(lin(x.T.contiguous().T), batched)  # a non-contiguous input is read as its values
+
+
+def test_panel_linear_refuses_other_dtypes_and_mismatched_panels():
+    lin = PanelLinear(torch.randn(32, 8))
+    with pytest.raises(RuntimeError, match="float32"):
+        lin(torch.randn(2, 8, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="float32"):
+        lin(torch.randn(2, 9))
+    with pytest.raises(RuntimeError, match="out_features"):
+        torch.ops.idlm_panel.linear(torch.randn(2, 8), lin.panels, 40, None)
+
+
+def test_int8_panels_match_a_float64_reference_and_rows_are_independent():
+    g = torch.Generator().manual_seed(1)
+    q, scales = quantize_int8(torch.randn(50, 40, generator=g))
+    lin = Int8Panels(q, scales)
+    x = torch.randn(9, 40, generator=g)
+    want = x.double() @ (q.double() * scales.double()[:, None]).T
+    torch.testing.assert_close(lin.product(x).double(), want, rtol=1e-5, atol=1e-4)
+    batched = lin.product(x)
+    assert all(torch.equal(lin.product(x[i:i + 1]), batched[i:i + 1]) for i in range(9))
+    # inside Int8Linear: the same quantized model as aten's kernel, inputs and output rounded to bf16 alike
+    w = torch.randn(64, 32, generator=g)
+    xs = torch.randn(5, 32, generator=g)
+    ours, aten = Int8Linear(w, None, 1 << 30, panel=True), Int8Linear(w, None, 1 << 30)
+    torch.testing.assert_close(ours(xs), aten(xs), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "int8"])
+def test_the_choice_times_both_kernels_at_each_row_count(fmt):
+    record = kernel_choice.panel_is_faster([(64, 32), (48, 32)], fmt, rows=(1, 3), repeats=3)
+    assert set(record) == {"panel", "rows"} and set(record["rows"]) == {1, 3}
+    assert all(lib > 0 and p > 0 for lib, p in record["rows"].values())
+    assert record["panel"] == all(p < lib for lib, p in record["rows"].values())
+
+
+def test_an_llm_chooses_the_panel_kernels_once_per_machine_and_format(tmp_path, tokenizer, monkeypatch):  # noqa: F811
+    from test_loading import save_tiny
+
+    save_tiny(tmp_path / "model", tokenizer)
+    monkeypatch.setenv("IDLM_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def fake(shapes, fmt, **_):
+        calls.append((fmt, shapes))
+        return {"panel": True, "rows": {}}
+
+    monkeypatch.setattr(kernel_choice, "panel_is_faster", fake)
+    path = str(tmp_path / "model")
+    first = LLM(path, kv_cache_tokens=256)
+    assert first.panel and len(calls) == 1 and calls[0][0] == "fp32" and (64, 64) in calls[0][1]
+    assert all(isinstance(m.kernel, PanelLinear) for m in _projs(first)) and isinstance(first.model.head_kernel,
+                                                                                          PanelLinear)
+    assert LLM(path, kv_cache_tokens=256).panel and len(calls) == 1  # kept per machine
+    off = LLM(path, kv_cache_tokens=256, panel="off")
+    assert not off.panel and not any(isinstance(m.kernel, PanelLinear) for m in _projs(off))
+    int8 = LLM(path, kv_cache_tokens=256, quantize="int8")  # its own measurement: int8 products
+    assert int8.panel and calls[-1][0] == "int8" and all(m.kernel.panels is not None for m in _projs(int8))
+    assert not LLM(path, kv_cache_tokens=256, quantize="int8", panel="off").model.head_kernel.panels
+    with pytest.raises(ValueError, match="panel"):
+        LLM(path, panel="fast")
+
+
+def _projs(llm: LLM):
+    return [m for m in llm.model.modules() if getattr(m, "kernel", None) is not None]
+
+
+def test_risd_equals_ar_with_panel_products_on_a_tiny_model(tokenizer):
+    from test_quantize import assert_risd_equals_ar_on_tiny
+
+    assert_risd_equals_ar_on_tiny(tokenizer, lambda m: m.pack_for_cpu_inference(PanelLinear), "panel", strides=(2, 3, 4))
+    assert_risd_equals_ar_on_tiny(tokenizer, lambda m: quantize_model(m, "int8", row_limit=64, panel=True),
+                                  "int8 panel", strides=(2, 4))
+
+
+@requires_embedded
+def test_embedded_panel_gives_onednns_tokens_and_int8_risd_equals_ar_exactly():
+    """fp32 either way (the kernels sum in different orders: logits agree to float32 rounding; greedy tokens are the
+    same on these prompts, R-ISD with the shipped adapter included). int8 with the panel kernel at every row
+    count of a step: a row is summed alike in an AR and a verify step, so R-ISD int8 gives AR int8's tokens
+    exactly (aten's int8 kernel and the dense path above its row limit only up to near-ties)."""
+    convs = [[{"role": "user", "content": p}] for p in heldout_prompts(4)]
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, logprobs=1)
+    runs = {}
+    for choice in ("off", "on"):
+        llm = LLM("smollm2-135m", panel=choice, kv_cache_tokens=4096)
+        assert llm.panel == (choice == "on")
+        runs[choice] = (llm.chat(convs, params, decoding="ar"), llm.chat(convs, params, decoding="risd", stride=4))
+    for ar_o, ar_p, risd_p in zip(runs["off"][0], runs["on"][0], runs["on"][1]):
+        assert ar_p.token_ids == ar_o.token_ids and risd_p.token_ids == ar_p.token_ids
+        for a, b in zip(ar_o.logprobs, ar_p.logprobs):
+            assert abs(a.logprob - b.logprob) < 1e-3
+    int8 = LLM("smollm2-135m", quantize="int8", panel="on", kv_cache_tokens=4096)
+    for kernel in [m.kernel for m in _projs(int8)] + [int8.model.head_kernel]:
+        kernel.row_limit = 64  # every step's products by the panel kernel, whatever this machine measured
+    for a, r in zip(int8.chat(convs, params, decoding="ar"), int8.chat(convs, params, decoding="risd", stride=4)):
+        assert r.token_ids == a.token_ids
