@@ -1,11 +1,12 @@
 """The panel kernels (models/panel.py, models/kernel_choice.py): float32 and int8 products against a float64
 reference for any shape, a row's output the same bit for bit whatever rows share the call, the choice against the
 library's kernels measured once per machine, greedy R-ISD == AR on a tiny gated model with them, and on the
-embedded model oneDNN's tokens in float32 and R-ISD int8 == AR int8 exactly."""
+embedded model oneDNN's tokens in float32 and R-ISD int8 == AR int8 up to near-ties."""
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from idlm import LLM, SamplingParams
 from idlm.bench.decode import heldout_prompts
@@ -30,7 +31,7 @@ def test_panel_linear_matches_a_float64_reference(out_features, in_features, bia
     g = torch.Generator().manual_seed(out_features * in_features)
     w = torch.randn(out_features, in_features, generator=g)
     b = torch.randn(out_features, generator=g) if bias else None
-    lin = PanelLinear(w, b)
+    lin = PanelLinear(w, b, row_limit=1 << 30)  # the kernel at every row count
     for rows in (0, 1, 3, 4, 5, 7, 8, 9, 33):
         x = torch.randn(rows, in_features, generator=g)
         want = x.double() @ w.double().T + (b.double() if bias else 0)
@@ -44,13 +45,27 @@ def test_panel_linear_matches_a_float64_reference(out_features, in_features, bia
 def test_a_rows_output_does_not_depend_on_the_rows_beside_it():
     """What makes an AR step (1 row) and a verify step (many) compute a position alike, bit for bit."""
     g = torch.Generator().manual_seed(0)
-    lin = PanelLinear(torch.randn(200, 96, generator=g))
+    lin = PanelLinear(torch.randn(200, 96, generator=g), row_limit=1 << 30)
     x = torch.randn(11, 96, generator=g)
     batched = lin(x)
     for i in range(11):
         assert torch.equal(lin(x[i:i + 1]), batched[i:i + 1])
     assert torch.equal(lin(x[3:10]), batched[3:10])  # another block split of the same rows
     assert torch.equal(lin(x.T.contiguous().T), batched)  # a non-contiguous input is read as its values
+
+
+def test_above_its_row_limit_panel_linear_runs_onednn():
+    g = torch.Generator().manual_seed(2)
+    w, b = torch.randn(40, 24, generator=g), torch.randn(40, generator=g)
+    lin = PanelLinear(w, b, row_limit=4)
+    calls, packed = [], lin.dense
+    lin.dense = lambda x: calls.append(x.shape[0]) or packed(x)
+    for rows in (1, 4, 5, 16):
+        x = torch.randn(rows, 24, generator=g)
+        torch.testing.assert_close(lin(x), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    assert calls == [5, 16]
+    lin(torch.randn(6, 24), row_limit=8)  # a compiled graph's own limit
+    assert calls == [5, 16]
 
 
 def test_panel_linear_refuses_other_dtypes_and_mismatched_panels():
@@ -127,11 +142,13 @@ def test_risd_equals_ar_with_panel_products_on_a_tiny_model(tokenizer):
 
 
 @requires_embedded
-def test_embedded_panel_gives_onednns_tokens_and_int8_risd_equals_ar_exactly():
+def test_embedded_panel_gives_onednns_tokens_and_int8_risd_equals_ar_up_to_near_ties():
     """fp32 either way (the kernels sum in different orders: logits agree to float32 rounding; greedy tokens are the
-    same on these prompts, R-ISD with the shipped adapter included). int8 with the panel kernel at every row
-    count of a step: a row is summed alike in an AR and a verify step, so R-ISD int8 gives AR int8's tokens
-    exactly (aten's int8 kernel and the dense path above its row limit only up to near-ties)."""
+    same on these prompts, R-ISD with the shipped adapter included). int8 with the panel kernel: R-ISD int8 gives AR
+    int8's tokens up to near-ties at bf16 precision, as with aten's kernel (the products' inputs are rounded to bf16,
+    which turns the 1e-7 differences of the residual stream between a 1-row and a 7-row step into bf16 steps)."""
+    from test_quantize import assert_risd_equals_ar_up_to_near_ties
+
     convs = [[{"role": "user", "content": p}] for p in heldout_prompts(4)]
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, logprobs=1)
     runs = {}
@@ -144,7 +161,5 @@ def test_embedded_panel_gives_onednns_tokens_and_int8_risd_equals_ar_exactly():
         for a, b in zip(ar_o.logprobs, ar_p.logprobs):
             assert abs(a.logprob - b.logprob) < 1e-3
     int8 = LLM("smollm2-135m", quantize="int8", panel="on", kv_cache_tokens=4096)
-    for kernel in [m.kernel for m in _projs(int8)] + [int8.model.head_kernel]:
-        kernel.row_limit = 64  # every step's products by the panel kernel, whatever this machine measured
-    for a, r in zip(int8.chat(convs, params, decoding="ar"), int8.chat(convs, params, decoding="risd", stride=4)):
-        assert r.token_ids == a.token_ids
+    assert int8.model.head_kernel.panels is not None
+    assert_risd_equals_ar_up_to_near_ties(int8, convs)

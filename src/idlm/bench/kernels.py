@@ -1,10 +1,11 @@
 """`idlm bench kernels`: one projection's cost by row count and kernel, for every weight shape of a model.
 
-Kernels: the int8 kernel (`aten._weight_int8pack_mm`) and the int4 one (`aten._weight_int4pack_mm_for_cpu`, where
-the shape fits it), both with bf16 inputs (models/quantize.py), oneDNN with the weight packed in float32 and in
-bfloat16 (where the CPU packs it), and our float32 panel kernel (models/panel.py, where it builds). The row counts
-are those of decode steps (AR: 1 per request; R-ISD stride N: 2N - 1). Interleaved, median of `repeats`; the table says which kernel is fastest at
-each row count, and the row limits quantize_model would measure.
+Kernels: aten's int8 kernel (`aten._weight_int8pack_mm`) and int4 one (`aten._weight_int4pack_mm_for_cpu`, where the
+shape fits it), both with bf16 inputs (models/quantize.py), oneDNN with the weight packed in float32 and in bfloat16
+(where the CPU packs it), and our panel kernels for float32 and int8 weights (models/panel.py, where they build). The
+row counts are those of decode steps (AR: 1 per request; R-ISD stride N: 2N - 1). Interleaved, median of `repeats`;
+the table says which kernel is fastest at each row count, and the row limits quantize_model would measure (with
+aten's int8 kernel).
 """
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ def run_kernels_bench(args: argparse.Namespace) -> dict[str, Any]:
         copies = 1 if args.hot else copies_beyond_cache(w.numel() * 4)
         kinds = [Int8Linear] + ([Int4Linear] if Int4Linear.fits(w) else [])
         quantized = {kind.format: [kind(w, None, 1 << 30) for _ in range(copies)] for kind in kinds}
+        if has_panel:
+            quantized["int8_panel"] = [Int8Linear(w, None, 1 << 30, panel=True) for _ in range(copies)]
         fp32 = [PackedLinear(w) for _ in range(copies)]
         panels = [panel.PanelLinear(w) for _ in range(copies)] if has_panel else None
         try:
@@ -89,7 +92,8 @@ def _cycle(kernels: list, x: torch.Tensor) -> Callable[[], Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    columns = [("int8_us", "int8 kernel (us)"), ("int4_us", "int4 kernel (us)"), ("fp32_us", "fp32 oneDNN (us)"),
+    columns = [("int8_us", "int8 aten (us)"), ("int8_panel_us", "int8 panel (us)"), ("int4_us", "int4 aten (us)"),
+               ("fp32_us", "fp32 oneDNN (us)"),
                ("bf16_us", "bf16 oneDNN (us)"), ("panel_us", "fp32 panel (us)"), ("fastest", "fastest"),
                ("int8_row_limit", "int8 row limit"), ("int4_row_limit", "int4 row limit")]
     columns = [(k, h) for k, h in columns if any(k in r for r in result["rows"])]

@@ -140,10 +140,11 @@ class CompiledForward:
             m.kernel = OpaqueKernel(self.handle, i, m.out_features, inner, limit)
         self._backend = _OpaqueAttention(self.handle)
         # the compiler caches graphs per code object, and every instance compiles the same `_forward` (a process
-        # may hold several engines: benchmarks, tests): room for ~16 step classes per instance
+        # may hold several engines: benchmarks, tests): room for ~16 step classes per instance ever made (the
+        # graphs of a collected instance stay in the code object's cache)
         config = torch._dynamo.config
         name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
-        setattr(config, name, max(getattr(config, name), 16 * (len(_owners) + 1)))
+        setattr(config, name, max(getattr(config, name), 16 * (self.handle + 2)))
         # the model is frozen once its kernels are final: of the ~5,800 guards the compiler would check on every
         # call (every module's hook dicts, every kernel's attributes), keep only those on the step's inputs
         options = {"guard_filter_fn": _guards_off_the_model} if hasattr(torch.compiler, "skip_guard_on_globals_unsafe") \

@@ -1,19 +1,20 @@
-"""Float32 products for few-row steps on AVX2 CPUs: our own kernel (panel.cpp), built on first use.
+"""Products for few-row steps on AVX2 CPUs: our own kernels (panel.cpp), built on first use.
 
-A decode step multiplies 1-8 rows by every weight of the model. oneDNN's packed float32 product (`PackedLinear`)
-pays a fixed cost per call and, at 4-8 rows, splits the rows over its register blocks so that the weights are read
-more than once. `PanelLinear` packs each weight into panels of 16 output columns ([panel][K][16]); one call streams
-every panel once and runs all the rows against it in register blocks of 4 rows x 16 columns. Measured on a 2-core
-AVX2 EPYC, each weight out of cache (docs/benchmarks.md): 0.6-0.8x oneDNN's time at 1 and 7 rows for every
-projection of the embedded model and the LM head, and no slower up to 256 rows. Every row is summed in the same
-order whatever the row count, so a row's output does not depend on the rows beside it (an AR step and a verify
-step compute it bit for bit alike).
+A decode step multiplies 1-8 rows by every weight of the model. oneDNN's packed float32 product pays a fixed cost
+per call and grows with the rows of a verify step; aten's int8 kernel (bf16 inputs) is compute-bound at one row on
+AVX2. The panel kernels pack each weight into panels of 16 output columns ([panel][K][16]); one call streams every
+panel once and runs all the rows against it in register blocks of 4 rows x 16 columns. Weights are float32
+(`PanelLinear`) or int8 per output channel, widened in registers (`Int8Panels`, inside models/quantize.py's
+`Int8Linear`). Every row is summed in the same order whatever the row count, so a row's output does not depend on
+the rows beside it (an AR step and a verify step compute it bit for bit alike). Measured against the library's
+kernels: docs/benchmarks.md, "Our panel kernels"; which a model uses is measured per machine
+(models/kernel_choice.py).
 
-The kernel is C++ with AVX2 and FMA intrinsics, built by `torch.utils.cpp_extension` with the compiler that
-compiled steps already need, once per torch version (about 30 s; the build directory is the caller's). It
-registers the operators `idlm_panel::pack` and `idlm_panel::linear`, which compiled graphs call directly. Where it
-cannot be built or run (no compiler, a CPU without AVX2), `available` says why and the oneDNN path stays.
-Which of the two a model uses is measured per machine (`faster_than_onednn`).
+The kernels are C++ with AVX2 and FMA intrinsics, built by `torch.utils.cpp_extension` with the compiler that
+compiled steps already need, once per torch version (about 30 s; the build directory is the caller's). They
+register the operators `idlm_panel::pack`, `idlm_panel::linear` and `idlm_panel::linear_int8`, which compiled graphs
+call directly. Where they cannot be built or run (no compiler, a CPU without AVX2), `available` says why and the
+library's kernels stay.
 """
 from __future__ import annotations
 
@@ -21,12 +22,16 @@ import logging
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from idlm.models.llama import PackedLinear
 
 
 log = logging.getLogger("idlm")
 SOURCE = Path(__file__).with_name("panel.cpp")
-CAPABILITIES = ("AVX2", "AVX512")  # ATen's names for CPUs with AVX2 and FMA (AVX512 ones have both)
+CAPABILITIES = ("AVX2", "AVX512")
+ROW_LIMIT = 8  # PanelLinear: rows up to which the kernel runs a float32 product (above: oneDNN)  # ATen's names for CPUs with AVX2 and FMA (AVX512 ones have both)
 _state: dict[str, str | None] = {}  # "error": None once loaded, else why not
 
 
@@ -66,25 +71,33 @@ def _linear_int8_shape(x: Tensor, panels: Tensor, scales: Tensor, out_features: 
     return x.new_empty(*x.shape[:-1], out_features)
 
 
-def ready() -> bool:
-    """Whether the kernel is loaded in this process (`available()` returned None)."""
-    return _state.get("error", "not loaded") is None
-
-
 class PanelLinear:
-    """x @ w.T (+ bias) in float32 by the panel kernel; `available()` must have returned None. Plain tensors and
-    one operator: compiled graphs trace it (models/compile.py)."""
+    """x @ w.T (+ bias) in float32 by the panel kernel up to `row_limit` rows (`available()` must have returned
+    None), above it by oneDNN's packed product (compiled graphs: F.linear, the packed weight being opaque there):
+    with register blocks of 4 rows the kernel is latency-bound on its 8 accumulators once a call has many row
+    blocks per panel, and oneDNN's blocking wins from about 16 rows (`bench kernels` on a 2-core AVX2 EPYC: gate/up
+    at 16 rows 959 vs 628 us). The default limit keeps every decode step of one request (AR 1 row, R-ISD stride 4
+    up to 7) on the kernel, prefill chunks and large batches on oneDNN, at the cost of a second packed copy of the
+    weights. Plain tensors and one operator: compiled graphs trace it (models/compile.py)."""
 
     traceable = True
 
-    def __init__(self, weight: Tensor, bias: Tensor | None = None):
+    def __init__(self, weight: Tensor, bias: Tensor | None = None, row_limit: int = ROW_LIMIT):
         with torch.no_grad():
             self.panels = torch.ops.idlm_panel.pack(weight.float())
+        self.weight, self.bias, self.row_limit = weight, bias, row_limit
         self.out_features = weight.shape[0]
-        self.bias = bias
+        try:
+            self.dense = PackedLinear(weight, bias)
+        except RuntimeError:  # no oneDNN for this dtype or device
+            self.dense = None
 
-    def __call__(self, x: Tensor, row_limit: int | None = None) -> Tensor:  # noqa: ARG002 (one path)
-        return torch.ops.idlm_panel.linear(x, self.panels, self.out_features, self.bias)
+    def __call__(self, x: Tensor, row_limit: int | None = None) -> Tensor:
+        if x.numel() // x.shape[-1] <= (self.row_limit if row_limit is None else row_limit):
+            return torch.ops.idlm_panel.linear(x, self.panels, self.out_features, self.bias)
+        if self.dense is not None and not torch.compiler.is_compiling():
+            return self.dense(x)
+        return F.linear(x, self.weight, self.bias)
 
 
 class Int8Panels:
