@@ -152,15 +152,8 @@ class LLM:
         faster on this machine over the model's own weight shapes (float32, or int8 where the format has int8
         products), measured once and kept in $IDLM_CACHE/panel/."""
         model = self.checkpoint.model
-        if self.quantize in QUANTIZE_FORMATS:  # int4 keeps its own kernel where the shape fits it
-            fmt = "int8"
-            shapes = {tuple(model.output_weight().shape)} | {
-                tuple(m.weight.shape) for m in model.modules() if isinstance(m, Proj)
-                and not (self.quantize == "int4" and Int4Linear.fits(m.weight))}
-        else:
-            fmt = "fp32" if self.quantize is None and self.dtype == torch.float32 else None
-            shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, Proj)} | \
-                {tuple(model.output_weight().shape)}
+        fmt = "int8" if self.quantize in QUANTIZE_FORMATS else \
+            "fp32" if self.quantize is None and self.dtype == torch.float32 else None
         if choice == "off" or fmt is None:
             if choice == "on":
                 raise ValueError(f"the panel kernels take float32 or int8 weights, not {self.quantize or self.dtype}")
@@ -172,6 +165,9 @@ class LLM:
             return False
         if choice == "on":
             return True
+        shapes = {tuple(model.output_weight().shape)} | {  # int4 keeps its own kernel where the shape fits it
+            tuple(m.weight.shape) for m in model.modules() if isinstance(m, Proj)
+            and not (self.quantize == "int4" and Int4Linear.fits(m.weight))}
         root = cache_dir()
         key = {**machine_key(), "measures": f"panel {fmt}", "shapes": [list(s) for s in sorted(shapes)]}
         record = load_record(root, "panel", key)
