@@ -10,7 +10,7 @@ from idlm.config import ModelConfig
 from idlm.models.attention import DenseAttention
 from idlm.models.llama import LORA_OFF, RowGate, build_model
 from idlm.models.lora import LoRAProj
-from idlm.models.lora import AdapterConfig, add_lora, load_adapter, read_adapter_config, save_adapter
+from idlm.models.lora import AdapterConfig, add_lora, load_adapter, pack_adapter, read_adapter_config, save_adapter
 
 
 def _tiny_pair():
@@ -125,3 +125,35 @@ def test_row_gate_paths_match_full_adapter(gated_rows):
     torch.testing.assert_close(got[on], full[on], rtol=1e-5, atol=1e-6)
     assert torch.equal(got[~on], base[~on])
     assert RowGate.from_mask(torch.zeros(8)) is LORA_OFF
+
+
+def test_packed_adapter_products_give_the_adapters_deltas_and_leave_clean_rows_alone():
+    """`pack_adapter`: each adapter's two products by the given kernel (here a counting float64 product): the same
+    deltas at gated rows (span and gathered), the base output bit for bit elsewhere; frozen models only."""
+    _, ours = _tiny_pair()
+    _with_random_adapter(ours, gated=True)
+    with pytest.raises(ValueError, match="frozen"):
+        pack_adapter(ours, lambda w: None)
+    ours.requires_grad_(False)
+    proj = next(m for m in ours.modules() if isinstance(m, LoRAProj))
+    x = torch.randn(8, proj.in_features)
+    gates = [torch.tensor([0, 0, 1, 1, 1, 0, 0, 0.]), torch.tensor([1, 0, 0, 1, 0, 1, 1, 0.])]
+    with torch.no_grad():
+        want = [proj(x, RowGate.from_mask(g)) for g in gates]
+        base = proj(x, LORA_OFF)
+    calls = []
+
+    def kind(w):
+        def product(h):
+            calls.append(h.shape[0])
+            return (h.double() @ w.double().T).float()
+        return product
+
+    assert pack_adapter(ours, kind) == sum(isinstance(m, LoRAProj) for m in ours.modules())
+    for g, w in zip(gates, want):
+        with torch.no_grad():
+            got = proj(x, RowGate.from_mask(g))
+        on = g.bool()
+        torch.testing.assert_close(got[on], w[on], rtol=1e-5, atol=1e-6)
+        assert torch.equal(got[~on], base[~on])
+    assert calls == [3, 3, 4, 4]  # A then B, for the gated rows only

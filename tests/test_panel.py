@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from idlm import LLM, SamplingParams
 from idlm.bench.decode import heldout_prompts
 from idlm.models import kernel_choice, panel
+from idlm.models.lora import LoRAProj, pack_adapter
 from idlm.models.panel import Int8Panels, PanelLinear
 from idlm.models.quantize import Int8Linear, quantize_int8, quantize_model
 
@@ -31,8 +31,8 @@ def test_panel_linear_matches_a_float64_reference(out_features, in_features, bia
     g = torch.Generator().manual_seed(out_features * in_features)
     w = torch.randn(out_features, in_features, generator=g)
     b = torch.randn(out_features, generator=g) if bias else None
-    lin = PanelLinear(w, b, row_limit=1 << 30)  # the kernel at every row count
-    for rows in (0, 1, 3, 4, 5, 7, 8, 9, 33):
+    lin = PanelLinear(w, b)
+    for rows in (0, 1, 2, 3, 4, 5, 7, 8, 9, 33, 300):  # every block shape, several chunks per thread
         x = torch.randn(rows, in_features, generator=g)
         want = x.double() @ w.double().T + (b.double() if bias else 0)
         got = lin(x)
@@ -45,27 +45,14 @@ def test_panel_linear_matches_a_float64_reference(out_features, in_features, bia
 def test_a_rows_output_does_not_depend_on_the_rows_beside_it():
     """What makes an AR step (1 row) and a verify step (many) compute a position alike, bit for bit."""
     g = torch.Generator().manual_seed(0)
-    lin = PanelLinear(torch.randn(200, 96, generator=g), row_limit=1 << 30)
+    lin = PanelLinear(torch.randn(200, 96, generator=g))  # 13 panels: blocks of 2-4 panels and their remainders
     x = torch.randn(11, 96, generator=g)
     batched = lin(x)
     for i in range(11):
         assert torch.equal(lin(x[i:i + 1]), batched[i:i + 1])
-    assert torch.equal(lin(x[3:10]), batched[3:10])  # another block split of the same rows
+    for a, b in ((3, 10), (0, 2), (1, 5)):  # other block splits of the same rows
+        assert torch.equal(lin(x[a:b]), batched[a:b])
     assert torch.equal(lin(x.T.contiguous().T), batched)  # a non-contiguous input is read as its values
-
-
-def test_above_its_row_limit_panel_linear_runs_onednn():
-    g = torch.Generator().manual_seed(2)
-    w, b = torch.randn(40, 24, generator=g), torch.randn(40, generator=g)
-    lin = PanelLinear(w, b, row_limit=4)
-    calls, packed = [], lin.dense
-    lin.dense = lambda x: calls.append(x.shape[0]) or packed(x)
-    for rows in (1, 4, 5, 16):
-        x = torch.randn(rows, 24, generator=g)
-        torch.testing.assert_close(lin(x), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
-    assert calls == [5, 16]
-    lin(torch.randn(6, 24), row_limit=8)  # a compiled graph's own limit
-    assert calls == [5, 16]
 
 
 def test_panel_linear_refuses_other_dtypes_and_mismatched_panels():
@@ -125,6 +112,13 @@ def test_an_llm_chooses_the_panel_kernels_once_per_machine_and_format(tmp_path, 
     int8 = LLM(path, kv_cache_tokens=256, quantize="int8")  # its own measurement: int8 products
     assert int8.panel and calls[-1][0] == "int8" and all(m.kernel.panels is not None for m in _projs(int8))
     assert not LLM(path, kv_cache_tokens=256, quantize="int8", panel="off").model.head_kernel.panels
+    from test_lora import random_gated_adapter
+
+    random_gated_adapter(path, tmp_path / "adapter")
+    for choice, packed in (("auto", True), ("off", False)):  # the adapter's products too
+        lora = [m for m in LLM(path, adapter=str(tmp_path / "adapter"), kv_cache_tokens=256, panel=choice).model.modules()
+                if isinstance(m, LoRAProj)]
+        assert lora and all((m.delta_kernels is not None) == packed for m in lora)
     with pytest.raises(ValueError, match="panel"):
         LLM(path, panel="fast")
 
@@ -136,9 +130,16 @@ def _projs(llm: LLM):
 def test_risd_equals_ar_with_panel_products_on_a_tiny_model(tokenizer):
     from test_quantize import assert_risd_equals_ar_on_tiny
 
-    assert_risd_equals_ar_on_tiny(tokenizer, lambda m: m.pack_for_cpu_inference(PanelLinear), "panel", strides=(2, 3, 4))
-    assert_risd_equals_ar_on_tiny(tokenizer, lambda m: quantize_model(m, "int8", row_limit=64, panel=True),
-                                  "int8 panel", strides=(2, 4))
+    def fp32(m):
+        m.pack_for_cpu_inference(PanelLinear)
+        pack_adapter(m, PanelLinear)
+
+    def int8(m):
+        quantize_model(m, "int8", row_limit=64, panel=True)
+        pack_adapter(m, PanelLinear)
+
+    assert_risd_equals_ar_on_tiny(tokenizer, fp32, "panel", strides=(2, 3, 4))
+    assert_risd_equals_ar_on_tiny(tokenizer, int8, "int8 panel", strides=(2, 4))
 
 
 @requires_embedded

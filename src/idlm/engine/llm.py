@@ -26,7 +26,7 @@ from idlm.loading.cache import cache_dir
 from idlm.models.fuse import fuse_projections
 from idlm.models import kernel_choice, panel
 from idlm.models.llama import CausalLM, Proj
-from idlm.models.lora import AdapterConfig, load_adapter
+from idlm.models.lora import AdapterConfig, load_adapter, pack_adapter
 from idlm.models.panel import PanelLinear
 from idlm.models.quantize import FORMATS as QUANTIZE_FORMATS, Int4Linear, bf16_weights, quantize_model
 
@@ -132,6 +132,8 @@ class LLM:
         if cpu:
             kind = PanelLinear if self.panel and self.dtype == torch.float32 else None
             self.checkpoint.model.pack_for_cpu_inference(kind)
+        if self.panel and self.adapter is not None and self.dtype == torch.float32:  # int8 formats keep it float32
+            pack_adapter(self.checkpoint.model, PanelLinear)
         self.name = self.checkpoint.name
         self._start(self.checkpoint.model, self.checkpoint.eos_token_ids, self.checkpoint.config.draft_len, engine)
 
@@ -140,12 +142,17 @@ class LLM:
         $IDLM_CACHE/row_limits/ (measurements vary up to 2x between start-ups: runs on one machine should
         choose the same kernels)."""
         root = cache_dir()
-        key = {**machine_key(), "dtype": str(self.dtype), "measures": "row_limit", "panel": self.panel}
+        key = {**machine_key(), "dtype": str(self.dtype), "measures": "row_limit", "panel": self._panel_id}
         known = load_record(root, "row_limits", key) or {}
         limits = quantize_model(self.checkpoint.model, self.quantize, known=known, panel=self.panel)
         if not limits.items() <= known.items():
             save_record(root, "row_limits", key, {**known, **limits})
         return limits
+
+    @property
+    def _panel_id(self) -> str | bool:
+        """Which panel kernels measurements were made with (False: none): a changed kernel measures again."""
+        return panel.SOURCE_ID if self.panel else False
 
     def _panel(self, choice: str) -> bool:
         """Whether the panel kernels serve this model's products: `choice`, or for "auto" whether they are the
@@ -169,7 +176,8 @@ class LLM:
             tuple(m.weight.shape) for m in model.modules() if isinstance(m, Proj)
             and not (self.quantize == "int4" and Int4Linear.fits(m.weight))}
         root = cache_dir()
-        key = {**machine_key(), "measures": f"panel {fmt}", "shapes": [list(s) for s in sorted(shapes)]}
+        key = {**machine_key(), "measures": f"panel {fmt}", "shapes": [list(s) for s in sorted(shapes)],
+               "kernels": panel.SOURCE_ID}
         record = load_record(root, "panel", key)
         if record is None:
             record = kernel_choice.panel_is_faster(sorted(shapes), fmt)
@@ -229,7 +237,7 @@ class LLM:
         batches = tuple(b for b in batches if b <= min(fit, self.engine.config.max_num_seqs)) or (1,)
         key = {**machine_key(), "model": self.name, "dtype": str(self.dtype), "device": str(self.device),
                "adapter": str(self.adapter_path), "fused": self.fused, "quantize": self.quantize,
-               "panel": self.panel, "compile": self.engine.config.compile,
+               "panel": self._panel_id, "compile": self.engine.config.compile,
                "batches": list(batches),
                "layouts": sorted({repr(d) for d in decodings}), "measures": "forward + greedy decode, interleaved"}
         if self.checkpoint is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -30,7 +31,12 @@ MASK_KEY = "idlm.mask_embedding"
 
 
 class LoRAProj(Proj):
-    """A projection with a low-rank delta; shares the frozen base weight of the Proj it wraps."""
+    """A projection with a low-rank delta; shares the frozen base weight of the Proj it wraps.
+
+    `delta_kernels`: frozen inference only (`pack_adapter`): the products x @ (scaling * A).T and h @ B.T by a
+    kernel of the caller's (the panel kernels, models/panel.py), instead of the generic paths below."""
+
+    delta_kernels: tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]] | None = None
 
     def __init__(self, base: Proj, rank: int, alpha: float):
         nn.Module.__init__(self)
@@ -61,6 +67,9 @@ class LoRAProj(Proj):
         return flat.index_copy(0, rows, flat.index_select(0, rows) + delta).view_as(y)
 
     def _delta(self, x: torch.Tensor) -> torch.Tensor:
+        if self.delta_kernels is not None:
+            scaled_a, b = self.delta_kernels
+            return b(scaled_a(x))
         if torch.compiler.is_compiling():
             # products of a few MASK rows: as BLAS calls each costs ~30 us of threading overhead whatever its
             # size (a step has two per projection group per layer); as multiply-and-sum the compiler emits one
@@ -68,6 +77,19 @@ class LoRAProj(Proj):
             h = (x.unsqueeze(-2) * self.lora_A).sum(-1) * self.scaling
             return (h.unsqueeze(-2) * self.lora_B).sum(-1)
         return F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)
+
+
+def pack_adapter(model: CausalLM, kind: Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]) -> int:
+    """Give every adapter of a frozen model its two products by `kind(weight)` (e.g. `PanelLinear`): for the few
+    MASK rows of a decode step, the compiled multiply-and-sum loops of `_delta` cost an R-ISD step about 9 ms
+    (int8, 2-core AVX2), two panel-kernel calls per projection group a fraction of it. Returns how many."""
+    mods = [m for m in model.modules() if isinstance(m, LoRAProj)]
+    if any(m.lora_A.requires_grad or m.lora_B.requires_grad for m in mods):
+        raise ValueError("pack_adapter is for frozen inference models (call requires_grad_(False) first)")
+    with torch.no_grad():
+        for m in mods:
+            m.delta_kernels = (kind(m.lora_A * m.scaling), kind(m.lora_B))
+    return len(mods)
 
 
 @dataclass

@@ -1,9 +1,9 @@
 // Products for few-row steps on AVX2 (models/panel.py): y = x @ w.T (+ bias) with float32 x, the weight packed once
-// into panels of 16 output columns laid out [panel][K][16], so a panel streams from memory once per call and a
-// register block of 4 rows x 16 columns (8 accumulators) is fed by 16 weights and 4 broadcasts per input. The
-// weights are float32, or int8 widened to float32 in registers and scaled per output column at the end (a quarter
-// of the bytes). Every row is summed in the same order whatever the row count: a row's output does not depend on
-// the rows beside it.
+// into panels of 16 output columns laid out [panel][K][16], so a panel streams from memory once per call. A register
+// block of R rows x P panels (R <= 3, 8-12 accumulators) is fed by 16 weights per panel and R broadcasts per input.
+// The weights are float32, or int8 widened to float32 in registers and scaled per output column at the end (a
+// quarter of the bytes). Every output is one FMA chain over the inputs in order, whatever block computes it: a row's
+// output does not depend on the rows beside it.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -11,11 +11,14 @@
 
 #include <algorithm>
 #include <cstring>
+#include <tuple>
 
 namespace {
 
 constexpr int64_t kCols = 16;  // output columns per panel: two 8-float registers
-constexpr int64_t kRows = 4;   // rows per register block
+constexpr int64_t kRows = 3;   // rows per register block at most
+constexpr int kPanelsPerBlock[kRows + 1] = {0, 4, 3, 2};  // panels per block of R rows: 8, 12, 12 accumulators
+constexpr int64_t kChunkBytes = 256 << 10;  // panels a thread runs every row block against before moving on
 
 at::Tensor pack(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kChar) && w.device().is_cpu(),
@@ -33,59 +36,79 @@ inline void load16(const float* p, __m256& w0, __m256& w1) {
 }
 
 inline void load16(const int8_t* p, __m256& w0, __m256& w1) {
-  const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
-  w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8)));
+  w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))));
 }
 
-template <int R, typename W>
-void block(const float* x, int64_t k, const W* panel, const float* scales, float* y, int64_t ldy, int64_t cols) {
-  __m256 lo[R], hi[R];
-  for (int r = 0; r < R; ++r) {
-    lo[r] = _mm256_setzero_ps();
-    hi[r] = _mm256_setzero_ps();
-  }
+// One register block: R rows x P panels, 2 * R * P accumulators (at most 12 of AVX2's 16 registers). Each output is
+// one FMA chain over k in order, whatever R and P: blocks only decide how many chains run side by side (a single
+// row needs several panels at once, or its two chains wait on the FMA latency at every k).
+template <int R, int P, typename W>
+inline void block(const float* x, int64_t k, const W* panel, const float* scales, float* y, int64_t ldy,
+                  int64_t cols) {
+  __m256 acc[R][P][2];
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < P; ++p) acc[r][p][0] = acc[r][p][1] = _mm256_setzero_ps();
   for (int64_t i = 0; i < k; ++i) {
-    __m256 w0, w1;
-    load16(panel + i * kCols, w0, w1);
-    for (int r = 0; r < R; ++r) {
-      const __m256 xi = _mm256_broadcast_ss(x + r * k + i);
-      lo[r] = _mm256_fmadd_ps(xi, w0, lo[r]);
-      hi[r] = _mm256_fmadd_ps(xi, w1, hi[r]);
+    __m256 xi[R];
+    for (int r = 0; r < R; ++r) xi[r] = _mm256_broadcast_ss(x + r * k + i);
+    for (int p = 0; p < P; ++p) {
+      __m256 w0, w1;
+      load16(panel + (p * k + i) * kCols, w0, w1);
+      for (int r = 0; r < R; ++r) {
+        acc[r][p][0] = _mm256_fmadd_ps(xi[r], w0, acc[r][p][0]);
+        acc[r][p][1] = _mm256_fmadd_ps(xi[r], w1, acc[r][p][1]);
+      }
     }
   }
-  if (scales != nullptr) {  // int8: per output column
-    const __m256 s0 = _mm256_loadu_ps(scales), s1 = _mm256_loadu_ps(scales + 8);
-    for (int r = 0; r < R; ++r) {
-      lo[r] = _mm256_mul_ps(lo[r], s0);
-      hi[r] = _mm256_mul_ps(hi[r], s1);
+  for (int p = 0; p < P; ++p) {
+    if (scales != nullptr) {  // int8: per output column
+      const __m256 s0 = _mm256_loadu_ps(scales + p * kCols), s1 = _mm256_loadu_ps(scales + p * kCols + 8);
+      for (int r = 0; r < R; ++r) {
+        acc[r][p][0] = _mm256_mul_ps(acc[r][p][0], s0);
+        acc[r][p][1] = _mm256_mul_ps(acc[r][p][1], s1);
+      }
     }
-  }
-  for (int r = 0; r < R; ++r) {
-    if (cols == kCols) {
-      _mm256_storeu_ps(y + r * ldy, lo[r]);
-      _mm256_storeu_ps(y + r * ldy + 8, hi[r]);
-    } else {  // the last panel of a weight whose out features are not a multiple of 16
-      alignas(32) float tail[kCols];
-      _mm256_store_ps(tail, lo[r]);
-      _mm256_store_ps(tail + 8, hi[r]);
-      std::memcpy(y + r * ldy, tail, cols * sizeof(float));
+    const int64_t c = std::min(kCols, cols - p * kCols);
+    for (int r = 0; r < R; ++r) {
+      float* out = y + r * ldy + p * kCols;
+      if (c == kCols) {
+        _mm256_storeu_ps(out, acc[r][p][0]);
+        _mm256_storeu_ps(out + 8, acc[r][p][1]);
+      } else {  // the last panel of a weight whose out features are not a multiple of 16
+        alignas(32) float tail[kCols];
+        _mm256_store_ps(tail, acc[r][p][0]);
+        _mm256_store_ps(tail + 8, acc[r][p][1]);
+        std::memcpy(out, tail, c * sizeof(float));
+      }
     }
   }
 }
 
-template <typename W>
-void rows_block(int64_t r, const float* x, int64_t k, const W* panel, const float* scales, float* y, int64_t ldy,
-                int64_t cols) {
-  switch (r) {
-    case 1: block<1>(x, k, panel, scales, y, ldy, cols); break;
-    case 2: block<2>(x, k, panel, scales, y, ldy, cols); break;
-    case 3: block<3>(x, k, panel, scales, y, ldy, cols); break;
-    default: block<4>(x, k, panel, scales, y, ldy, cols); break;
+// R rows against `count` consecutive panels, P(R) panels per block; `cols`: output columns from the first panel on
+template <int R, typename W>
+void row_block(const float* x, int64_t k, const W* panel, int64_t count, const float* scales, float* y, int64_t ldy,
+               int64_t cols) {
+  constexpr int P = kPanelsPerBlock[R];
+  int64_t j = 0;
+  auto at = [&](int64_t jj) { return std::make_tuple(panel + jj * k * kCols, scales ? scales + jj * kCols : nullptr,
+                                                     y + jj * kCols, cols - jj * kCols); };
+  for (; j + P <= count; j += P) {
+    auto [pj, sj, yj, cj] = at(j);
+    block<R, P>(x, k, pj, sj, yj, ldy, cj);
+  }
+  if (j < count) {
+    auto [pj, sj, yj, cj] = at(j);
+    switch (count - j) {  // fewer panels than a block takes: 1 .. P - 1
+      case 1: block<R, 1>(x, k, pj, sj, yj, ldy, cj); break;
+      case 2: block<R, 2>(x, k, pj, sj, yj, ldy, cj); break;
+      default: block<R, 3>(x, k, pj, sj, yj, ldy, cj); break;
+    }
   }
 }
 
-// y [rows, out] = x @ w.T (* scales): every panel once, all rows against it in blocks of kRows
+// y [rows, out] = x @ w.T (* scales). Each thread takes a range of panels and walks it in chunks that stay in its L2
+// cache while every block of up to kRows rows runs against the chunk.
 template <typename W>
 at::Tensor product(const at::Tensor& x, const at::Tensor& panels, const float* scales, int64_t out_features,
                    const c10::optional<at::Tensor>& bias) {
@@ -102,12 +125,22 @@ at::Tensor product(const at::Tensor& x, const at::Tensor& panels, const float* s
   const float* xp = xc.data_ptr<float>();
   const W* pp = panels.data_ptr<W>();
   float* yp = y.data_ptr<float>();
+  const int64_t per_chunk = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, k * kCols * sizeof(W)));
   at::parallel_for(0, panels.size(0), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t cols = std::min(kCols, n - p * kCols);
-      for (int64_t r = 0; r < m; r += kRows)  // the panel stays in cache across the row blocks
-        rows_block(std::min(kRows, m - r), xp + r * k, k, pp + p * k * kCols,
-                   scales ? scales + p * kCols : nullptr, yp + r * n + p * kCols, n, cols);
+    const int64_t step = m <= kRows ? end - begin : per_chunk;  // one row block: no chunk needs to stay cached
+    for (int64_t p0 = begin; p0 < end; p0 += step) {
+      const int64_t count = std::min(step, end - p0);
+      const W* panel = pp + p0 * k * kCols;
+      const float* s = scales ? scales + p0 * kCols : nullptr;
+      for (int64_t r = 0; r < m; r += kRows) {
+        const float* xr = xp + r * k;
+        float* yr = yp + r * n + p0 * kCols;
+        switch (std::min(kRows, m - r)) {
+          case 1: row_block<1>(xr, k, panel, count, s, yr, n, n - p0 * kCols); break;
+          case 2: row_block<2>(xr, k, panel, count, s, yr, n, n - p0 * kCols); break;
+          default: row_block<3>(xr, k, panel, count, s, yr, n, n - p0 * kCols); break;
+        }
+      }
     }
   });
   if (bias.has_value() && bias->defined()) y.add_(*bias);

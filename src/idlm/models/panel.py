@@ -3,7 +3,9 @@
 A decode step multiplies 1-8 rows by every weight of the model. oneDNN's packed float32 product pays a fixed cost
 per call and grows with the rows of a verify step; aten's int8 kernel (bf16 inputs) is compute-bound at one row on
 AVX2. The panel kernels pack each weight into panels of 16 output columns ([panel][K][16]); one call streams every
-panel once and runs all the rows against it in register blocks of 4 rows x 16 columns. Weights are float32
+panel once and runs all the rows against it in register blocks of up to 3 rows x 2-4 panels (8-12 independent
+sums, enough to hide the FMA latency even for one row; a block of 4 rows x 1 panel, the first version, left a lone
+row waiting on two sums at every input: int8 1.1x, float32 1.15-1.7x slower). Weights are float32
 (`PanelLinear`) or int8 per output channel, widened in registers (`Int8Panels`, inside models/quantize.py's
 `Int8Linear`). Every row is summed in the same order whatever the row count, so a row's output does not depend on
 the rows beside it (an AR step and a verify step compute it bit for bit alike). Measured against the library's
@@ -18,20 +20,18 @@ library's kernels stay.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-
-from idlm.models.llama import PackedLinear
 
 
 log = logging.getLogger("idlm")
 SOURCE = Path(__file__).with_name("panel.cpp")
-CAPABILITIES = ("AVX2", "AVX512")
-ROW_LIMIT = 8  # PanelLinear: rows up to which the kernel runs a float32 product (above: oneDNN)  # ATen's names for CPUs with AVX2 and FMA (AVX512 ones have both)
+SOURCE_ID = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]  # which kernels: part of every measurement's key
+CAPABILITIES = ("AVX2", "AVX512")  # ATen's names for CPUs with AVX2 and FMA (AVX512 ones have both)
 _state: dict[str, str | None] = {}  # "error": None once loaded, else why not
 
 
@@ -72,32 +72,20 @@ def _linear_int8_shape(x: Tensor, panels: Tensor, scales: Tensor, out_features: 
 
 
 class PanelLinear:
-    """x @ w.T (+ bias) in float32 by the panel kernel up to `row_limit` rows (`available()` must have returned
-    None), above it by oneDNN's packed product (compiled graphs: F.linear, the packed weight being opaque there):
-    with register blocks of 4 rows the kernel is latency-bound on its 8 accumulators once a call has many row
-    blocks per panel, and oneDNN's blocking wins from about 16 rows (`bench kernels` on a 2-core AVX2 EPYC: gate/up
-    at 16 rows 959 vs 628 us). The default limit keeps every decode step of one request (AR 1 row, R-ISD stride 4
-    up to 7) on the kernel, prefill chunks and large batches on oneDNN, at the cost of a second packed copy of the
-    weights. Plain tensors and one operator: compiled graphs trace it (models/compile.py)."""
+    """x @ w.T (+ bias) in float32 by the panel kernel at every row count (`available()` must have returned None).
+    Against oneDNN's packed product on a 2-core AVX2 EPYC (`bench kernels`): 0.66-0.85x its time at 1 row, 0.75-0.86x
+    at 7, still ahead at 32 rows, within 8% either way at 256 (prefill chunks), so no oneDNN copy of the weights is
+    kept beside the panels. Plain tensors and one operator: compiled graphs trace it (models/compile.py)."""
 
     traceable = True
 
-    def __init__(self, weight: Tensor, bias: Tensor | None = None, row_limit: int = ROW_LIMIT):
+    def __init__(self, weight: Tensor, bias: Tensor | None = None):
         with torch.no_grad():
             self.panels = torch.ops.idlm_panel.pack(weight.float())
-        self.weight, self.bias, self.row_limit = weight, bias, row_limit
-        self.out_features = weight.shape[0]
-        try:
-            self.dense = PackedLinear(weight, bias)
-        except RuntimeError:  # no oneDNN for this dtype or device
-            self.dense = None
+        self.bias, self.out_features = bias, weight.shape[0]
 
-    def __call__(self, x: Tensor, row_limit: int | None = None) -> Tensor:
-        if x.numel() // x.shape[-1] <= (self.row_limit if row_limit is None else row_limit):
-            return torch.ops.idlm_panel.linear(x, self.panels, self.out_features, self.bias)
-        if self.dense is not None and not torch.compiler.is_compiling():
-            return self.dense(x)
-        return F.linear(x, self.weight, self.bias)
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch.ops.idlm_panel.linear(x, self.panels, self.out_features, self.bias)
 
 
 class Int8Panels:
