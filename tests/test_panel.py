@@ -116,8 +116,8 @@ def test_an_llm_chooses_the_panel_kernels_once_per_machine_and_format(tmp_path, 
 
     random_gated_adapter(path, tmp_path / "adapter")
     for choice, packed in (("auto", True), ("off", False)):  # the adapter's products too
-        lora = [m for m in LLM(path, adapter=str(tmp_path / "adapter"), kv_cache_tokens=256, panel=choice).model.modules()
-                if isinstance(m, LoRAProj)]
+        llm = LLM(path, adapter=str(tmp_path / "adapter"), kv_cache_tokens=256, panel=choice)
+        lora = [m for m in llm.model.modules() if isinstance(m, LoRAProj)]
         assert lora and all((m.delta_kernels is not None) == packed for m in lora)
     with pytest.raises(ValueError, match="panel"):
         LLM(path, panel="fast")

@@ -132,8 +132,8 @@ class LLM:
         if cpu:
             kind = PanelLinear if self.panel and self.dtype == torch.float32 else None
             self.checkpoint.model.pack_for_cpu_inference(kind)
-        if self.panel and self.adapter is not None and self.dtype == torch.float32:  # int8 formats keep it float32
-            pack_adapter(self.checkpoint.model, PanelLinear)
+            if kind is not None and self.adapter is not None:  # the adapter keeps the model's float32 (int8 too)
+                pack_adapter(self.checkpoint.model, kind)
         self.name = self.checkpoint.name
         self._start(self.checkpoint.model, self.checkpoint.eos_token_ids, self.checkpoint.config.draft_len, engine)
 

@@ -73,7 +73,7 @@ def _linear_int8_shape(x: Tensor, panels: Tensor, scales: Tensor, out_features: 
 
 class PanelLinear:
     """x @ w.T (+ bias) in float32 by the panel kernel at every row count (`available()` must have returned None).
-    Against oneDNN's packed product on a 2-core AVX2 EPYC (`bench kernels`): 0.66-0.85x its time at 1 row, 0.75-0.86x
+    Against oneDNN's packed product on a 2-core AVX2 EPYC (docs/benchmarks.md): 0.66-0.85x its time at 1 row, 0.75-0.86x
     at 7, still ahead at 32 rows, within 8% either way at 256 (prefill chunks), so no oneDNN copy of the weights is
     kept beside the panels. Plain tensors and one operator: compiled graphs trace it (models/compile.py)."""
 
