@@ -55,6 +55,19 @@ def test_a_rows_output_does_not_depend_on_the_rows_beside_it():
     assert torch.equal(lin(x.T.contiguous().T), batched)  # a non-contiguous input is read as its values
 
 
+def test_a_weight_of_bfloat16_values_is_kept_in_bfloat16_with_the_same_sums():
+    """Half the bytes for a bf16 adapter's weights, and not one output bit changed; other weights stay float32."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(70, 48, generator=g).bfloat16().float() * 2  # a power-of-two scaling keeps them bf16 values
+    lin = PanelLinear(w)
+    assert lin.panels.dtype == torch.bfloat16
+    as_float32 = torch.ops.idlm_panel.pack(w)
+    x = torch.randn(9, 48, generator=g)
+    for rows in (1, 3, 7, 9):
+        assert torch.equal(lin(x[:rows]), torch.ops.idlm_panel.linear(x[:rows], as_float32, 70, None))
+    assert PanelLinear(w + 1e-3).panels.dtype == torch.float32
+
+
 def test_panel_linear_refuses_other_dtypes_and_mismatched_panels():
     lin = PanelLinear(torch.randn(32, 8))
     with pytest.raises(RuntimeError, match="float32"):

@@ -1,9 +1,10 @@
-// Products for few-row steps on AVX2 (models/panel.py): y = x @ w.T (+ bias) with float32 x, the weight packed once
-// into panels of 16 output columns laid out [panel][K][16], so a panel streams from memory once per call. A register
-// block of R rows x P panels (R <= 3, 8-12 accumulators) is fed by 16 weights per panel and R broadcasts per input.
-// The weights are float32, or int8 widened to float32 in registers and scaled per output column at the end (a
-// quarter of the bytes). Every output is one FMA chain over the inputs in order, whatever block computes it: a row's
-// output does not depend on the rows beside it.
+// Products for few-row steps on AVX2 or AVX-512 (models/panel.py): y = x @ w.T (+ bias) with float32 x, the weight
+// packed once into panels of 16 output columns laid out [panel][K][16], so a panel streams from memory once per call. A
+// register block of R rows x P panels is fed by 16 weights per panel and R broadcasts per input. The weights are
+// float32, bfloat16 widened to float32 (weights it holds exactly, such as a bf16 adapter's: half the bytes), or int8
+// widened to float32 in registers and scaled per output column at the end (a quarter of the bytes).
+// Every output is one FMA chain over the inputs in order, whatever block computes it and whichever instruction set
+// the build targets: a row's output does not depend on the rows beside it, nor on the machine's vector width.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -12,73 +13,105 @@
 #include <algorithm>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 
 namespace {
 
-constexpr int64_t kCols = 16;  // output columns per panel: two 8-float registers
-constexpr int64_t kRows = 3;   // rows per register block at most
-constexpr int kPanelsPerBlock[kRows + 1] = {0, 4, 3, 2};  // panels per block of R rows: 8, 12, 12 accumulators
+constexpr int64_t kCols = 16;  // output columns per panel
 constexpr int64_t kChunkBytes = 256 << 10;  // panels a thread runs every row block against before moving on
 
+// The vector unit: 16 columns are one 16-float register (AVX-512, 32 registers) or two 8-float ones (AVX2, 16).
+#if defined(__AVX512F__)
+using Vec = __m512;
+constexpr int kVecs = 1;
+constexpr int64_t kRows = 8;  // a verify step of stride 4 (7 rows) in one pass: its int8 weights widened once
+constexpr int kPanelsPerBlock[kRows + 1] = {0, 8, 6, 4, 3, 2, 2, 2, 2};  // 8-16 accumulators, <= 26 registers
+inline Vec zero() { return _mm512_setzero_ps(); }
+inline Vec broadcast(const float* p) { return _mm512_set1_ps(*p); }
+inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec load(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline Vec load(const uint16_t* p) {  // bfloat16: the upper half of a float32
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+inline void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+#else
+using Vec = __m256;
+constexpr int kVecs = 2;
+constexpr int64_t kRows = 3;
+constexpr int kPanelsPerBlock[kRows + 1] = {0, 4, 3, 2};  // 8, 12, 12 accumulators of AVX2's 16 registers
+inline Vec zero() { return _mm256_setzero_ps(); }
+inline Vec broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec load(const int8_t* p) {  // 8 bytes widened: two such halves beat one 16-byte load and a shuffle
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline Vec load(const uint16_t* p) {  // bfloat16: the upper half of a float32
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+inline void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+#endif
+constexpr int kLanes = kCols / kVecs;
+
+// f(std::integral_constant<int, n>) for a run-time 1 <= n <= N: block shapes are compile-time constants
+template <int N, typename F>
+inline void dispatch(int64_t n, F&& f) {
+  if constexpr (N > 1) {
+    if (n < N) return dispatch<N - 1>(n, std::forward<F>(f));
+  }
+  f(std::integral_constant<int, N>{});
+}
+
 at::Tensor pack(const at::Tensor& w) {
-  TORCH_CHECK(w.dim() == 2 && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kChar) && w.device().is_cpu(),
-              "idlm_panel::pack takes a 2-D float32 or int8 CPU weight [out, in]");
+  const auto t = w.scalar_type();
+  TORCH_CHECK(w.dim() == 2 && (t == at::kFloat || t == at::kBFloat16 || t == at::kChar) && w.device().is_cpu(),
+              "idlm_panel::pack takes a 2-D float32, bfloat16 or int8 CPU weight [out, in]");
   const int64_t n = w.size(0), k = w.size(1), panels = (n + kCols - 1) / kCols;
   at::Tensor padded = at::zeros({panels * kCols, k}, w.options());
   padded.narrow(0, 0, n).copy_(w);
   return padded.view({panels, kCols, k}).transpose(1, 2).contiguous();  // [panels, K, 16]
 }
 
-// 16 weights of one input row of a panel as two 8-float registers: float32 as stored, or int8 widened
-inline void load16(const float* p, __m256& w0, __m256& w1) {
-  w0 = _mm256_loadu_ps(p);
-  w1 = _mm256_loadu_ps(p + 8);
-}
-
-inline void load16(const int8_t* p, __m256& w0, __m256& w1) {
-  w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-  w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))));
-}
-
-// One register block: R rows x P panels, 2 * R * P accumulators (at most 12 of AVX2's 16 registers). Each output is
-// one FMA chain over k in order, whatever R and P: blocks only decide how many chains run side by side (a single
-// row needs several panels at once, or its two chains wait on the FMA latency at every k).
+// One register block: R rows x P panels, R * P * kVecs accumulators. Each output is one FMA chain over k in order,
+// whatever R and P: blocks only decide how many chains run side by side (a single row needs several panels at once,
+// or its chains wait on the FMA latency at every k) and how many rows share each widened weight.
 template <int R, int P, typename W>
 inline void block(const float* x, int64_t k, const W* panel, const float* scales, float* y, int64_t ldy,
                   int64_t cols) {
-  __m256 acc[R][P][2];
+  Vec acc[R][P][kVecs];
   for (int r = 0; r < R; ++r)
-    for (int p = 0; p < P; ++p) acc[r][p][0] = acc[r][p][1] = _mm256_setzero_ps();
+    for (int p = 0; p < P; ++p)
+      for (int v = 0; v < kVecs; ++v) acc[r][p][v] = zero();
   for (int64_t i = 0; i < k; ++i) {
-    __m256 xi[R];
-    for (int r = 0; r < R; ++r) xi[r] = _mm256_broadcast_ss(x + r * k + i);
+    Vec xi[R];
+    for (int r = 0; r < R; ++r) xi[r] = broadcast(x + r * k + i);
     for (int p = 0; p < P; ++p) {
-      __m256 w0, w1;
-      load16(panel + (p * k + i) * kCols, w0, w1);
-      for (int r = 0; r < R; ++r) {
-        acc[r][p][0] = _mm256_fmadd_ps(xi[r], w0, acc[r][p][0]);
-        acc[r][p][1] = _mm256_fmadd_ps(xi[r], w1, acc[r][p][1]);
+      for (int v = 0; v < kVecs; ++v) {
+        const Vec w = load(panel + (p * k + i) * kCols + v * kLanes);
+        for (int r = 0; r < R; ++r) acc[r][p][v] = fmadd(xi[r], w, acc[r][p][v]);
       }
     }
   }
   for (int p = 0; p < P; ++p) {
     if (scales != nullptr) {  // int8: per output column
-      const __m256 s0 = _mm256_loadu_ps(scales + p * kCols), s1 = _mm256_loadu_ps(scales + p * kCols + 8);
-      for (int r = 0; r < R; ++r) {
-        acc[r][p][0] = _mm256_mul_ps(acc[r][p][0], s0);
-        acc[r][p][1] = _mm256_mul_ps(acc[r][p][1], s1);
+      for (int v = 0; v < kVecs; ++v) {
+        const Vec s = load(scales + p * kCols + v * kLanes);
+        for (int r = 0; r < R; ++r) acc[r][p][v] = mul(acc[r][p][v], s);
       }
     }
     const int64_t c = std::min(kCols, cols - p * kCols);
     for (int r = 0; r < R; ++r) {
       float* out = y + r * ldy + p * kCols;
       if (c == kCols) {
-        _mm256_storeu_ps(out, acc[r][p][0]);
-        _mm256_storeu_ps(out + 8, acc[r][p][1]);
+        for (int v = 0; v < kVecs; ++v) store(out + v * kLanes, acc[r][p][v]);
       } else {  // the last panel of a weight whose out features are not a multiple of 16
-        alignas(32) float tail[kCols];
-        _mm256_store_ps(tail, acc[r][p][0]);
-        _mm256_store_ps(tail + 8, acc[r][p][1]);
+        float tail[kCols];
+        for (int v = 0; v < kVecs; ++v) store(tail + v * kLanes, acc[r][p][v]);
         std::memcpy(out, tail, c * sizeof(float));
       }
     }
@@ -90,20 +123,14 @@ template <int R, typename W>
 void row_block(const float* x, int64_t k, const W* panel, int64_t count, const float* scales, float* y, int64_t ldy,
                int64_t cols) {
   constexpr int P = kPanelsPerBlock[R];
+  auto run = [&](int64_t j, auto panels) {
+    block<R, decltype(panels)::value>(x, k, panel + j * k * kCols, scales ? scales + j * kCols : nullptr,
+                                      y + j * kCols, ldy, cols - j * kCols);
+  };
   int64_t j = 0;
-  auto at = [&](int64_t jj) { return std::make_tuple(panel + jj * k * kCols, scales ? scales + jj * kCols : nullptr,
-                                                     y + jj * kCols, cols - jj * kCols); };
-  for (; j + P <= count; j += P) {
-    auto [pj, sj, yj, cj] = at(j);
-    block<R, P>(x, k, pj, sj, yj, ldy, cj);
-  }
-  if (j < count) {
-    auto [pj, sj, yj, cj] = at(j);
-    switch (count - j) {  // fewer panels than a block takes: 1 .. P - 1
-      case 1: block<R, 1>(x, k, pj, sj, yj, ldy, cj); break;
-      case 2: block<R, 2>(x, k, pj, sj, yj, ldy, cj); break;
-      default: block<R, 3>(x, k, pj, sj, yj, ldy, cj); break;
-    }
+  for (; j + P <= count; j += P) run(j, std::integral_constant<int, P>{});
+  if constexpr (P > 1) {
+    if (j < count) dispatch<P - 1>(count - j, [&](auto panels) { run(j, panels); });  // the 1 .. P - 1 left
   }
 }
 
@@ -123,7 +150,7 @@ at::Tensor product(const at::Tensor& x, const at::Tensor& panels, const float* s
   shape.back() = n;
   at::Tensor y = at::empty({m, n}, x.options());
   const float* xp = xc.data_ptr<float>();
-  const W* pp = panels.data_ptr<W>();
+  const W* pp = static_cast<const W*>(panels.const_data_ptr());
   float* yp = y.data_ptr<float>();
   const int64_t per_chunk = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, k * kCols * sizeof(W)));
   at::parallel_for(0, panels.size(0), 1, [&](int64_t begin, int64_t end) {
@@ -133,13 +160,9 @@ at::Tensor product(const at::Tensor& x, const at::Tensor& panels, const float* s
       const W* panel = pp + p0 * k * kCols;
       const float* s = scales ? scales + p0 * kCols : nullptr;
       for (int64_t r = 0; r < m; r += kRows) {
-        const float* xr = xp + r * k;
-        float* yr = yp + r * n + p0 * kCols;
-        switch (std::min(kRows, m - r)) {
-          case 1: row_block<1>(xr, k, panel, count, s, yr, n, n - p0 * kCols); break;
-          case 2: row_block<2>(xr, k, panel, count, s, yr, n, n - p0 * kCols); break;
-          default: row_block<3>(xr, k, panel, count, s, yr, n, n - p0 * kCols); break;
-        }
+        dispatch<kRows>(std::min(kRows, m - r), [&](auto rows) {
+          row_block<decltype(rows)::value>(xp + r * k, k, panel, count, s, yp + r * n + p0 * kCols, n, n - p0 * kCols);
+        });
       }
     }
   });
@@ -149,7 +172,10 @@ at::Tensor product(const at::Tensor& x, const at::Tensor& panels, const float* s
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& panels, int64_t out_features,
                   const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(panels.scalar_type() == at::kFloat, "idlm_panel::linear takes float32 panels (idlm_panel::pack)");
+  if (panels.scalar_type() == at::kBFloat16)  // weights that bfloat16 holds exactly: half the bytes, the same sums
+    return product<uint16_t>(x, panels, nullptr, out_features, bias);
+  TORCH_CHECK(panels.scalar_type() == at::kFloat,
+              "idlm_panel::linear takes float32 or bfloat16 panels (idlm_panel::pack)");
   return product<float>(x, panels, nullptr, out_features, bias);
 }
 

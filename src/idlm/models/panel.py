@@ -1,22 +1,24 @@
-"""Products for few-row steps on AVX2 CPUs: our own kernels (panel.cpp), built on first use.
+"""Products for few-row steps on AVX2 and AVX-512 CPUs: our own kernels (panel.cpp), built on first use.
 
 A decode step multiplies 1-8 rows by every weight of the model. oneDNN's packed float32 product pays a fixed cost
 per call and grows with the rows of a verify step; aten's int8 kernel (bf16 inputs) is compute-bound at one row on
 AVX2. The panel kernels pack each weight into panels of 16 output columns ([panel][K][16]); one call streams every
-panel once and runs all the rows against it in register blocks of up to 3 rows x 2-4 panels (8-12 independent
-sums, enough to hide the FMA latency even for one row; a block of 4 rows x 1 panel, the first version, left a lone
-row waiting on two sums at every input: int8 1.1x, float32 1.15-1.7x slower). Weights are float32
-(`PanelLinear`) or int8 per output channel, widened in registers (`Int8Panels`, inside models/quantize.py's
-`Int8Linear`). Every row is summed in the same order whatever the row count, so a row's output does not depend on
-the rows beside it (an AR step and a verify step compute it bit for bit alike). Measured against the library's
-kernels: docs/benchmarks.md, "Our panel kernels"; which a model uses is measured per machine
-(models/kernel_choice.py).
+panel once and runs all the rows against it in register blocks of R rows x P panels (AVX2: up to 3 rows x 2-4
+panels, 8-12 independent sums; AVX-512, with twice the registers: up to 8 rows x 2-8 panels, so a verify step of
+stride 4 widens each int8 weight once for all its 7 rows). Enough sums run side by side to hide the FMA latency even
+for one row (a block of 4 rows x 1 panel, the first version, left a lone row waiting on two sums at every input:
+int8 1.1x, float32 1.15-1.7x slower). Weights are float32 (`PanelLinear`; kept in bfloat16 when every value is a
+bfloat16 one, as a bf16 adapter's are) or int8 per output channel, widened in registers (`Int8Panels`, inside
+models/quantize.py's `Int8Linear`). Every row is summed in the same order whatever the row count and the vector
+width, so a row's output does not depend on the rows beside it (an AR step and a verify step compute it bit for
+bit alike) nor on whether the machine has AVX-512. Measured against the library's kernels: docs/benchmarks.md,
+"Our panel kernels"; which a model uses is measured per machine (models/kernel_choice.py).
 
-The kernels are C++ with AVX2 and FMA intrinsics, built by `torch.utils.cpp_extension` with the compiler that
-compiled steps already need, once per torch version (about 30 s; the build directory is the caller's). They
-register the operators `idlm_panel::pack`, `idlm_panel::linear` and `idlm_panel::linear_int8`, which compiled graphs
-call directly. Where they cannot be built or run (no compiler, a CPU without AVX2), `available` says why and the
-library's kernels stay.
+The kernels are C++ with AVX2/FMA or AVX-512 intrinsics (chosen by the CPU's capability at build time), built by
+`torch.utils.cpp_extension` with the compiler that compiled steps already need, once per torch version and
+capability (about 30 s; the build directory is the caller's). They register the operators `idlm_panel::pack`,
+`idlm_panel::linear` and `idlm_panel::linear_int8`, which compiled graphs call directly. Where they cannot be built
+or run (no compiler, a CPU without AVX2), `available` says why and the library's kernels stay.
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ from torch import Tensor
 log = logging.getLogger("idlm")
 SOURCE = Path(__file__).with_name("panel.cpp")
 SOURCE_ID = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]  # which kernels: part of every measurement's key
-CAPABILITIES = ("AVX2", "AVX512")  # ATen's names for CPUs with AVX2 and FMA (AVX512 ones have both)
+ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx2", "-mfma", "-mavx512f"]}  # by ATen's CPU capability
+CAPABILITIES = tuple(ISA_FLAGS)
 _state: dict[str, str | None] = {}  # "error": None once loaded, else why not
 
 
@@ -52,7 +55,7 @@ def _load(build_dir: Path | None) -> str | None:
         from torch.utils.cpp_extension import load
         if build_dir is not None:
             build_dir.mkdir(parents=True, exist_ok=True)
-        load("idlm_panel", [str(SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
+        load(f"idlm_panel_{capability.lower()}", [str(SOURCE)], extra_cflags=["-O3", *ISA_FLAGS[capability], "-fopenmp"],
              extra_ldflags=["-fopenmp"], build_directory=str(build_dir) if build_dir else None,
              is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no headers, a failed build: the oneDNN path still works
@@ -72,7 +75,8 @@ def _linear_int8_shape(x: Tensor, panels: Tensor, scales: Tensor, out_features: 
 
 
 class PanelLinear:
-    """x @ w.T (+ bias) in float32 by the panel kernel at every row count (`available()` must have returned None).
+    """x @ w.T (+ bias) in float32 by the panel kernel at every row count (`available()` must have returned None);
+    a weight whose every value is a bfloat16 one is kept in bfloat16 (the same sums from half the bytes).
     Against oneDNN's packed product on a 2-core AVX2 EPYC (docs/benchmarks.md): 0.66-0.85x its time at 1 row, 0.75-0.86x
     at 7, still ahead at 32 rows, within 8% either way at 256 (prefill chunks), so no oneDNN copy of the weights is
     kept beside the panels. Plain tensors and one operator: compiled graphs trace it (models/compile.py)."""
@@ -81,7 +85,9 @@ class PanelLinear:
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None):
         with torch.no_grad():
-            self.panels = torch.ops.idlm_panel.pack(weight.float())
+            w = weight.float()
+            bf16 = w.bfloat16()  # a weight bfloat16 holds exactly (a bf16 adapter's) is read at half the bytes
+            self.panels = torch.ops.idlm_panel.pack(bf16 if torch.equal(bf16.float(), w) else w)
         self.bias, self.out_features = bias, weight.shape[0]
 
     def __call__(self, x: Tensor) -> Tensor:
