@@ -21,8 +21,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "layout), the LM head int8; bf16: weights rounded to bfloat16 (CPUs with AVX512-BF16); all "
                         "with bfloat16 inputs to the products, the rest in float32 (CPU)")
     p.add_argument("--panel", choices=["auto", "on", "off"], default="auto",
-                   help="our AVX2 / AVX-512 panel kernels for float32 and int8 products (built on first use; models/panel.py): "
-                        "auto = where they are the faster on this machine (measured once)")
+                   help="our AVX2 / AVX-512 panel kernels for float32 and int8 products (built on first use; "
+                        "models/panel.py): auto = where they are the faster on this machine (measured once)")
     p.add_argument("--kv-cache-tokens", type=int, default=32768, help="KV pool size in tokens")
     p.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,

@@ -12,7 +12,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <tuple>
 #include <type_traits>
 
 namespace {
@@ -35,7 +34,8 @@ inline Vec load(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 inline Vec load(const uint16_t* p) {  // bfloat16: the upper half of a float32
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+  const __m512i bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
 }
 inline void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
 #else
@@ -52,7 +52,8 @@ inline Vec load(const int8_t* p) {  // 8 bytes widened: two such halves beat one
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 inline Vec load(const uint16_t* p) {  // bfloat16: the upper half of a float32
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+  const __m256i bits = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
 }
 inline void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
 #endif
