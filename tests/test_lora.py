@@ -127,33 +127,39 @@ def test_row_gate_paths_match_full_adapter(gated_rows):
     assert RowGate.from_mask(torch.zeros(8)) is LORA_OFF
 
 
-def test_packed_adapter_products_give_the_adapters_deltas_and_leave_clean_rows_alone():
-    """`pack_adapter`: each adapter's two products by the given kernel (here a counting float64 product): the same
-    deltas at gated rows (span and gathered), the base output bit for bit elsewhere; frozen models only."""
+def test_a_packed_adapter_kernel_gives_the_adapters_deltas_and_leaves_clean_rows_alone():
+    """`pack_adapter`: each adapter's delta by the given kernel (here a counting float64 one), called with the
+    scaled A and B and the gated rows: the same deltas at gated rows (span and gathered) and on every row without a
+    gate, the base output bit for bit elsewhere; frozen models only."""
     _, ours = _tiny_pair()
     _with_random_adapter(ours, gated=True)
     with pytest.raises(ValueError, match="frozen"):
-        pack_adapter(ours, lambda w: None)
+        pack_adapter(ours, lambda a, b: None)
     ours.requires_grad_(False)
     proj = next(m for m in ours.modules() if isinstance(m, LoRAProj))
     x = torch.randn(8, proj.in_features)
-    gates = [torch.tensor([0, 0, 1, 1, 1, 0, 0, 0.]), torch.tensor([1, 0, 0, 1, 0, 1, 1, 0.])]
+    gates = [torch.tensor([0, 0, 1, 1, 1, 0, 0, 0.]), torch.tensor([1, 0, 0, 1, 0, 1, 1, 0.]), None]
     with torch.no_grad():
-        want = [proj(x, RowGate.from_mask(g)) for g in gates]
+        want = [proj(x, None if g is None else RowGate.from_mask(g)) for g in gates]
         base = proj(x, LORA_OFF)
     calls = []
 
-    def kind(w):
-        def product(h):
-            calls.append(h.shape[0])
-            return (h.double() @ w.double().T).float()
-        return product
+    def kind(scaled_a, b):
+        def add(y, h, rows):
+            calls.append(None if rows is None else rows.tolist())
+            picked = h if rows is None else h[rows]
+            delta = ((picked.double() @ scaled_a.double().T) @ b.double().T).float()
+            if rows is None:
+                y += delta
+            else:
+                y[rows] += delta
+        return add
 
     assert pack_adapter(ours, kind) == sum(isinstance(m, LoRAProj) for m in ours.modules())
     for g, w in zip(gates, want):
         with torch.no_grad():
-            got = proj(x, RowGate.from_mask(g))
-        on = g.bool()
+            got = proj(x, None if g is None else RowGate.from_mask(g))
+        on = torch.ones(8, dtype=torch.bool) if g is None else g.bool()
         torch.testing.assert_close(got[on], w[on], rtol=1e-5, atol=1e-6)
         assert torch.equal(got[~on], base[~on])
-    assert calls == [3, 3, 4, 4]  # A then B, for the gated rows only
+    assert calls == [[2, 3, 4], [0, 3, 5, 6], None]  # one call per forward, with the gated rows

@@ -11,7 +11,7 @@ from idlm import LLM, SamplingParams
 from idlm.bench.decode import heldout_prompts
 from idlm.models import kernel_choice, panel
 from idlm.models.lora import LoRAProj, pack_adapter
-from idlm.models.panel import Int8Panels, PanelLinear
+from idlm.models.panel import Int8Panels, PanelLinear, PanelLoRA
 from idlm.models.quantize import Int8Linear, quantize_int8, quantize_model
 
 from conftest import requires_embedded
@@ -78,6 +78,26 @@ def test_panel_linear_refuses_other_dtypes_and_mismatched_panels():
         torch.ops.idlm_panel.linear(torch.randn(2, 8), lin.panels, 40, None)
 
 
+def test_add_lora_adds_the_two_products_at_the_gated_rows_bit_for_bit():
+    """One call = gather, x @ (scaling A).T, then @ B.T, added at the gated rows (all rows without a gate): the two
+    PanelLinear products' sums exactly, other rows untouched; a bf16 adapter's weights as a float32 one's."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(24, 40, generator=g).bfloat16().float() * 2  # scaled A: bf16 values, kept in bf16
+    b = torch.randn(70, 24, generator=g) * 0.1
+    lora, pa, pb = PanelLoRA(a, b), PanelLinear(a), PanelLinear(b)
+    assert lora.a.panels.dtype == torch.bfloat16 and lora.b.panels.dtype == torch.float32
+    x, y0 = torch.randn(2, 4, 40, generator=g), torch.randn(2, 4, 70, generator=g)
+    for rows in (torch.tensor([2, 3, 4]), torch.tensor([0, 5, 7]), torch.tensor([6]), None):
+        y = y0.clone()
+        lora(y, x, rows)
+        flat, want = y.view(8, 70), y0.clone().view(8, 70)
+        picked = torch.arange(8) if rows is None else rows
+        want[picked] = want[picked] + pb(pa(x.view(8, 40)[picked]))
+        assert torch.equal(flat, want)
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        lora(y0.transpose(0, 1), x, None)
+
+
 def test_int8_panels_match_a_float64_reference_and_rows_are_independent():
     g = torch.Generator().manual_seed(1)
     q, scales = quantize_int8(torch.randn(50, 40, generator=g))
@@ -131,7 +151,7 @@ def test_an_llm_chooses_the_panel_kernels_once_per_machine_and_format(tmp_path, 
     for choice, packed in (("auto", True), ("off", False)):  # the adapter's products too
         llm = LLM(path, adapter=str(tmp_path / "adapter"), kv_cache_tokens=256, panel=choice)
         lora = [m for m in llm.model.modules() if isinstance(m, LoRAProj)]
-        assert lora and all((m.delta_kernels is not None) == packed for m in lora)
+        assert lora and all((m.delta_kernel is not None) == packed for m in lora)
     with pytest.raises(ValueError, match="panel"):
         LLM(path, panel="fast")
 
@@ -145,11 +165,11 @@ def test_risd_equals_ar_with_panel_products_on_a_tiny_model(tokenizer):
 
     def fp32(m):
         m.pack_for_cpu_inference(PanelLinear)
-        pack_adapter(m, PanelLinear)
+        pack_adapter(m, PanelLoRA)
 
     def int8(m):
         quantize_model(m, "int8", row_limit=64, panel=True)
-        pack_adapter(m, PanelLinear)
+        pack_adapter(m, PanelLoRA)
 
     assert_risd_equals_ar_on_tiny(tokenizer, fp32, "panel", strides=(2, 3, 4))
     assert_risd_equals_ar_on_tiny(tokenizer, int8, "int8 panel", strides=(2, 4))

@@ -27,7 +27,7 @@ from idlm.models.fuse import fuse_projections
 from idlm.models import kernel_choice, panel
 from idlm.models.llama import CausalLM, Proj
 from idlm.models.lora import AdapterConfig, load_adapter, pack_adapter
-from idlm.models.panel import PanelLinear
+from idlm.models.panel import PanelLinear, PanelLoRA
 from idlm.models.quantize import FORMATS as QUANTIZE_FORMATS, Int4Linear, bf16_weights, quantize_model
 
 DECODINGS = ("auto", "ar", "isd", "risd")
@@ -133,7 +133,7 @@ class LLM:
             kind = PanelLinear if self.panel and self.dtype == torch.float32 else None
             self.checkpoint.model.pack_for_cpu_inference(kind)
             if kind is not None and self.adapter is not None:  # the adapter keeps the model's float32 (int8 too)
-                pack_adapter(self.checkpoint.model, kind)
+                pack_adapter(self.checkpoint.model, PanelLoRA)
         self.name = self.checkpoint.name
         self._start(self.checkpoint.model, self.checkpoint.eos_token_ids, self.checkpoint.config.draft_len, engine)
 

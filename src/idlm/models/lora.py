@@ -30,13 +30,17 @@ PEFT_PREFIX = "base_model.model."
 MASK_KEY = "idlm.mask_embedding"
 
 
+AdapterKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], None]
+"""(y, x, rows): adds a frozen adapter's delta for x[rows] to y[rows] in place (every row when rows is None)."""
+
+
 class LoRAProj(Proj):
     """A projection with a low-rank delta; shares the frozen base weight of the Proj it wraps.
 
-    `delta_kernels`: frozen inference only (`pack_adapter`): the products x @ (scaling * A).T and h @ B.T by a
-    kernel of the caller's (the panel kernels, models/panel.py), instead of the generic paths below."""
+    `delta_kernel`: frozen inference only (`pack_adapter`): the delta added by a kernel of the caller's (the panel
+    kernels' `PanelLoRA`, models/panel.py: one call per projection group), instead of the generic paths below."""
 
-    delta_kernels: tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]] | None = None
+    delta_kernel: AdapterKernel | None = None
 
     def __init__(self, base: Proj, rank: int, alpha: float):
         nn.Module.__init__(self)
@@ -51,6 +55,9 @@ class LoRAProj(Proj):
     def forward(self, x: torch.Tensor, lora_gate: RowGate | None | object = None) -> torch.Tensor:
         y = self.base(x)
         if lora_gate is LORA_OFF:
+            return y
+        if self.delta_kernel is not None:
+            self.delta_kernel(y, x, None if lora_gate is None else lora_gate.rows)
             return y
         if lora_gate is None:
             return y + self._delta(x)
@@ -67,9 +74,6 @@ class LoRAProj(Proj):
         return flat.index_copy(0, rows, flat.index_select(0, rows) + delta).view_as(y)
 
     def _delta(self, x: torch.Tensor) -> torch.Tensor:
-        if self.delta_kernels is not None:
-            scaled_a, b = self.delta_kernels
-            return b(scaled_a(x))
         if torch.compiler.is_compiling():
             # products of a few MASK rows: as BLAS calls each costs ~30 us of threading overhead whatever its
             # size (a step has two per projection group per layer); as multiply-and-sum the compiler emits one
@@ -79,16 +83,17 @@ class LoRAProj(Proj):
         return F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)
 
 
-def pack_adapter(model: CausalLM, kind: Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]) -> int:
-    """Give every adapter of a frozen model its two products by `kind(weight)` (e.g. `PanelLinear`): for the few
-    MASK rows of a decode step, the compiled multiply-and-sum loops of `_delta` cost an R-ISD step about 9 ms
-    (int8, 2-core AVX2), two panel-kernel calls per projection group a fraction of it. Returns how many."""
+def pack_adapter(model: CausalLM, kind: Callable[[torch.Tensor, torch.Tensor], AdapterKernel]) -> int:
+    """Give every adapter of a frozen model its delta by `kind(scaling * A, B)` (e.g. models/panel.py's
+    `PanelLoRA`): for the few MASK rows of a decode step, the generic path's gather, two products, add and
+    scatter cost a compiled R-ISD step one graph call each per projection group; one kernel call does them all.
+    Returns how many."""
     mods = [m for m in model.modules() if isinstance(m, LoRAProj)]
     if any(m.lora_A.requires_grad or m.lora_B.requires_grad for m in mods):
         raise ValueError("pack_adapter is for frozen inference models (call requires_grad_(False) first)")
     with torch.no_grad():
         for m in mods:
-            m.delta_kernels = (kind(m.lora_A * m.scaling), kind(m.lora_B))
+            m.delta_kernel = kind(m.lora_A * m.scaling, m.lora_B)
     return len(mods)
 
 

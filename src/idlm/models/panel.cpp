@@ -190,16 +190,51 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& panels, const at::
   return product<int8_t>(x, panels, scales.data_ptr<float>(), out_features, bias);
 }
 
+// y[rows] += (x[rows] @ a.T) @ b.T in place (every row when rows is None): a frozen adapter's delta on the rows its
+// gate opens, in one call where the graph would otherwise gather, run two products, add and scatter (a verify step
+// has one such group per fused projection). The sums are linear's, so the delta is bit for bit the two products'. The
+// few gated rows are copied and added by plain loops (aten's index_select and index_add cost 8 and 17 us a call).
+void add_lora(at::Tensor y, const at::Tensor& x, const at::Tensor& a_panels, int64_t rank, const at::Tensor& b_panels,
+              const c10::optional<at::Tensor>& rows) {
+  const int64_t n = y.size(-1), k = x.size(-1), m = x.numel() / std::max<int64_t>(k, 1);
+  TORCH_CHECK(y.scalar_type() == at::kFloat && y.is_contiguous() && y.numel() == m * n,
+              "idlm_panel::add_lora: contiguous float32 y [..., out] with one row per row of x");
+  const at::Tensor xs = x.reshape({m, k}).contiguous();
+  float* yp = y.data_ptr<float>();
+  if (!rows.has_value() || !rows->defined()) {
+    const at::Tensor delta = linear(linear(xs, a_panels, rank, c10::nullopt), b_panels, n, c10::nullopt);
+    y.view({m, n}).add_(delta);
+    return;
+  }
+  TORCH_CHECK(rows->scalar_type() == at::kLong && rows->dim() == 1, "idlm_panel::add_lora: rows are 1-D int64");
+  const at::Tensor index = rows->contiguous();
+  const int64_t* ip = index.const_data_ptr<int64_t>();
+  const int64_t g = index.numel();
+  at::Tensor picked = at::empty({g, k}, xs.options());
+  for (int64_t i = 0; i < g; ++i) {
+    TORCH_CHECK(ip[i] >= 0 && ip[i] < m, "idlm_panel::add_lora: row ", ip[i], " out of ", m);
+    std::memcpy(picked.data_ptr<float>() + i * k, xs.const_data_ptr<float>() + ip[i] * k, k * sizeof(float));
+  }
+  const at::Tensor delta = linear(linear(picked, a_panels, rank, c10::nullopt), b_panels, n, c10::nullopt);
+  const float* dp = delta.const_data_ptr<float>();
+  for (int64_t i = 0; i < g; ++i) {  // distinct rows: one addition per output, as y[rows] + delta
+    float* out = yp + ip[i] * n;
+    for (int64_t j = 0; j < n; ++j) out[j] += dp[i * n + j];
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(idlm_panel, m) {
   m.def("pack(Tensor w) -> Tensor");
   m.def("linear(Tensor x, Tensor panels, int out_features, Tensor? bias) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor panels, Tensor scales, int out_features, Tensor? bias) -> Tensor");
+  m.def("add_lora(Tensor(a!) y, Tensor x, Tensor a_panels, int rank, Tensor b_panels, Tensor? rows) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(idlm_panel, CPU, m) {
   m.impl("pack", &pack);
   m.impl("linear", &linear);
   m.impl("linear_int8", &linear_int8);
+  m.impl("add_lora", &add_lora);
 }

@@ -17,7 +17,8 @@ bit alike) nor on whether the machine has AVX-512. Measured against the library'
 The kernels are C++ with AVX2/FMA or AVX-512 intrinsics (chosen by the CPU's capability at build time), built by
 `torch.utils.cpp_extension` with the compiler that compiled steps already need, once per torch version and
 capability (about 30 s; the build directory is the caller's). They register the operators `idlm_panel::pack`,
-`idlm_panel::linear` and `idlm_panel::linear_int8`, which compiled graphs call directly. Where they cannot be built
+`idlm_panel::linear`, `idlm_panel::linear_int8` and `idlm_panel::add_lora` (a gated adapter's delta, in place),
+which compiled graphs call directly. Where they cannot be built
 or run (no compiler, a CPU without AVX2), `available` says why and the library's kernels stay.
 """
 from __future__ import annotations
@@ -62,6 +63,7 @@ def _load(build_dir: Path | None) -> str | None:
         return f"the panel kernel did not build ({type(e).__name__}: {str(e).strip().splitlines()[-1:]})"
     torch.library.register_fake("idlm_panel::linear")(_linear_shape)
     torch.library.register_fake("idlm_panel::linear_int8")(_linear_int8_shape)
+    torch.library.register_fake("idlm_panel::add_lora")(_add_lora_shape)
     return None
 
 
@@ -72,6 +74,11 @@ def _linear_shape(x: Tensor, panels: Tensor, out_features: int, bias: Tensor | N
 def _linear_int8_shape(x: Tensor, panels: Tensor, scales: Tensor, out_features: int,  # noqa: ARG001
                        bias: Tensor | None) -> Tensor:  # noqa: ARG001
     return x.new_empty(*x.shape[:-1], out_features)
+
+
+def _add_lora_shape(y: Tensor, x: Tensor, a_panels: Tensor, rank: int, b_panels: Tensor,  # noqa: ARG001
+                    rows: Tensor | None) -> None:  # noqa: ARG001
+    return None
 
 
 class PanelLinear:
@@ -92,6 +99,18 @@ class PanelLinear:
 
     def __call__(self, x: Tensor) -> Tensor:
         return torch.ops.idlm_panel.linear(x, self.panels, self.out_features, self.bias)
+
+
+class PanelLoRA:
+    """A frozen adapter's delta by the panel kernels: `(y, x, rows)` adds (x[rows] @ scaled_a.T) @ b.T to y[rows] in
+    place (every row when rows is None), gather, two products and scatter in one operator call. Its sums are two
+    `PanelLinear` products', so the delta is theirs bit for bit."""
+
+    def __init__(self, scaled_a: Tensor, b: Tensor):
+        self.a, self.b = PanelLinear(scaled_a), PanelLinear(b)
+
+    def __call__(self, y: Tensor, x: Tensor, rows: Tensor | None) -> None:
+        torch.ops.idlm_panel.add_lora(y, x, self.a.panels, self.a.out_features, self.b.panels, rows)
 
 
 class Int8Panels:
