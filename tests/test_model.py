@@ -7,7 +7,7 @@ import torch
 from idlm.config import ModelConfig
 from idlm.engine.block_manager import BlockManager
 from idlm.engine.kv_cache import KVCache
-from idlm.models.attention import SHORT_QUERY, DenseAttention, PagedAttention
+from idlm.models.attention import SHORT_QUERY, SUMS_QUERY, DenseAttention, PagedAttention
 from idlm.models.llama import build_model
 
 from conftest import CHAT_PROMPTS, requires_embedded, tiny_model
@@ -111,11 +111,12 @@ def test_paged_incremental_equals_full_forward(family, scrambled):
     assert all(span is None for span in spans) if scrambled else spans[-1] == (0, 40)
 
 
-@pytest.mark.parametrize("lens", [(3,), (9,), (3, 6), (3, 40)])
+@pytest.mark.parametrize("lens", [(1,), (1, 1, 1), (3,), (9,), (3, 6), (3, 40)])
 def test_graph_inputs_give_the_steps_own_attention(lens):
     """What a compiled graph traces (`graph_inputs` -> `from_graph_inputs`: keys gathered by whole blocks, a span's
-    too, with the mask widened to them; a one-block table padded with a second) attends as the step does; a step
-    with a prefill chunk beside another sequence (several groups) stays out of graphs."""
+    too, with the mask widened to them; a one-block table padded with a second) attends as the step does, by the
+    library's kernel or by multiply-and-sum (the graphs of AR steps); a step with a prefill chunk beside another
+    sequence (several groups) stays out of graphs."""
     model = tiny_model(vocab_size=500)
     kv = KVCache(model.config, num_blocks=16, block_size=4, dtype=torch.float32, device="cpu")
     blocks = BlockManager(16, 4)
@@ -131,10 +132,12 @@ def test_graph_inputs_give_the_steps_own_attention(lens):
         assert inputs is None
         return
     assert (meta.groups[0].span is not None) == (len(lens) == 1)
+    assert inputs[-1] == (max(lens) <= SUMS_QUERY)
     with torch.no_grad():
         want = model(ids, pos, meta)
-        got = model(ids, pos, PagedAttention.from_graph_inputs(*inputs))
-    assert _rel_err(got, want) <= 1e-6
+        for by_sums in (False, True):
+            got = model(ids, pos, PagedAttention.from_graph_inputs(*inputs[:-1], by_sums))
+            assert _rel_err(got, want) <= 1e-6
 
 
 @pytest.mark.parametrize("lens", [(5, 11, 2), (5, 70, 2, 41, 1)])  # the second mixes prefill chunks (> SHORT_QUERY)

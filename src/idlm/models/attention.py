@@ -41,6 +41,19 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     return out.reshape(b, h, qn, d)
 
 
+def _attention_by_sums(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, folded_mask: torch.Tensor) -> torch.Tensor:
+    """`_sdpa` with a mask, written as multiply-and-sum for a compiled graph of a decode step (a few query rows):
+    the compiler fuses the block gather of the keys and values into its own loops (no gathered copy) and runs the
+    scores, softmax and weighted sum as a few loops of its own, where the library's kernel cost some 33 us a layer
+    for one row, most of it fixed. Same folding of grouped-query heads."""
+    b, h, qn, d = q.shape
+    hkv = k.shape[1]
+    folded = q.reshape(b, hkv, h // hkv * qn, d)
+    scores = (folded.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1) * d ** -0.5 + folded_mask
+    weights = scores.softmax(-1)
+    return (weights.unsqueeze(-1) * v.unsqueeze(-3)).sum(-2).reshape(b, h, qn, d)
+
+
 def _fold(mask: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
     """bool [B, 1, Q, S] -> additive [B, 1, G*Q, S] (0 or -inf, in the queries' dtype): the mask of query
     heads folded into the query axis (see `_sdpa`). Additive, because SDPA turns a bool mask into this on
@@ -93,6 +106,10 @@ class PrefixAttention:
 # Sequences whose step feeds at most this many rows (AR, ISD blocks) attend together, padded to the longest of
 # them; each longer one (a prefill chunk) attends alone, so a prefill never pads every decode row to its length.
 SHORT_QUERY = 32
+# Compiled graphs of steps whose sequences feed at most this many rows each attend by multiply-and-sum (AR decode
+# steps); longer ones by the library's kernel. Measured in one process, steps alternating (embedded model,
+# AVX-512 EPYC): int8 AR 0.92x the time with the library's kernel; an fp32 R-ISD step of 4-7 rows 1.08x, so not them.
+SUMS_QUERY = 1
 
 
 @dataclass
@@ -109,6 +126,7 @@ class _Group:
         usual case for a lone request: blocks are handed out in order and rolled-back ones are taken back
         first): its keys are then a view of the pool, not a gathered copy, cut to the keys it has.
     folded: the mask folded for grouped-query heads, made by the first layer and reused by the others.
+    by_sums: attend by `_attention_by_sums` (compiled graphs of steps of at most SUMS_QUERY rows per sequence).
     """
 
     rows: torch.Tensor | None
@@ -118,6 +136,7 @@ class _Group:
     mask: torch.Tensor
     span: tuple[int, int] | None = None
     folded: torch.Tensor | None = None
+    by_sums: bool = False
 
     def _keys(self, pool: torch.Tensor) -> torch.Tensor:
         """[B, Hkv, S, D] keys (or values) of the group's sequences."""
@@ -134,9 +153,12 @@ class _Group:
         keys, vals = self._keys(kp), self._keys(vp)
         qb = q.unsqueeze(0) if self.q_index is None else torch.cat([q, q.new_zeros(1, *q.shape[1:])])[self.q_index]
         groups = q.shape[1] // hkv
-        if groups > 1 and self.folded is None:
+        if (groups > 1 or self.by_sums) and self.folded is None:
             self.folded = _fold(self.mask, groups, q.dtype)
-        out = _sdpa(qb.transpose(1, 2), keys, vals, self.mask, self.folded).transpose(1, 2)  # [B, Qmax, H, D]
+        if self.by_sums:
+            out = _attention_by_sums(qb.transpose(1, 2), keys, vals, self.folded).transpose(1, 2)
+        else:
+            out = _sdpa(qb.transpose(1, 2), keys, vals, self.mask, self.folded).transpose(1, 2)  # [B, Qmax, H, D]
         return out[0] if self.out_index is None else out.reshape(-1, *out.shape[2:])[self.out_index]
 
 
@@ -171,20 +193,24 @@ class PagedAttention:
         sequences attend as one group (every step but those with a prefill chunk beside other sequences); None
         otherwise. The keys are gathered by whole blocks, a span's too (its bounds are plain ints, which a graph
         would take as constants), with the mask widened to them; a table of one block gets a second, masked out:
-        graphs specialize sizes of 1, and short sequences would otherwise have graphs of their own."""
+        graphs specialize sizes of 1, and short sequences would otherwise have graphs of their own. The last
+        input, a plain bool (a constant of the graph), says whether the step's sequences feed at most SUMS_QUERY
+        rows each (decode steps), which the graph attends by multiply-and-sum."""
         if len(self.groups) != 1:
             return None
         g = self.groups[0]
         tables = g.block_tables if g.block_tables.shape[1] > 1 else g.block_tables.repeat(1, 2)
         keys = tables.shape[1] * self.k_pool[0].shape[1]
         mask = g.mask if g.mask.shape[-1] == keys else F.pad(g.mask, (0, keys - g.mask.shape[-1]))
-        return self.k_pool, self.v_pool, self.slot_mapping, tables, g.q_index, g.out_index, mask
+        by_sums = mask.shape[2] <= SUMS_QUERY
+        return self.k_pool, self.v_pool, self.slot_mapping, tables, g.q_index, g.out_index, mask, by_sums
 
     @classmethod
     def from_graph_inputs(cls, k_pool: list[torch.Tensor], v_pool: list[torch.Tensor], slot_mapping: torch.Tensor,
                           block_tables: torch.Tensor, q_index: torch.Tensor | None, out_index: torch.Tensor | None,
-                          mask: torch.Tensor) -> "PagedAttention":
-        return cls(k_pool, v_pool, slot_mapping, [_Group(None, block_tables, q_index, out_index, mask)])
+                          mask: torch.Tensor, by_sums: bool = False) -> "PagedAttention":
+        return cls(k_pool, v_pool, slot_mapping, [_Group(None, block_tables, q_index, out_index, mask,
+                                                         by_sums=by_sums)])
 
     @classmethod
     def build(
