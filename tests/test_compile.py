@@ -2,6 +2,8 @@
 graph per step shape class (no recompiles from step to step), with the CPU kernels kept as opaque calls."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -142,3 +144,15 @@ def test_a_compiled_step_turns_no_model_float_into_a_tensor(tokenizer, monkeypat
     for decoding in ("ar", "risd"):
         llm.generate(random_prompts()[:2], params, decoding=decoding, stride=4)
     assert made == []
+
+
+def test_compiled_kernels_are_kept_in_idlms_cache_unless_the_user_chose_a_place(tokenizer, tmp_path, monkeypatch):
+    """Importing torch._dynamo sets TORCHINDUCTOR_CACHE_DIR to torch's default (under /tmp): a compiling engine moves
+    it beside the converted models; a place the user set is kept."""
+    default_cache_dir = pytest.importorskip("torch._inductor.runtime.cache_dir_utils").default_cache_dir
+    model, cfg = gated_tiny_model()
+    monkeypatch.setenv("IDLM_CACHE", str(tmp_path / "cache"))
+    for preset, want in ((default_cache_dir(), tmp_path / "cache" / "inductor"), (str(tmp_path / "mine"), None)):
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", preset)
+        LLM.from_model(model, tokenizer, [tokenizer.eos_token_id], adapter=cfg, compile=True)
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(want or preset)

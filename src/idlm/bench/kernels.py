@@ -10,9 +10,10 @@ aten's int8 kernel).
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -39,7 +40,7 @@ def run_kernels_bench(args: argparse.Namespace) -> dict[str, Any]:
     from idlm.models import panel
     from idlm.models.llama import PackedLinear
     from idlm.models.quantize import Int4Linear, Int8Linear, measure_row_limit
-    from idlm.models.timing import copies_beyond_cache, interleaved_medians
+    from idlm.models.timing import copies_beyond_cache, interleaved_medians, on_copies
 
     rows_list = [int(r) for r in args.rows.split(",")]
     rows = []
@@ -61,11 +62,12 @@ def run_kernels_bench(args: argparse.Namespace) -> dict[str, Any]:
             for m in rows_list:
                 x = torch.randn(m, k)
                 xb = x.bfloat16()
-                kernels = {**{f: _cycle(lins, x) for f, lins in quantized.items()}, "fp32": _cycle(fp32, x)}
+                inputs = {**{f: (lins, x) for f, lins in quantized.items()}, "fp32": (fp32, x)}
                 if bf16 is not None:
-                    kernels["bf16"] = _cycle(bf16, xb)
+                    inputs["bf16"] = (bf16, xb)
                 if panels is not None:
-                    kernels["panel"] = _cycle(panels, x)
+                    inputs["panel"] = (panels, x)
+                kernels = {f: on_copies(itertools.cycle(ks), lambda k, a=a: k(a)) for f, (ks, a) in inputs.items()}
                 t = {n: round(v * 1e6, 1) for n, v in interleaved_medians(kernels, args.repeats, warmup=3).items()}
                 rows.append({"product": name, "out": n, "in": k, "rows": m, **{f"{k_}_us": v for k_, v in t.items()},
                              "fastest": min(t, key=t.get)})
@@ -78,17 +80,6 @@ def run_kernels_bench(args: argparse.Namespace) -> dict[str, Any]:
               "rows": rows, "machine": machine_info("cpu"), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     write_results(result, Path(args.out), "kernels", markdown(result))
     return result
-
-
-def _cycle(kernels: list, x: torch.Tensor) -> Callable[[], Any]:
-    """A call on the next copy of the weight each time."""
-    state = {"i": 0}
-
-    def call() -> Any:
-        state["i"] += 1
-        return kernels[state["i"] % len(kernels)](x)
-
-    return call
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -72,6 +72,20 @@ def parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return table[dtype]
 
 
+def _compiled_kernels_beside_models() -> None:
+    """Compiled kernels persist in $IDLM_CACHE/inductor, beside the converted models, not under /tmp. Importing
+    torch._dynamo sets TORCHINDUCTOR_CACHE_DIR to torch's default, so that value is replaced; one a user chose is
+    kept (the compiler reads the variable whenever it opens its caches)."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+        torch_default = os.path.abspath(default_cache_dir())
+    except ImportError:  # a torch that keeps it elsewhere; it then sets the variable only when first used
+        torch_default = None
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == torch_default:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
+
+
 class LLM:
     """Load a model once, then generate for batches of prompts."""
 
@@ -203,8 +217,8 @@ class LLM:
             config = EngineConfig(**engine)
         except TypeError as e:
             raise ValueError(f"unknown engine option: {e}") from e
-        if config.compile:  # compiled kernels persist beside the converted models (the default is under /tmp)
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+        if config.compile:
+            _compiled_kernels_beside_models()
         # a MASK outside the vocabulary that no adapter brought gets the untrained mean embedding now: the model is
         # frozen once the engine runs (compiled step graphs do not check it again; created later, by the first ISD
         # request, an AR graph fed the MASK id to the vocabulary table and aborted the process)

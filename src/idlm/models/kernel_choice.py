@@ -7,6 +7,7 @@ faster at every row count (the caller keeps the answer per machine: engine/llm.p
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -15,7 +16,7 @@ from torch import Tensor
 from idlm.models.llama import PackedLinear
 from idlm.models.panel import PanelLinear
 from idlm.models.quantize import Int8Linear
-from idlm.models.timing import copies_beyond_cache, interleaved_medians
+from idlm.models.timing import copies_beyond_cache, interleaved_medians, on_copies
 
 FORMATS = ("fp32", "int8")  # what a model's panel-eligible products hold
 
@@ -40,15 +41,8 @@ def panel_is_faster(shapes: list[tuple[int, int]], fmt: str, rows: tuple[int, ..
             kernels = {name: [make() for _ in range(copies)] for name, make in _kernels(fmt, w).items()}
             for m in rows:
                 x = torch.randn(m, in_features)
-                turn = {name: 0 for name in kernels}
-
-                def on_next_copy(name: str) -> Callable[[], Tensor]:
-                    def call() -> Tensor:
-                        turn[name] += 1
-                        return kernels[name][turn[name] % copies](x)
-                    return call
-
-                t = interleaved_medians({name: on_next_copy(name) for name in kernels}, repeats)
+                t = interleaved_medians({name: on_copies(itertools.cycle(ks), lambda k, x=x: k(x))
+                                         for name, ks in kernels.items()}, repeats)
                 sums[m][0] += t["library"]
                 sums[m][1] += t["panel"]
     return {"panel": all(p < lib for lib, p in sums.values()),

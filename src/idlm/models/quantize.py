@@ -34,8 +34,8 @@ with fp32: 94.2% vs 96.1% on 1,040 held-out positions), so the two formats stay 
 """
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,7 @@ from torch import Tensor
 
 from idlm.models.llama import CausalLM, PackedLinear, Proj
 from idlm.models.panel import Int8Panels
-from idlm.models.timing import copies_beyond_cache, interleaved_medians
+from idlm.models.timing import copies_beyond_cache, interleaved_medians, on_copies
 
 log = logging.getLogger("idlm")
 ROW_CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
@@ -211,21 +211,12 @@ def measure_row_limit(kind: type[QuantizedLinear], in_features: int, out_feature
     median of `repeats`, casts included, each call on a weight copy out of cache."""
     w = torch.randn(out_features, in_features).to(dtype)
     lins = [kind(w, None, 0, **options) for _ in range(copies_beyond_cache(w.numel() * w.element_size()))]
-    limit, calls = 0, 0
+    limit, shared = 0, itertools.cycle(lins)  # both paths on the same copies, never one the call before read
     with torch.inference_mode():
         for m in ROW_CANDIDATES:
             x = torch.randn(m, in_features, dtype=dtype)
-
-            def on_next_copy(row_limit: int) -> Callable[[], Tensor]:
-                def call() -> Tensor:
-                    nonlocal calls
-                    lin = lins[calls % len(lins)]
-                    calls += 1
-                    lin.row_limit = row_limit
-                    return lin(x)
-                return call
-
-            t = interleaved_medians({"kernel": on_next_copy(1 << 30), "dense": on_next_copy(0)}, repeats)
+            t = interleaved_medians({"kernel": on_copies(shared, lambda lin, x=x: lin(x, row_limit=1 << 30)),
+                                     "dense": on_copies(shared, lambda lin, x=x: lin(x, row_limit=0))}, repeats)
             if t["kernel"] >= t["dense"]:
                 break
             limit = m

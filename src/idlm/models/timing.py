@@ -3,7 +3,10 @@ call on a weight copy out of cache (a step streams every layer's weights once)."
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def interleaved_medians(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
@@ -24,3 +27,9 @@ def copies_beyond_cache(weight_bytes: int, cache_bytes: int = 64 << 20) -> int:
     step does (it streams every layer's weights once); one hot weight would time the cache instead. At most
     256 (tiny test models)."""
     return min(256, max(1, -(-cache_bytes // weight_bytes)))
+
+
+def on_copies(copies: Iterator[T], call: Callable[[T], object]) -> Callable[[], object]:
+    """A function to time: `call` on the next of `copies` (an `itertools.cycle` over a weight's copies). Candidates
+    timed on the same copies share one cycle, so no call finds its weight in cache from the call before."""
+    return lambda: call(next(copies))
