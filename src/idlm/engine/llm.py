@@ -110,8 +110,8 @@ class LLM:
             products with bfloat16 inputs) or "bf16" (CPU with AVX512-BF16: weights rounded to bfloat16, products
             with bfloat16 inputs, everything else in `dtype`); models/quantize.py.
         panel: our AVX2 / AVX-512 panel kernels (models/panel.py, built on first use) for the products of float32
-            weights (instead of oneDNN's) and of int8 ones (instead of aten's): "on", "off", or "auto": where they are the
-            faster on this machine, measured once (kept in $IDLM_CACHE/panel/); off where they cannot be built.
+            weights (instead of oneDNN's) and of int8 ones (instead of aten's): "on", "off", or "auto": where they are
+            the faster on this machine, measured once (kept in $IDLM_CACHE/panel/); off where they cannot be built.
         engine: `EngineConfig` fields (kv_cache_tokens, max_num_seqs, max_num_batched_tokens, max_model_len,
         kv_block_size, enable_prefix_caching, clamp_max_tokens, stationary, compile)."""
         device = device or default_device()

@@ -108,7 +108,8 @@ class PrefixAttention:
 SHORT_QUERY = 32
 # Compiled graphs of steps whose sequences feed at most this many rows each attend by multiply-and-sum (AR decode
 # steps); longer ones by the library's kernel. Measured in one process, steps alternating (embedded model,
-# AVX-512 EPYC): int8 AR 0.92x the time with the library's kernel; an fp32 R-ISD step of 4-7 rows 1.08x, so not them.
+# AVX-512 EPYC): AR 0.86-0.92x the time with the library's kernel (int8), 0.92-0.99x (fp32); an fp32 R-ISD step of
+# 4-7 rows 1.08x, so not them.
 SUMS_QUERY = 1
 
 

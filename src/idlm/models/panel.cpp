@@ -200,25 +200,26 @@ void add_lora(at::Tensor y, const at::Tensor& x, const at::Tensor& a_panels, int
   TORCH_CHECK(y.scalar_type() == at::kFloat && y.is_contiguous() && y.numel() == m * n,
               "idlm_panel::add_lora: contiguous float32 y [..., out] with one row per row of x");
   const at::Tensor xs = x.reshape({m, k}).contiguous();
-  float* yp = y.data_ptr<float>();
-  if (!rows.has_value() || !rows->defined()) {
-    const at::Tensor delta = linear(linear(xs, a_panels, rank, c10::nullopt), b_panels, n, c10::nullopt);
-    y.view({m, n}).add_(delta);
-    return;
-  }
-  TORCH_CHECK(rows->scalar_type() == at::kLong && rows->dim() == 1, "idlm_panel::add_lora: rows are 1-D int64");
-  const at::Tensor index = rows->contiguous();
-  const int64_t* ip = index.const_data_ptr<int64_t>();
-  const int64_t g = index.numel();
-  at::Tensor picked = at::empty({g, k}, xs.options());
-  for (int64_t i = 0; i < g; ++i) {
-    TORCH_CHECK(ip[i] >= 0 && ip[i] < m, "idlm_panel::add_lora: row ", ip[i], " out of ", m);
-    std::memcpy(picked.data_ptr<float>() + i * k, xs.const_data_ptr<float>() + ip[i] * k, k * sizeof(float));
+  const bool gated = rows.has_value() && rows->defined();
+  TORCH_CHECK(!gated || (rows->scalar_type() == at::kLong && rows->dim() == 1),
+              "idlm_panel::add_lora: rows are 1-D int64");
+  const at::Tensor index = gated ? rows->contiguous() : at::Tensor();
+  const int64_t* ip = gated ? index.const_data_ptr<int64_t>() : nullptr;
+  const int64_t g = gated ? index.numel() : m;
+  auto row = [&](int64_t i) { return gated ? ip[i] : i; };
+  at::Tensor picked = xs;
+  if (gated) {
+    picked = at::empty({g, k}, xs.options());
+    for (int64_t i = 0; i < g; ++i) {
+      TORCH_CHECK(ip[i] >= 0 && ip[i] < m, "idlm_panel::add_lora: row ", ip[i], " out of ", m);
+      std::memcpy(picked.data_ptr<float>() + i * k, xs.const_data_ptr<float>() + ip[i] * k, k * sizeof(float));
+    }
   }
   const at::Tensor delta = linear(linear(picked, a_panels, rank, c10::nullopt), b_panels, n, c10::nullopt);
   const float* dp = delta.const_data_ptr<float>();
+  float* yp = y.data_ptr<float>();
   for (int64_t i = 0; i < g; ++i) {  // distinct rows: one addition per output, as y[rows] + delta
-    float* out = yp + ip[i] * n;
+    float* out = yp + row(i) * n;
     for (int64_t j = 0; j < n; ++j) out[j] += dp[i * n + j];
   }
 }

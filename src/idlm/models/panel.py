@@ -57,7 +57,8 @@ def _load(build_dir: Path | None) -> str | None:
         if build_dir is not None:
             build_dir.mkdir(parents=True, exist_ok=True)
         load(f"idlm_panel_{capability.lower()}", [str(SOURCE)],
-             extra_cflags=["-O3", *ISA_FLAGS[capability], "-fopenmp"], extra_ldflags=["-fopenmp"], build_directory=str(build_dir) if build_dir else None,
+             extra_cflags=["-O3", *ISA_FLAGS[capability], "-fopenmp"], extra_ldflags=["-fopenmp"],
+             build_directory=str(build_dir) if build_dir else None,
              is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no headers, a failed build: the oneDNN path still works
         return f"the panel kernel did not build ({type(e).__name__}: {str(e).strip().splitlines()[-1:]})"
