@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 from torch._dynamo.utils import counters
+from torch._inductor import compile_fx
 
 from idlm import LLM, SamplingParams
 from idlm.models.attention import SHORT_QUERY, PagedAttention
@@ -144,6 +145,39 @@ def test_a_compiled_step_turns_no_model_float_into_a_tensor(tokenizer, monkeypat
     for decoding in ("ar", "risd"):
         llm.generate(random_prompts()[:2], params, decoding=decoding, stride=4)
     assert made == []
+
+
+@pytest.mark.parametrize("kernels", ["int4", "int8 panel"])
+def test_the_models_tensors_are_attributes_of_its_graphs_not_inputs(tokenizer, monkeypatch, kernels):
+    """Graph inputs are fetched by Python before every call: the model's tensors (parameters, the kernels' packed
+    weights and scales) must be held by the graphs, and only the step's own tensors passed in."""
+    model, cfg = gated_tiny(kernels)
+    graph_inputs = []
+    real = compile_fx.compile_fx
+    monkeypatch.setattr(compile_fx, "compile_fx", lambda gm, example_inputs, *a, **k:
+                        graph_inputs.append([t for t in example_inputs if isinstance(t, torch.Tensor)])
+                        or real(gm, example_inputs, *a, **k))
+    llm = LLM.from_model(model, tokenizer, [tokenizer.eos_token_id], adapter=cfg, compile=True)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    for decoding in ("ar", "risd"):
+        llm.generate(random_prompts()[:2], params, decoding=decoding, stride=4)
+    weights = [p for p in model.parameters()] + [
+        t for m in model.modules() if getattr(m, "kernel", None) is not None for t in tensors_of(m.kernel.inner)]
+    assert len(graph_inputs) >= 2 and len(weights) > 40
+    held = {t.untyped_storage().data_ptr() for t in weights if not t.is_mkldnn}  # oneDNN-packed: opaque calls
+    for inputs in graph_inputs:  # the step's ids, positions, KV pool and its tables, the gated rows
+        assert len(inputs) <= 12 and not held & {t.untyped_storage().data_ptr() for t in inputs}
+
+
+def tensors_of(kernel) -> list[torch.Tensor]:
+    """The tensors a kernel object holds, one level of our objects down (Int8Linear -> Int8Panels)."""
+    found = []
+    for value in vars(kernel).values():
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif type(value).__module__.startswith("idlm."):
+            found += [v for v in vars(value).values() if isinstance(v, torch.Tensor)]
+    return found
 
 
 def test_compiled_kernels_are_kept_in_idlms_cache_unless_the_user_chose_a_place(tokenizer, tmp_path, monkeypatch):

@@ -40,6 +40,13 @@ taken.) And a pointwise result of more than 16 ops (`realize_opcount_threshold`;
 once rather than recomputed inside every loop that reads it: the queries' RoPE was recomputed once per key inside an
 AR step's attention loop (int8 AR steps 0.95-0.96x the time, two engines in one process, alternating).
 
+Inputs: the model's tensors (parameters, buffers, the kernels' packed weights) are marked static addresses with a
+guard, and parameters among them taken as such (`prepare_freezing`), so the compiler installs them as attributes of
+each graph instead of inputs fetched from the model by the code that runs before every call (1,389 tensors on the embedded int8 model, each an attribute chain from
+`self.model`; the guards that would check them are among those filtered out above). Measured on the embedded model, two engines in one process, alternating: int8 AR steps
+0.95x the time, fp32 R-ISD steps 0.96x (2026-12-05, AVX-512 EPYC). The graphs read the model's tensors themselves,
+not copies: no extra memory, and the model must stay frozen (as it is once its kernels are final).
+
 Shapes: static, except every dim of the step's input tensors (rows, gated rows, batch, blocks, keys), marked
 dynamic per call. With every size dynamic, the model's own tensors' sizes became symbols too, and their relations
 ~970 guards evaluated in Python per call (A/B: int4 AR step 0.98x without them). PyTorch specializes sizes of 1, so
@@ -50,10 +57,9 @@ Devices without our CPU kernels trace the plain F.linear, which the compiler the
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -150,6 +156,10 @@ class CompiledForward:
         limit = max((k.row_limit for k in self.kernels if getattr(k, "row_limit", None) is not None), default=None)
         for i, (m, inner) in enumerate(zip(projs, self.kernels)):
             m.kernel = OpaqueKernel(self.handle, i, m.out_features, inner, limit)
+        # the model's tensors are attributes of each graph, not inputs: fetched from the model on every call, they
+        # cost ~1,400 attribute chains of Python per step (see "Inputs" in the module doc)
+        for t in _model_tensors(model, set()):
+            torch._dynamo.mark_static_address(t, guard=True)
         self._backend = _OpaqueAttention(self.handle)
         # the compiler caches graphs per code object, and every instance compiles the same `_forward` (a process
         # may hold several engines: benchmarks, tests): room for ~16 step classes per instance ever made (the
@@ -178,9 +188,11 @@ class CompiledForward:
         options.update({name: value for name, value in tuned.items() if hasattr(inductor_config, name)})
         # static sizes but the step's inputs' (`_mark_dynamic`; see "Shapes" in the module doc)
         self._compiled = torch.compile(self._forward, dynamic=False, fullgraph=True, options=options)
-        # the model's floats (RMSNorm eps, adapter scalings) are constants of the frozen model, not graph inputs
-        self._constant_floats = config.patch(specialize_float=True) if hasattr(config, "specialize_float") \
-            else contextlib.nullcontext()  # a torch that has no such option specializes floats
+        # while a graph is looked up or traced: the model's floats (RMSNorm eps, adapter scalings) are constants of
+        # the frozen model, not graph inputs (a torch without the option specializes them anyway), and its static
+        # tensors, parameters included, are attributes of the graph (see "Inputs" in the module doc)
+        self._tracing = config.patch(**{name: True for name in ("specialize_float", "prepare_freezing")
+                                        if hasattr(config, name)})
 
     def _forward(self, input_ids: Tensor, positions: Tensor, lora_gate, paged: tuple | None, owner: int) -> Tensor:
         # instances share this code object, and the guards inside the model are filtered out: comparing the handle
@@ -204,10 +216,30 @@ class CompiledForward:
             _mark_dynamic(*paged[2:-1])  # the step's tensors (the last input is a bool)
         self.attn = None if paged is not None else attn
         try:
-            with self._constant_floats:
+            with self._tracing:
                 return self._compiled(input_ids, positions, lora_gate, paged, self.handle)
         finally:
             self.attn = None
+
+
+def _model_tensors(obj, seen: set[int]) -> Iterator[Tensor]:
+    """Every tensor a model holds: its parameters and buffers, and the tensors of its kernels (our plain objects)."""
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, Tensor):
+        yield obj
+        return
+    if isinstance(obj, (list, tuple)):
+        items = obj
+    elif isinstance(obj, dict):
+        items = obj.values()
+    elif isinstance(obj, torch.nn.Module) or type(obj).__module__.startswith("idlm."):
+        items = vars(obj).values()
+    else:
+        return
+    for item in items:
+        yield from _model_tensors(item, seen)
 
 
 def _mark_dynamic(*tensors: Tensor | None) -> None:
