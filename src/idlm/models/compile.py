@@ -42,10 +42,11 @@ AR step's attention loop (int8 AR steps 0.95-0.96x the time, two engines in one 
 
 Inputs: the model's tensors (parameters, buffers, the kernels' packed weights) are marked static addresses with a
 guard, and parameters among them taken as such (`prepare_freezing`), so the compiler installs them as attributes of
-each graph instead of inputs fetched from the model by the code that runs before every call (1,389 tensors on the embedded int8 model, each an attribute chain from
-`self.model`; the guards that would check them are among those filtered out above). Measured on the embedded model, two engines in one process, alternating: int8 AR steps
-0.95x the time, fp32 R-ISD steps 0.96x (2026-12-05, AVX-512 EPYC). The graphs read the model's tensors themselves,
-not copies: no extra memory, and the model must stay frozen (as it is once its kernels are final).
+each graph instead of inputs fetched from the model by the code that runs before every call (1,389 tensors on the
+embedded int8 model, each an attribute chain from `self.model`; the guards that would check them are among those
+filtered out above). Measured on the embedded model, two engines in one process, alternating: int8 AR steps 0.95x
+the time, fp32 R-ISD steps 0.96x (2026-12-05, AVX-512 EPYC). The graphs read the model's tensors themselves, not
+copies: no extra memory, and the model must stay frozen (as it is once its kernels are final).
 
 Shapes: static, except every dim of the step's input tensors (rows, gated rows, batch, blocks, keys), marked
 dynamic per call. With every size dynamic, the model's own tensors' sizes became symbols too, and their relations
