@@ -161,7 +161,7 @@ def test_the_models_tensors_are_attributes_of_its_graphs_not_inputs(tokenizer, m
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     for decoding in ("ar", "risd"):
         llm.generate(random_prompts()[:2], params, decoding=decoding, stride=4)
-    weights = [p for p in model.parameters()] + [
+    weights = list(model.parameters()) + [
         t for m in model.modules() if getattr(m, "kernel", None) is not None for t in tensors_of(m.kernel.inner)]
     assert len(graph_inputs) >= 2 and len(weights) > 40
     held = {t.untyped_storage().data_ptr() for t in weights if not t.is_mkldnn}  # oneDNN-packed: opaque calls

@@ -15,10 +15,11 @@ write, the block gather and the masking around the SDPA kernel are fused into th
 written in place). The graphs of AR steps (one row per sequence) attend by multiply-and-sum instead of the SDPA
 kernel (`attention.SUMS_QUERY`): the compiler then reads the keys and values from the pool inside its own loops,
 and the steps took 0.86-0.92x the time in int8 and 0.92-0.99x in fp32 (in one process, alternating; at 4-7 rows
-1.08x, so those keep the kernel). Measured in an interleaved A/B on the embedded model (batch 1, 5 prompts x 128 tokens): steps
-0.90x (int4 AR), 0.95x (int4 R-ISD), 0.96-0.97x (fp32); as an opaque call, 30 per step, attention took 1.4 ms of
-a 7.2 ms int4 AR step, most of it dispatch. A step with a prefill chunk beside other sequences (several groups)
-calls the attention as the custom op `idlm::attend` instead, which looks the step's backend up by the handle.
+1.08x, so those keep the kernel). Measured in an interleaved A/B on the embedded model (batch 1, 5 prompts x 128
+tokens): steps 0.90x (int4 AR), 0.95x (int4 R-ISD), 0.96-0.97x (fp32); as an opaque call, 30 per step, attention
+took 1.4 ms of a 7.2 ms int4 AR step, most of it dispatch. A step with a prefill chunk beside other sequences
+(several groups) calls the attention as the custom op `idlm::attend` instead, which looks the step's backend up by
+the handle.
 
 Guards: the model is frozen once the engine starts, so the guards the compiler would check on every call
 about the model (about 5,800 on the embedded one: every module's hook dicts, every kernel's attributes) are
