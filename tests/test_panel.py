@@ -72,7 +72,7 @@ def test_panel_linear_refuses_other_dtypes_and_mismatched_panels():
     lin = PanelLinear(torch.randn(32, 8))
     with pytest.raises(RuntimeError, match="float32"):
         lin(torch.randn(2, 8, dtype=torch.float64))
-    with pytest.raises(RuntimeError, match="float32"):
+    with pytest.raises(RuntimeError, match="does not match the panels"):
         lin(torch.randn(2, 9))
     with pytest.raises(RuntimeError, match="out_features"):
         torch.ops.idlm_panel.linear(torch.randn(2, 8), lin.panels, 40, None)
@@ -102,16 +102,46 @@ def test_int8_panels_match_a_float64_reference_and_rows_are_independent():
     g = torch.Generator().manual_seed(1)
     q, scales = quantize_int8(torch.randn(50, 40, generator=g))
     lin = Int8Panels(q, scales)
-    x = torch.randn(9, 40, generator=g)
+    x = torch.randn(9, 40, generator=g).bfloat16()
     want = x.double() @ (q.double() * scales.double()[:, None]).T
     torch.testing.assert_close(lin.product(x).double(), want, rtol=1e-5, atol=1e-4)
     batched = lin.product(x)
     assert all(torch.equal(lin.product(x[i:i + 1]), batched[i:i + 1]) for i in range(9))
+    with pytest.raises(RuntimeError, match="bfloat16 x"):
+        lin.product(x.float())
     # inside Int8Linear: the same quantized model as aten's kernel, inputs and output rounded to bf16 alike
     w = torch.randn(64, 32, generator=g)
     xs = torch.randn(5, 32, generator=g)
     ours, aten = Int8Linear(w, None, 1 << 30, panel=True), Int8Linear(w, None, 1 << 30)
     torch.testing.assert_close(ours(xs), aten(xs), rtol=1e-2, atol=1e-2)
+
+
+def pair_sums(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The int8 products' defined sums, by hand in float32: per pair of inputs the odd one's product added, then the
+    even one's (each product exact: bf16 x int8), each addition rounded; times the scales."""
+    if x.shape[1] % 2:
+        x, q = torch.nn.functional.pad(x, (0, 1)), torch.nn.functional.pad(q, (0, 1))
+    x, w = x.float(), q.float()
+    acc = torch.zeros(x.shape[0], w.shape[0])
+    for i in range(0, x.shape[1], 2):
+        acc = (acc + x[:, i + 1:i + 2] * w[:, i + 1]) + x[:, i:i + 1] * w[:, i]
+    return acc * scales.float()
+
+
+@pytest.mark.parametrize("out_features,in_features", [(64, 96), (50, 37), (40, 1)])
+def test_int8_products_are_the_pair_sums_bit_for_bit_at_every_row_count(out_features, in_features):
+    """The order every build and instruction computes (FMAs, or VDPBF16PS on AVX512-BF16 CPUs from 2 rows on), so
+    an AR step and a verify step, and two machines, give a row the same bits."""
+    g = torch.Generator().manual_seed(out_features + in_features)
+    q, scales = quantize_int8(torch.randn(out_features, in_features, generator=g))
+    lin = Int8Panels(q, scales)
+    assert (lin.pairs is not None) == panel.build().endswith("+BF16")
+    x = (torch.randn(11, in_features, generator=g) * 4).bfloat16()
+    for rows in (1, 2, 3, 7, 8, 9, 11):
+        assert torch.equal(lin.product(x[:rows]), pair_sums(x[:rows], q, scales))
+    if lin.pairs is None:
+        with pytest.raises(RuntimeError, match="AVX512-BF16"):
+            torch.ops.idlm_panel.pack_pairs(q)
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "int8"])

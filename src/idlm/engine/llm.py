@@ -166,7 +166,7 @@ class LLM:
     @property
     def _panel_id(self) -> str | bool:
         """Which panel kernels measurements were made with (False: none): a changed kernel measures again."""
-        return panel.SOURCE_ID if self.panel else False
+        return panel.kernels_id() if self.panel else False
 
     def _panel(self, choice: str) -> bool:
         """Whether the panel kernels serve this model's products: `choice`, or for "auto" whether they are the
@@ -191,7 +191,7 @@ class LLM:
             and not (self.quantize == "int4" and Int4Linear.fits(m.weight))}
         root = cache_dir()
         key = {**machine_key(), "measures": f"panel {fmt}", "shapes": [list(s) for s in sorted(shapes)],
-               "kernels": panel.SOURCE_ID}
+               "kernels": panel.kernels_id()}
         record = load_record(root, "panel", key)
         if record is None:
             record = kernel_choice.panel_is_faster(sorted(shapes), fmt)

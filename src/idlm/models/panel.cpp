@@ -1,10 +1,13 @@
-// Products for few-row steps on AVX2 or AVX-512 (models/panel.py): y = x @ w.T (+ bias) with float32 x, the weight
-// packed once into panels of 16 output columns laid out [panel][K][16], so a panel streams from memory once per call. A
-// register block of R rows x P panels is fed by 16 weights per panel and R broadcasts per input. The weights are
-// float32, bfloat16 widened to float32 (weights it holds exactly, such as a bf16 adapter's: half the bytes), or int8
-// widened to float32 in registers and scaled per output column at the end (a quarter of the bytes).
-// Every output is one FMA chain over the inputs in order, whatever block computes it and whichever instruction set
-// the build targets: a row's output does not depend on the rows beside it, nor on the machine's vector width.
+// Products for few-row steps on AVX2 or AVX-512 (models/panel.py): y = x @ w.T (+ bias) with the weight packed once
+// into panels of 16 output columns laid out [panel][K][16], so a panel streams from memory once per call. A register
+// block of R rows x P panels is fed by 16 weights per panel and R broadcasts per input. The weights are float32,
+// bfloat16 widened to float32 (weights it holds exactly, such as a bf16 adapter's: half the bytes), or int8 (a
+// quarter of the bytes) scaled per output column at the end, against float32 x, or bfloat16 x for int8.
+// Every output is one chain of multiply-adds over the inputs in order, whatever block computes it: a row's output
+// does not depend on the rows beside it. float32 and bfloat16 weights: one FMA per input, the same sums on AVX2 and
+// AVX-512. int8 weights: on CPUs with AVX512-BF16, VDPBF16PS adds two inputs' products per float32 lane (twice an FMA's
+// work per instruction: a verify step's int8 products are bound by it), the weights widened to bfloat16 pairs
+// (exact: |w| <= 127) and the panels laid out [panel][K/2][16][2]; elsewhere one FMA per input as above.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -59,6 +62,61 @@ inline void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
 #endif
 constexpr int kLanes = kCols / kVecs;
 
+// int8 weights are summed over pairs of inputs: per pair, the odd input's product is added to the float32 sum, then
+// the even one's, each addition rounded. That is VDPBF16PS (AVX512-BF16: two bfloat16 products per float32 lane,
+// twice an FMA's work per instruction; measured to round so on this project's CPUs) and two FMAs in that order, so
+// both compute the same sums, and every machine does. Int8 panels (`pack`) hold a step's pair as two rows of 16
+// columns, [panel][K/2][2][16], for FMAs; on AVX512-BF16 builds a second copy (`pack_pairs`) holds each column's
+// pair side by side, [panel][K/2][16][2], for VDPBF16PS. An odd K's last pair is padded with a zero.
+constexpr int64_t kPair = 2;
+// Rows from which int8 products take VDPBF16PS where they have the paired copy: one row (an AR step) is bound by
+// memory, and widening weights to bfloat16 pairs costs more there than FMAs do (2-core AVX-512 EPYC: 7-12% slower);
+// from 2 rows on the pairs win (4 rows: 0.6-0.8x the FMAs' time, 7 rows: 0.6-0.7x).
+constexpr int64_t kPairRows = 2;
+
+// A step of a chain. float32 and bfloat16 weights: one input, one FMA. X: how x is read (kXs of them per step).
+template <typename W>
+struct Feed {
+  static constexpr int64_t kSpan = 1;
+  static constexpr int64_t kXs = 1;
+  using X = float;
+  using In = Vec;
+  static In broadcast(const X* p) { return ::broadcast(p); }
+  static Vec madd(In x, const W* w, Vec acc) { return fmadd(x, load(w), acc); }
+};
+
+template <>
+struct Feed<int8_t> {  // a pair of inputs as two FMAs, the odd one first
+  static constexpr int64_t kSpan = kPair;
+  static constexpr int64_t kXs = kPair;
+  using X = float;
+  struct In { Vec even, odd; };
+  static In broadcast(const X* p) { return {::broadcast(p), ::broadcast(p + 1)}; }
+  static Vec madd(In x, const int8_t* w, Vec acc) { return fmadd(x.even, load(w), fmadd(x.odd, load(w + kCols), acc)); }
+};
+
+#if defined(__AVX512BF16__)
+constexpr bool kHasPairs = true;
+struct PairedInt8 { int8_t value; };  // int8 weights in `pack_pairs`' layout
+
+template <>
+struct Feed<PairedInt8> {  // a pair of bfloat16 inputs in one 32-bit word (low half the even input)
+  static constexpr int64_t kSpan = kPair;
+  static constexpr int64_t kXs = 1;
+  using X = uint32_t;
+  using In = __m512bh;
+  static In broadcast(const X* p) { return (__m512bh)_mm512_set1_epi32(static_cast<int>(*p)); }
+  static Vec madd(In x, const PairedInt8* w, Vec acc) {  // 16 columns x 2 inputs, widened in order to bf16 pairs
+    const auto* b = reinterpret_cast<const __m128i*>(w);
+    const Vec lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(b)));
+    const Vec hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(b + 1)));
+    return _mm512_dpbf16_ps(acc, _mm512_cvtne2ps_pbh(hi, lo), x);
+  }
+};
+#else
+constexpr bool kHasPairs = false;
+#endif
+
 // f(std::integral_constant<int, n>) for a run-time 1 <= n <= N: block shapes are compile-time constants
 template <int N, typename F>
 inline void dispatch(int64_t n, F&& f) {
@@ -68,33 +126,51 @@ inline void dispatch(int64_t n, F&& f) {
   f(std::integral_constant<int, N>{});
 }
 
+// [panels, steps, 16 x span] from w [out, in]: a step's `span` inputs as rows of 16 columns, or (`interleaved`) side
+// by side for each column
+at::Tensor panels_of(const at::Tensor& w, int64_t span, bool interleaved) {
+  const int64_t n = w.size(0), k = w.size(1), panels = (n + kCols - 1) / kCols, steps = (k + span - 1) / span;
+  at::Tensor padded = at::zeros({panels * kCols, steps * span}, w.options());
+  padded.narrow(0, 0, n).narrow(1, 0, k).copy_(w);
+  return padded.view({panels, kCols, steps, span})
+      .permute({0, 2, interleaved ? 1 : 3, interleaved ? 3 : 1})
+      .reshape({panels, steps, kCols * span})
+      .contiguous();
+}
+
 at::Tensor pack(const at::Tensor& w) {
   const auto t = w.scalar_type();
   TORCH_CHECK(w.dim() == 2 && (t == at::kFloat || t == at::kBFloat16 || t == at::kChar) && w.device().is_cpu(),
               "idlm_panel::pack takes a 2-D float32, bfloat16 or int8 CPU weight [out, in]");
-  const int64_t n = w.size(0), k = w.size(1), panels = (n + kCols - 1) / kCols;
-  at::Tensor padded = at::zeros({panels * kCols, k}, w.options());
-  padded.narrow(0, 0, n).copy_(w);
-  return padded.view({panels, kCols, k}).transpose(1, 2).contiguous();  // [panels, K, 16]
+  return panels_of(w, t == at::kChar ? kPair : 1, false);
 }
 
-// One register block: R rows x P panels, R * P * kVecs accumulators. Each output is one FMA chain over k in order,
-// whatever R and P: blocks only decide how many chains run side by side (a single row needs several panels at once,
-// or its chains wait on the FMA latency at every k) and how many rows share each widened weight.
+at::Tensor pack_pairs(const at::Tensor& w) {
+  TORCH_CHECK(kHasPairs, "idlm_panel::pack_pairs needs a build for AVX512-BF16");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.device().is_cpu(),
+              "idlm_panel::pack_pairs takes a 2-D int8 CPU weight [out, in]");
+  return panels_of(w, kPair, true);
+}
+
+// One register block: R rows x P panels, R * P * kVecs accumulators. Each output is one chain of multiply-adds over
+// the inputs in order, whatever R and P: blocks only decide how many chains run side by side (a single row needs
+// several panels at once, or its chains wait on the latency at every step) and how many rows share each widened
+// weight. `depth`: steps of Feed<W>::kSpan inputs.
 template <int R, int P, typename W>
-inline void block(const float* x, int64_t k, const W* panel, const float* scales, float* y, int64_t ldy,
-                  int64_t cols) {
+inline void block(const typename Feed<W>::X* x, int64_t depth, const W* panel, const float* scales, float* y,
+                  int64_t ldy, int64_t cols) {
+  constexpr int64_t kStep = kCols * Feed<W>::kSpan;  // weights per panel per step
   Vec acc[R][P][kVecs];
   for (int r = 0; r < R; ++r)
     for (int p = 0; p < P; ++p)
       for (int v = 0; v < kVecs; ++v) acc[r][p][v] = zero();
-  for (int64_t i = 0; i < k; ++i) {
-    Vec xi[R];
-    for (int r = 0; r < R; ++r) xi[r] = broadcast(x + r * k + i);
+  for (int64_t i = 0; i < depth; ++i) {
+    typename Feed<W>::In xi[R];
+    for (int r = 0; r < R; ++r) xi[r] = Feed<W>::broadcast(x + (r * depth + i) * Feed<W>::kXs);
     for (int p = 0; p < P; ++p) {
       for (int v = 0; v < kVecs; ++v) {
-        const Vec w = load(panel + (p * k + i) * kCols + v * kLanes);
-        for (int r = 0; r < R; ++r) acc[r][p][v] = fmadd(xi[r], w, acc[r][p][v]);
+        const W* w = panel + (p * depth + i) * kStep + v * kLanes;
+        for (int r = 0; r < R; ++r) acc[r][p][v] = Feed<W>::madd(xi[r], w, acc[r][p][v]);
       }
     }
   }
@@ -121,12 +197,12 @@ inline void block(const float* x, int64_t k, const W* panel, const float* scales
 
 // R rows against `count` consecutive panels, P(R) panels per block; `cols`: output columns from the first panel on
 template <int R, typename W>
-void row_block(const float* x, int64_t k, const W* panel, int64_t count, const float* scales, float* y, int64_t ldy,
-               int64_t cols) {
+void row_block(const typename Feed<W>::X* x, int64_t depth, const W* panel, int64_t count, const float* scales,
+               float* y, int64_t ldy, int64_t cols) {
   constexpr int P = kPanelsPerBlock[R];
   auto run = [&](int64_t j, auto panels) {
-    block<R, decltype(panels)::value>(x, k, panel + j * k * kCols, scales ? scales + j * kCols : nullptr,
-                                      y + j * kCols, ldy, cols - j * kCols);
+    block<R, decltype(panels)::value>(x, depth, panel + j * depth * kCols * Feed<W>::kSpan,
+                                      scales ? scales + j * kCols : nullptr, y + j * kCols, ldy, cols - j * kCols);
   };
   int64_t j = 0;
   for (; j + P <= count; j += P) run(j, std::integral_constant<int, P>{});
@@ -135,59 +211,121 @@ void row_block(const float* x, int64_t k, const W* panel, int64_t count, const f
   }
 }
 
-// y [rows, out] = x @ w.T (* scales). Each thread takes a range of panels and walks it in chunks that stay in its L2
-// cache while every block of up to kRows rows runs against the chunk.
+// y [m, n] = x [m, depth steps] @ w.T (* scales). Each thread takes a range of panels and walks it in chunks that stay
+// in its L2 cache while every block of up to kRows rows runs against the chunk.
 template <typename W>
-at::Tensor product(const at::Tensor& x, const at::Tensor& panels, const float* scales, int64_t out_features,
-                   const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && panels.dim() == 3 && panels.size(2) == kCols &&
-                  x.size(-1) == panels.size(1) && panels.is_contiguous(),
-              "idlm_panel: float32 x [..., K] and panels [ceil(out/16), K, 16] from idlm_panel::pack");
-  TORCH_CHECK(out_features > (panels.size(0) - 1) * kCols && out_features <= panels.size(0) * kCols,
-              "idlm_panel: out_features does not match the panels");
-  const int64_t k = x.size(-1), m = x.numel() / std::max<int64_t>(k, 1), n = out_features;
-  const at::Tensor xc = x.reshape({m, k}).contiguous();
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = n;
-  at::Tensor y = at::empty({m, n}, x.options());
-  const float* xp = xc.data_ptr<float>();
+void product(const typename Feed<W>::X* xp, int64_t m, int64_t depth, const at::Tensor& panels, const float* scales,
+             float* yp, int64_t n) {
   const W* pp = static_cast<const W*>(panels.const_data_ptr());
-  float* yp = y.data_ptr<float>();
-  const int64_t per_chunk = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, k * kCols * sizeof(W)));
+  const int64_t panel_size = depth * kCols * Feed<W>::kSpan;
+  const int64_t per_chunk = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, panel_size * sizeof(W)));
   at::parallel_for(0, panels.size(0), 1, [&](int64_t begin, int64_t end) {
     const int64_t step = m <= kRows ? end - begin : per_chunk;  // one row block: no chunk needs to stay cached
     for (int64_t p0 = begin; p0 < end; p0 += step) {
       const int64_t count = std::min(step, end - p0);
-      const W* panel = pp + p0 * k * kCols;
+      const W* panel = pp + p0 * panel_size;
       const float* s = scales ? scales + p0 * kCols : nullptr;
       for (int64_t r = 0; r < m; r += kRows) {
         dispatch<kRows>(std::min(kRows, m - r), [&](auto rows) {
-          row_block<decltype(rows)::value>(xp + r * k, k, panel, count, s, yp + r * n + p0 * kCols, n, n - p0 * kCols);
+          row_block<decltype(rows)::value, W>(xp + r * depth * Feed<W>::kXs, depth, panel, count, s, yp + r * n + p0 * kCols, n,
+                                              n - p0 * kCols);
         });
       }
     }
   });
+}
+
+// The checks and the output every product shares: y [..., out] for x [..., K] against panels of `depth` steps
+at::Tensor output(const at::Tensor& x, const at::Tensor& panels, int64_t depth, int64_t out_features) {
+  TORCH_CHECK(panels.dim() == 3 && panels.is_contiguous() && panels.size(1) == depth,
+              "idlm_panel: x [..., K] does not match the panels (idlm_panel::pack of a [out, K] weight)");
+  TORCH_CHECK(out_features > (panels.size(0) - 1) * kCols && out_features <= panels.size(0) * kCols,
+              "idlm_panel: out_features does not match the panels");
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out_features;
+  return at::empty(shape, x.options().dtype(at::kFloat));
+}
+
+void add_bias(at::Tensor& y, const c10::optional<at::Tensor>& bias) {
   if (bias.has_value() && bias->defined()) y.add_(*bias);
-  return y.view(shape);
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& panels, int64_t out_features,
                   const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && panels.size(-1) == kCols,
+              "idlm_panel::linear takes float32 x and float32 or bfloat16 panels (idlm_panel::pack)");
+  const int64_t k = x.size(-1), m = x.numel() / std::max<int64_t>(k, 1);
+  at::Tensor y = output(x, panels, k, out_features);
+  const at::Tensor xc = x.reshape({m, k}).contiguous();
   if (panels.scalar_type() == at::kBFloat16)  // weights that bfloat16 holds exactly: half the bytes, the same sums
-    return product<uint16_t>(x, panels, nullptr, out_features, bias);
-  TORCH_CHECK(panels.scalar_type() == at::kFloat,
-              "idlm_panel::linear takes float32 or bfloat16 panels (idlm_panel::pack)");
-  return product<float>(x, panels, nullptr, out_features, bias);
+    product<uint16_t>(xc.const_data_ptr<float>(), m, k, panels, nullptr, y.data_ptr<float>(), out_features);
+  else if (panels.scalar_type() == at::kFloat)
+    product<float>(xc.const_data_ptr<float>(), m, k, panels, nullptr, y.data_ptr<float>(), out_features);
+  else
+    TORCH_CHECK(false, "idlm_panel::linear takes float32 or bfloat16 panels (idlm_panel::pack)");
+  add_bias(y, bias);
+  return y;
 }
 
-// int8 weights per output channel: y = (x @ q.T) * scales, summed in float32 (scales padded to the panels)
-at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& panels, const at::Tensor& scales, int64_t out_features,
-                       const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(panels.scalar_type() == at::kChar, "idlm_panel::linear_int8 takes int8 panels (idlm_panel::pack of int8 weights)");
+// x [m, k] bfloat16 as `depth` steps of kPair inputs per row in Feed<W>'s form (an odd K's last pair padded with a
+// zero): float32 for FMAs, bfloat16 pairs in 32-bit words for VDPBF16PS (x's own bytes when K is even)
+template <typename W>
+const typename Feed<W>::X* pairs_of(const uint16_t* xb, int64_t m, int64_t k, int64_t depth,
+                                    std::vector<typename Feed<W>::X>& buffer) {
+  using X = typename Feed<W>::X;
+  constexpr bool as_words = std::is_same_v<X, uint32_t>;
+  if (as_words && k % 2 == 0) return reinterpret_cast<const X*>(xb);
+  buffer.assign(m * depth * Feed<W>::kXs, X{});
+  uint16_t* words = reinterpret_cast<uint16_t*>(buffer.data());
+  float* floats = reinterpret_cast<float*>(buffer.data());
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t i = 0; i < k; ++i) {
+      if (as_words) {
+        words[r * depth * kPair + i] = xb[r * k + i];
+      } else {
+        const uint32_t bits = uint32_t{xb[r * k + i]} << 16;
+        std::memcpy(floats + r * depth * kPair + i, &bits, sizeof(float));
+      }
+    }
+  }
+  return buffer.data();
+}
+
+template <typename W>
+void int8_product(const uint16_t* xb, int64_t m, int64_t k, int64_t depth, const at::Tensor& panels,
+                  const float* scales, float* y, int64_t n) {
+  std::vector<typename Feed<W>::X> buffer;
+  product<W>(pairs_of<W>(xb, m, k, depth, buffer), m, depth, panels, scales, y, n);
+}
+
+// int8 weights per output channel against bfloat16 x: y = (x @ q.T) * scales in float32 (scales padded to the panels),
+// by FMAs on `panels` (`pack`), or from kPairRows rows by VDPBF16PS on `pairs` (`pack_pairs`) when given: the same sums
+at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& panels, const c10::optional<at::Tensor>& pairs,
+                       const at::Tensor& scales, int64_t out_features, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && panels.scalar_type() == at::kChar &&
+                  panels.size(-1) == kCols * kPair,
+              "idlm_panel::linear_int8 takes bfloat16 x and int8 panels (idlm_panel::pack of int8 weights)");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.dim() == 1 &&
                   scales.size(0) == panels.size(0) * kCols,
               "idlm_panel::linear_int8 takes float32 scales padded to 16 x panels");
-  return product<int8_t>(x, panels, scales.data_ptr<float>(), out_features, bias);
+  const bool paired = pairs.has_value() && pairs->defined();
+  TORCH_CHECK(!paired || (kHasPairs && pairs->sizes() == panels.sizes() && pairs->is_contiguous()),
+              "idlm_panel::linear_int8: pairs are idlm_panel::pack_pairs of the panels' weight");
+  const int64_t k = x.size(-1), m = x.numel() / std::max<int64_t>(k, 1), depth = (k + kPair - 1) / kPair;
+  at::Tensor y = output(x, panels, depth, out_features);
+  const at::Tensor xc = x.reshape({m, k}).contiguous();
+  const auto* xb = static_cast<const uint16_t*>(xc.const_data_ptr());
+  const float* s = scales.const_data_ptr<float>();
+#if defined(__AVX512BF16__)
+  if (paired && m >= kPairRows) {
+    int8_product<PairedInt8>(xb, m, k, depth, *pairs, s, y.data_ptr<float>(), out_features);
+    add_bias(y, bias);
+    return y;
+  }
+#endif
+  int8_product<int8_t>(xb, m, k, depth, panels, s, y.data_ptr<float>(), out_features);
+  add_bias(y, bias);
+  return y;
 }
 
 // y[rows] += (x[rows] @ a.T) @ b.T in place (every row when rows is None): a frozen adapter's delta on the rows its
@@ -229,13 +367,15 @@ void add_lora(at::Tensor y, const at::Tensor& x, const at::Tensor& a_panels, int
 TORCH_LIBRARY(idlm_panel, m) {
   m.def("pack(Tensor w) -> Tensor");
   m.def("linear(Tensor x, Tensor panels, int out_features, Tensor? bias) -> Tensor");
-  m.def("linear_int8(Tensor x, Tensor panels, Tensor scales, int out_features, Tensor? bias) -> Tensor");
+  m.def("pack_pairs(Tensor w) -> Tensor");
+  m.def("linear_int8(Tensor x, Tensor panels, Tensor? pairs, Tensor scales, int out_features, Tensor? bias) -> Tensor");
   m.def("add_lora(Tensor(a!) y, Tensor x, Tensor a_panels, int rank, Tensor b_panels, Tensor? rows) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(idlm_panel, CPU, m) {
   m.impl("pack", &pack);
   m.impl("linear", &linear);
+  m.impl("pack_pairs", &pack_pairs);
   m.impl("linear_int8", &linear_int8);
   m.impl("add_lora", &add_lora);
 }

@@ -9,16 +9,18 @@ stride 4 widens each int8 weight once for all its 7 rows). Enough sums run side 
 for one row (a block of 4 rows x 1 panel, the first version, left a lone row waiting on two sums at every input:
 int8 1.1x, float32 1.15-1.7x slower). Weights are float32 (`PanelLinear`; kept in bfloat16 when every value is a
 bfloat16 one, as a bf16 adapter's are) or int8 per output channel, widened in registers (`Int8Panels`, inside
-models/quantize.py's `Int8Linear`). Every row is summed in the same order whatever the row count and the vector
-width, so a row's output does not depend on the rows beside it (an AR step and a verify step compute it bit for
-bit alike) nor on whether the machine has AVX-512. Measured against the library's kernels: docs/benchmarks.md,
+models/quantize.py's `Int8Linear`; bfloat16 inputs, summed over pairs of inputs, and on CPUs with AVX512-BF16
+by VDPBF16PS from 2 rows on: twice an FMA's products per instruction for the compute-bound verify steps). Every row
+is summed in the same order whatever the row count, the instruction and the vector width, so a row's output does
+not depend on the rows beside it (an AR step and a verify step compute it bit for bit alike) nor on the machine.
+Measured against the library's kernels: docs/benchmarks.md,
 "Our panel kernels"; which a model uses is measured per machine (models/kernel_choice.py).
 
-The kernels are C++ with AVX2/FMA or AVX-512 intrinsics (chosen by the CPU's capability at build time), built by
-`torch.utils.cpp_extension` with the compiler that compiled steps already need, once per torch version and
-capability (about 30 s; the build directory is the caller's). They register the operators `idlm_panel::pack`,
-`idlm_panel::linear`, `idlm_panel::linear_int8` and `idlm_panel::add_lora` (a gated adapter's delta, in place),
-which compiled graphs call directly. Where they cannot be built
+The kernels are C++ with AVX2/FMA, AVX-512 or AVX-512 + BF16 intrinsics (`build()`: chosen by the CPU at build
+time), built by `torch.utils.cpp_extension` with the compiler that compiled steps already need, once per torch
+version and build (about 30 s; the build directory is the caller's). They register the operators
+`idlm_panel::pack`, `idlm_panel::pack_pairs`, `idlm_panel::linear`, `idlm_panel::linear_int8` and
+`idlm_panel::add_lora` (a gated adapter's delta, in place), which compiled graphs call directly. Where they cannot be built
 or run (no compiler, a CPU without AVX2), `available` says why and the library's kernels stay.
 """
 from __future__ import annotations
@@ -36,6 +38,19 @@ SOURCE = Path(__file__).with_name("panel.cpp")
 SOURCE_ID = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]  # which kernels: part of every measurement's key
 ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx2", "-mfma", "-mavx512f"]}  # by ATen's CPU capability
 CAPABILITIES = tuple(ISA_FLAGS)
+BF16_FLAGS = ["-mavx512bw", "-mavx512bf16"]  # AVX-512 CPUs with VDPBF16PS: the int8 products' pair path
+
+
+def build() -> str:
+    """Which build of the kernels this CPU takes: its capability, "+BF16" where int8 products use VDPBF16PS."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"{capability}+BF16" if capability == "AVX512" and torch.cpu._is_avx512_bf16_supported() else capability
+
+
+def kernels_id() -> str:
+    """Which kernels measurements are made with: the source and the build."""
+    return f"{SOURCE_ID} {build()}"
+
 _state: dict[str, str | None] = {}  # "error": None once loaded, else why not
 
 
@@ -56,8 +71,9 @@ def _load(build_dir: Path | None) -> str | None:
         from torch.utils.cpp_extension import load
         if build_dir is not None:
             build_dir.mkdir(parents=True, exist_ok=True)
-        load(f"idlm_panel_{capability.lower()}", [str(SOURCE)],
-             extra_cflags=["-O3", *ISA_FLAGS[capability], "-fopenmp"], extra_ldflags=["-fopenmp"],
+        flags = ISA_FLAGS[capability] + (BF16_FLAGS if build().endswith("+BF16") else [])
+        load(f"idlm_panel_{build().lower().replace('+', '_')}", [str(SOURCE)],
+             extra_cflags=["-O3", *flags, "-fopenmp"], extra_ldflags=["-fopenmp"],
              build_directory=str(build_dir) if build_dir else None,
              is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no headers, a failed build: the oneDNN path still works
@@ -72,9 +88,9 @@ def _linear_shape(x: Tensor, panels: Tensor, out_features: int, bias: Tensor | N
     return x.new_empty(*x.shape[:-1], out_features)
 
 
-def _linear_int8_shape(x: Tensor, panels: Tensor, scales: Tensor, out_features: int,  # noqa: ARG001
-                       bias: Tensor | None) -> Tensor:  # noqa: ARG001
-    return x.new_empty(*x.shape[:-1], out_features)
+def _linear_int8_shape(x: Tensor, panels: Tensor, pairs: Tensor | None, scales: Tensor,  # noqa: ARG001
+                       out_features: int, bias: Tensor | None) -> Tensor:  # noqa: ARG001
+    return x.new_empty(*x.shape[:-1], out_features, dtype=torch.float32)
 
 
 def _add_lora_shape(y: Tensor, x: Tensor, a_panels: Tensor, rank: int, b_panels: Tensor,  # noqa: ARG001
@@ -115,13 +131,17 @@ class PanelLoRA:
 
 
 class Int8Panels:
-    """An int8 weight per output channel (w ~ q * scales) in panels: `product(x)` = (x @ q.T) * scales, x float32,
-    summed in float32 (models/quantize.py `Int8Linear` rounds its inputs and output to bfloat16 around it)."""
+    """An int8 weight per output channel (w ~ q * scales) in panels: `product(xb)` = (xb @ q.T) * scales, xb bfloat16,
+    summed in float32 over pairs of inputs (models/quantize.py `Int8Linear` rounds the output to bfloat16). On
+    AVX512-BF16 CPUs a second copy of the weight laid out for VDPBF16PS serves products of 2 rows or more (verify
+    steps: 0.6-0.7x the FMAs' time at 7 rows); its sums are the FMAs' bit for bit, so a row's output still does not
+    depend on the rows beside it, nor on the machine."""
 
     def __init__(self, q: Tensor, scales: Tensor):
         self.panels = torch.ops.idlm_panel.pack(q)
+        self.pairs = torch.ops.idlm_panel.pack_pairs(q) if build().endswith("+BF16") else None
         self.scales = torch.nn.functional.pad(scales.float(), (0, self.panels.shape[0] * 16 - q.shape[0]))
         self.out_features = q.shape[0]
 
-    def product(self, x: Tensor) -> Tensor:
-        return torch.ops.idlm_panel.linear_int8(x, self.panels, self.scales, self.out_features, None)
+    def product(self, xb: Tensor) -> Tensor:
+        return torch.ops.idlm_panel.linear_int8(xb, self.panels, self.pairs, self.scales, self.out_features, None)

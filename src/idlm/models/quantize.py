@@ -162,7 +162,7 @@ class Int8Linear(QuantizedLinear):
 
     def kernel(self, xb: Tensor) -> Tensor:
         if self.panels is not None:
-            return self.panels.product(xb.float()).to(KERNEL_DTYPE)
+            return self.panels.product(xb).to(KERNEL_DTYPE)
         return torch.ops.aten._weight_int8pack_mm(xb, self.q, self.scales)
 
 
