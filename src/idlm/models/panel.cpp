@@ -1,13 +1,11 @@
 // Products for few-row steps on AVX2 or AVX-512 (models/panel.py): y = x @ w.T (+ bias) with the weight packed once
 // into panels of 16 output columns laid out [panel][K][16], so a panel streams from memory once per call. A register
 // block of R rows x P panels is fed by 16 weights per panel and R broadcasts per input. The weights are float32,
-// bfloat16 widened to float32 (weights it holds exactly, such as a bf16 adapter's: half the bytes), or int8 (a
-// quarter of the bytes) scaled per output column at the end, against float32 x, or bfloat16 x for int8.
-// Every output is one chain of multiply-adds over the inputs in order, whatever block computes it: a row's output
-// does not depend on the rows beside it. float32 and bfloat16 weights: one FMA per input, the same sums on AVX2 and
-// AVX-512. int8 weights: on CPUs with AVX512-BF16, VDPBF16PS adds two inputs' products per float32 lane (twice an FMA's
-// work per instruction: a verify step's int8 products are bound by it), the weights widened to bfloat16 pairs
-// (exact: |w| <= 127) and the panels laid out [panel][K/2][16][2]; elsewhere one FMA per input as above.
+// bfloat16 widened to float32 (weights it holds exactly, such as a bf16 adapter's: half the bytes), both against
+// float32 x, or int8 (a quarter of the bytes) against bfloat16 x, scaled per output column at the end.
+// Every output is one chain of multiply-adds in a fixed order, whatever block computes it: a row's output does not
+// depend on the rows beside it, nor on the build. float32 and bfloat16 weights: one FMA per input, in order. int8
+// weights: over pairs of inputs, by FMAs or VDPBF16PS with the same sums (below, "int8 weights").
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
