@@ -225,8 +225,8 @@ void product(const typename Feed<W>::X* xp, int64_t m, int64_t depth, const at::
       const float* s = scales ? scales + p0 * kCols : nullptr;
       for (int64_t r = 0; r < m; r += kRows) {
         dispatch<kRows>(std::min(kRows, m - r), [&](auto rows) {
-          row_block<decltype(rows)::value, W>(xp + r * depth * Feed<W>::kXs, depth, panel, count, s, yp + r * n + p0 * kCols, n,
-                                              n - p0 * kCols);
+          row_block<decltype(rows)::value, W>(xp + r * depth * Feed<W>::kXs, depth, panel, count, s,
+                                              yp + r * n + p0 * kCols, n, n - p0 * kCols);
         });
       }
     }

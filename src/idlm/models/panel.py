@@ -20,8 +20,8 @@ The kernels are C++ with AVX2/FMA, AVX-512 or AVX-512 + BF16 intrinsics (`build(
 time), built by `torch.utils.cpp_extension` with the compiler that compiled steps already need, once per torch
 version and build (about 30 s; the build directory is the caller's). They register the operators
 `idlm_panel::pack`, `idlm_panel::pack_pairs`, `idlm_panel::linear`, `idlm_panel::linear_int8` and
-`idlm_panel::add_lora` (a gated adapter's delta, in place), which compiled graphs call directly. Where they cannot be built
-or run (no compiler, a CPU without AVX2), `available` says why and the library's kernels stay.
+`idlm_panel::add_lora` (a gated adapter's delta, in place), which compiled graphs call directly. Where they cannot
+be built or run (no compiler, a CPU without AVX2), `available` says why and the library's kernels stay.
 """
 from __future__ import annotations
 
