@@ -314,14 +314,13 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& panels, const c10:
   const at::Tensor xc = x.reshape({m, k}).contiguous();
   const auto* xb = static_cast<const uint16_t*>(xc.const_data_ptr());
   const float* s = scales.const_data_ptr<float>();
+  if (paired && m >= kPairRows) {  // paired: a build with the instruction (checked above)
 #if defined(__AVX512BF16__)
-  if (paired && m >= kPairRows) {
     int8_product<PairedInt8>(xb, m, k, depth, *pairs, s, y.data_ptr<float>(), out_features);
-    add_bias(y, bias);
-    return y;
-  }
 #endif
-  int8_product<int8_t>(xb, m, k, depth, panels, s, y.data_ptr<float>(), out_features);
+  } else {
+    int8_product<int8_t>(xb, m, k, depth, panels, s, y.data_ptr<float>(), out_features);
+  }
   add_bias(y, bias);
   return y;
 }

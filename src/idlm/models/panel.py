@@ -71,8 +71,9 @@ def _load(build_dir: Path | None) -> str | None:
         from torch.utils.cpp_extension import load
         if build_dir is not None:
             build_dir.mkdir(parents=True, exist_ok=True)
-        flags = ISA_FLAGS[capability] + (BF16_FLAGS if build().endswith("+BF16") else [])
-        load(f"idlm_panel_{build().lower().replace('+', '_')}", [str(SOURCE)],
+        name = build()
+        flags = ISA_FLAGS[capability] + (BF16_FLAGS if name != capability else [])
+        load(f"idlm_panel_{name.lower().replace('+', '_')}", [str(SOURCE)],
              extra_cflags=["-O3", *flags, "-fopenmp"], extra_ldflags=["-fopenmp"],
              build_directory=str(build_dir) if build_dir else None,
              is_python_module=False, verbose=False)
