@@ -134,7 +134,7 @@ def test_a_packed_adapter_kernel_gives_the_adapters_deltas_and_leaves_clean_rows
     _, ours = _tiny_pair()
     _with_random_adapter(ours, gated=True)
     with pytest.raises(ValueError, match="frozen"):
-        pack_adapter(ours, lambda a, b: None)
+        pack_adapter(ours, lambda a, b, blocks: None)
     ours.requires_grad_(False)
     proj = next(m for m in ours.modules() if isinstance(m, LoRAProj))
     x = torch.randn(8, proj.in_features)
@@ -144,7 +144,7 @@ def test_a_packed_adapter_kernel_gives_the_adapters_deltas_and_leaves_clean_rows
         base = proj(x, LORA_OFF)
     calls = []
 
-    def kind(scaled_a, b):
+    def kind(scaled_a, b, blocks):  # noqa: ARG001 (one block: an unfused model)
         def add(y, h, rows):
             calls.append(None if rows is None else rows.tolist())
             picked = h if rows is None else h[rows]

@@ -85,7 +85,7 @@ def test_add_lora_adds_the_two_products_at_the_gated_rows_bit_for_bit():
     a = torch.randn(24, 40, generator=g).bfloat16().float() * 2  # scaled A: bf16 values, kept in bf16
     b = torch.randn(70, 24, generator=g) * 0.1
     lora, pa, pb = PanelLoRA(a, b), PanelLinear(a), PanelLinear(b)
-    assert lora.a.panels.dtype == torch.bfloat16 and lora.b.panels.dtype == torch.float32
+    assert lora.a.panels.dtype == torch.bfloat16 and lora.b[0].panels.dtype == torch.float32
     x, y0 = torch.randn(2, 4, 40, generator=g), torch.randn(2, 4, 70, generator=g)
     for rows in (torch.tensor([2, 3, 4]), torch.tensor([0, 5, 7]), torch.tensor([6]), None):
         y = y0.clone()
@@ -98,13 +98,42 @@ def test_add_lora_adds_the_two_products_at_the_gated_rows_bit_for_bit():
         lora(y0.transpose(0, 1), x, None)
 
 
+def test_add_lora_with_a_block_diagonal_b_reads_only_its_blocks_and_gives_the_dense_products_bits():
+    """A fused group's B (models/fuse.py): each part's block in its own rows and rank columns, a part without an
+    adapter (rows 40-56) getting none. Given its blocks, the delta is the dense block-diagonal product's bit for
+    bit; only the blocks are kept; blocks that do not fit are refused."""
+    g = torch.Generator().manual_seed(4)
+    blocks = [(0, 40, 0, 8), (56, 61, 8, 16), (61, 93, 16, 24)]  # out sizes 40, 5, 32: panels cut mid-block too
+    a = torch.randn(24, 48, generator=g).bfloat16().float()
+    b = torch.zeros(93, 24)
+    for r0, r1, c0, c1 in blocks:
+        b[r0:r1, c0:c1] = torch.randn(r1 - r0, c1 - c0, generator=g).bfloat16().float()
+    lora, dense = PanelLoRA(a, b, blocks), PanelLoRA(a, b)
+    assert [tuple(p.panels.shape) for p in lora.b] == [(3, 8, 16), (1, 8, 16), (2, 8, 16)]
+    x, y0 = torch.randn(9, 48, generator=g), torch.randn(9, 93, generator=g)
+    for rows in (torch.tensor([6, 7, 8]), torch.tensor([1, 4]), None):
+        y, want = y0.clone(), y0.clone()
+        lora(y, x, rows)
+        dense(want, x, rows)
+        assert torch.equal(y, want)
+        assert torch.equal(y[:, 40:56], y0[:, 40:56])
+        changed = torch.ones(9, dtype=torch.bool) if rows is None else torch.zeros(9, dtype=torch.bool).index_fill(0, rows, True)
+        assert torch.equal(y[~changed], y0[~changed]) and not torch.equal(y[changed], y0[changed])
+    with pytest.raises(RuntimeError, match="does not fit"):
+        torch.ops.idlm_panel.add_lora(y0, x, lora.a.panels, 24, [p.panels for p in lora.b], [0, 40, 0, 56, 5, 8, 61, 32, 20], None)
+    with pytest.raises(RuntimeError, match="three numbers"):
+        torch.ops.idlm_panel.add_lora(y0, x, lora.a.panels, 24, [p.panels for p in lora.b], [0, 40, 0], None)
+
+
 def test_int8_panels_match_a_float64_reference_and_rows_are_independent():
     g = torch.Generator().manual_seed(1)
     q, scales = quantize_int8(torch.randn(50, 40, generator=g))
     lin = Int8Panels(q, scales)
     x = torch.randn(9, 40, generator=g).bfloat16()
     want = x.double() @ (q.double() * scales.double()[:, None]).T
-    torch.testing.assert_close(lin.product(x).double(), want, rtol=1e-5, atol=1e-4)
+    got = lin.product(x)
+    assert got.dtype == torch.float32 and torch.equal(got.bfloat16().float(), got)  # bfloat16 values
+    torch.testing.assert_close(got.double(), want, rtol=4e-3, atol=1e-4)
     batched = lin.product(x)
     assert all(torch.equal(lin.product(x[i:i + 1]), batched[i:i + 1]) for i in range(9))
     with pytest.raises(RuntimeError, match="bfloat16 x"):
@@ -118,14 +147,14 @@ def test_int8_panels_match_a_float64_reference_and_rows_are_independent():
 
 def pair_sums(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """The int8 products' defined sums, by hand in float32: per pair of inputs the odd one's product added, then the
-    even one's (each product exact: bf16 x int8), each addition rounded; times the scales."""
+    even one's (each product exact: bf16 x int8), each addition rounded; times the scales, rounded to bfloat16."""
     if x.shape[1] % 2:
         x, q = torch.nn.functional.pad(x, (0, 1)), torch.nn.functional.pad(q, (0, 1))
     x, w = x.float(), q.float()
     acc = torch.zeros(x.shape[0], w.shape[0])
     for i in range(0, x.shape[1], 2):
         acc = (acc + x[:, i + 1:i + 2] * w[:, i + 1]) + x[:, i:i + 1] * w[:, i]
-    return acc * scales.float()
+    return (acc * scales.float()).bfloat16().float()
 
 
 @pytest.mark.parametrize("out_features,in_features", [(64, 96), (50, 37), (40, 1)])
@@ -142,6 +171,19 @@ def test_int8_products_are_the_pair_sums_bit_for_bit_at_every_row_count(out_feat
     if lin.pairs is None:
         with pytest.raises(RuntimeError, match="AVX512-BF16"):
             torch.ops.idlm_panel.pack_pairs(q)
+
+
+def test_int8_products_round_ties_to_even_as_torch_does():
+    """Sums exactly halfway between two bfloat16 values (1 + 2^-8 lies between 1 and 1 + 2^-7) round to the even
+    one, as torch's own conversion does, at one row and at several (the FMA and VDPBF16PS paths)."""
+    q = torch.tensor([[1, 1], [1, 3], [-1, -1], [-1, -3], [127, 1], [0, 0]], dtype=torch.int8)
+    lin = Int8Panels(q, torch.ones(6))
+    x = torch.tensor([[1.0, 2.0 ** -8]] * 3).bfloat16()
+    sums = x.double() @ q.double().T
+    want = sums.float().bfloat16().float()
+    assert torch.equal(want[0, :4], torch.tensor([1.0, 1 + 2.0 ** -6, -1.0, -1 - 2.0 ** -6]))  # ties to even
+    for rows in (1, 3):
+        assert torch.equal(lin.product(x[:rows]), want[:rows])
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "int8"])

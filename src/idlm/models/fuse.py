@@ -35,10 +35,12 @@ def fuse(parts: list[Proj]) -> Proj:
     with torch.no_grad():
         fused.lora_A.copy_(torch.cat([p.lora_A for p, r in zip(parts, ranks) if r]))
         fused.lora_B.zero_()
+        fused.blocks = []
         row = col = 0
         for p, r in zip(parts, ranks):
             if r:
                 fused.lora_B[row : row + p.out_features, col : col + r] = p.lora_B * p.scaling
+                fused.blocks.append((row, row + p.out_features, col, col + r))
                 col += r
             row += p.out_features
     return fused.requires_grad_(False)

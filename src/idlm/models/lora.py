@@ -41,6 +41,9 @@ class LoRAProj(Proj):
     kernels' `PanelLoRA`, models/panel.py: one call per projection group), instead of the generic paths below."""
 
     delta_kernel: AdapterKernel | None = None
+    blocks: list[tuple[int, int, int, int]] | None = None
+    """(first row, end row, first column, end column) of B's nonzero blocks, when B is block-diagonal (models/
+    fuse.py: a fused group's parts); None: B is one block."""
 
     def __init__(self, base: Proj, rank: int, alpha: float):
         nn.Module.__init__(self)
@@ -83,8 +86,8 @@ class LoRAProj(Proj):
         return F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)
 
 
-def pack_adapter(model: CausalLM, kind: Callable[[torch.Tensor, torch.Tensor], AdapterKernel]) -> int:
-    """Give every adapter of a frozen model its delta by `kind(scaling * A, B)` (e.g. models/panel.py's
+def pack_adapter(model: CausalLM, kind: Callable[[torch.Tensor, torch.Tensor, list | None], AdapterKernel]) -> int:
+    """Give every adapter of a frozen model its delta by `kind(scaling * A, B, blocks)` (e.g. models/panel.py's
     `PanelLoRA`): for the few MASK rows of a decode step, the generic path's gather, two products, add and
     scatter cost a compiled R-ISD step one graph call each per projection group; one kernel call does them all.
     Returns how many."""
@@ -93,7 +96,7 @@ def pack_adapter(model: CausalLM, kind: Callable[[torch.Tensor, torch.Tensor], A
         raise ValueError("pack_adapter is for frozen inference models (call requires_grad_(False) first)")
     with torch.no_grad():
         for m in mods:
-            m.delta_kernel = kind(m.lora_A * m.scaling, m.lora_B)
+            m.delta_kernel = kind(m.lora_A * m.scaling, m.lora_B, m.blocks)
     return len(mods)
 
 

@@ -2,7 +2,8 @@
 // into panels of 16 output columns laid out [panel][K][16], so a panel streams from memory once per call. A register
 // block of R rows x P panels is fed by 16 weights per panel and R broadcasts per input. The weights are float32,
 // bfloat16 widened to float32 (weights it holds exactly, such as a bf16 adapter's: half the bytes), both against
-// float32 x, or int8 (a quarter of the bytes) against bfloat16 x, scaled per output column at the end.
+// float32 x, or int8 (a quarter of the bytes) against bfloat16 x, scaled per output column at the end and rounded to
+// bfloat16 values.
 // Every output is one chain of multiply-adds in a fixed order, whatever block computes it: a row's output does not
 // depend on the rows beside it, nor on the build. float32 and bfloat16 weights: one FMA per input, in order. int8
 // weights: over pairs of inputs, by FMAs or VDPBF16PS with the same sums (below, "int8 weights").
@@ -13,6 +14,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 
 namespace {
@@ -39,6 +41,13 @@ inline Vec load(const uint16_t* p) {  // bfloat16: the upper half of a float32
   return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
 }
 inline void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+inline Vec round_bf16(Vec v) {  // to the nearest bfloat16 value, ties to even (a NaN stays a NaN)
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_and_si512(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))),
+                                     _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_castsi512_ps(r), v);
+}
 #else
 using Vec = __m256;
 constexpr int kVecs = 2;
@@ -57,6 +66,13 @@ inline Vec load(const uint16_t* p) {  // bfloat16: the upper half of a float32
   return _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
 }
 inline void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline Vec round_bf16(Vec v) {  // to the nearest bfloat16 value, ties to even (a NaN stays a NaN)
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))),
+                                     _mm256_set1_epi32(static_cast<int>(0xFFFF0000u)));
+  return _mm256_blendv_ps(_mm256_castsi256_ps(r), v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
 #endif
 constexpr int kLanes = kCols / kVecs;
 
@@ -150,13 +166,29 @@ at::Tensor pack_pairs(const at::Tensor& w) {
   return panels_of(w, kPair, true);
 }
 
+// Where a product's outputs go: y [rows, ldy] from its first column on, `cols` columns of it; int8 products are then
+// multiplied by per-column `scales` and (`round`) rounded to bfloat16 values
+struct Out {
+  float* y;
+  int64_t ldy, cols;
+  const float* scales;
+  bool round;
+  Out at(int64_t row, int64_t panel) const {
+    return {y + row * ldy + panel * kCols, ldy, cols - panel * kCols, scales ? scales + panel * kCols : nullptr,
+            round};
+  }
+};
+
+// Weights read ahead of their use (bytes, into L1), for weights narrower than float32: without it a verify step's
+// int8 products wait on memory (2-core AVX-512 EPYC, 7 rows: 0.85x the time with it; 1 row, float32: no change)
+constexpr int64_t kAhead = 1024;
+
 // One register block: R rows x P panels, R * P * kVecs accumulators. Each output is one chain of multiply-adds over
 // the inputs in order, whatever R and P: blocks only decide how many chains run side by side (a single row needs
 // several panels at once, or its chains wait on the latency at every step) and how many rows share each widened
 // weight. `depth`: steps of Feed<W>::kSpan inputs.
 template <int R, int P, typename W>
-inline void block(const typename Feed<W>::X* x, int64_t depth, const W* panel, const float* scales, float* y,
-                  int64_t ldy, int64_t cols) {
+inline void block(const typename Feed<W>::X* x, int64_t depth, const W* panel, const Out& out) {
   constexpr int64_t kStep = kCols * Feed<W>::kSpan;  // weights per panel per step
   Vec acc[R][P][kVecs];
   for (int r = 0; r < R; ++r)
@@ -166,6 +198,8 @@ inline void block(const typename Feed<W>::X* x, int64_t depth, const W* panel, c
     typename Feed<W>::In xi[R];
     for (int r = 0; r < R; ++r) xi[r] = Feed<W>::broadcast(x + (r * depth + i) * Feed<W>::kXs);
     for (int p = 0; p < P; ++p) {
+      if constexpr (sizeof(W) < sizeof(float))
+        _mm_prefetch(reinterpret_cast<const char*>(panel + (p * depth + i) * kStep) + kAhead, _MM_HINT_T0);
       for (int v = 0; v < kVecs; ++v) {
         const W* w = panel + (p * depth + i) * kStep + v * kLanes;
         for (int r = 0; r < R; ++r) acc[r][p][v] = Feed<W>::madd(xi[r], w, acc[r][p][v]);
@@ -173,34 +207,36 @@ inline void block(const typename Feed<W>::X* x, int64_t depth, const W* panel, c
     }
   }
   for (int p = 0; p < P; ++p) {
-    if (scales != nullptr) {  // int8: per output column
+    if (out.scales != nullptr) {  // int8: per output column
       for (int v = 0; v < kVecs; ++v) {
-        const Vec s = load(scales + p * kCols + v * kLanes);
+        const Vec s = load(out.scales + p * kCols + v * kLanes);
         for (int r = 0; r < R; ++r) acc[r][p][v] = mul(acc[r][p][v], s);
       }
     }
-    const int64_t c = std::min(kCols, cols - p * kCols);
+    if (out.round) {
+      for (int r = 0; r < R; ++r)
+        for (int v = 0; v < kVecs; ++v) acc[r][p][v] = round_bf16(acc[r][p][v]);
+    }
+    const int64_t c = std::min(kCols, out.cols - p * kCols);
     for (int r = 0; r < R; ++r) {
-      float* out = y + r * ldy + p * kCols;
+      float* y = out.y + r * out.ldy + p * kCols;
       if (c == kCols) {
-        for (int v = 0; v < kVecs; ++v) store(out + v * kLanes, acc[r][p][v]);
+        for (int v = 0; v < kVecs; ++v) store(y + v * kLanes, acc[r][p][v]);
       } else {  // the last panel of a weight whose out features are not a multiple of 16
         float tail[kCols];
         for (int v = 0; v < kVecs; ++v) store(tail + v * kLanes, acc[r][p][v]);
-        std::memcpy(out, tail, c * sizeof(float));
+        std::memcpy(y, tail, c * sizeof(float));
       }
     }
   }
 }
 
-// R rows against `count` consecutive panels, P(R) panels per block; `cols`: output columns from the first panel on
+// R rows against `count` consecutive panels, P(R) panels per block
 template <int R, typename W>
-void row_block(const typename Feed<W>::X* x, int64_t depth, const W* panel, int64_t count, const float* scales,
-               float* y, int64_t ldy, int64_t cols) {
+void row_block(const typename Feed<W>::X* x, int64_t depth, const W* panel, int64_t count, const Out& out) {
   constexpr int P = kPanelsPerBlock[R];
   auto run = [&](int64_t j, auto panels) {
-    block<R, decltype(panels)::value>(x, depth, panel + j * depth * kCols * Feed<W>::kSpan,
-                                      scales ? scales + j * kCols : nullptr, y + j * kCols, ldy, cols - j * kCols);
+    block<R, decltype(panels)::value>(x, depth, panel + j * depth * kCols * Feed<W>::kSpan, out.at(0, j));
   };
   int64_t j = 0;
   for (; j + P <= count; j += P) run(j, std::integral_constant<int, P>{});
@@ -209,27 +245,31 @@ void row_block(const typename Feed<W>::X* x, int64_t depth, const W* panel, int6
   }
 }
 
-// y [m, n] = x [m, depth steps] @ w.T (* scales). Each thread takes a range of panels and walks it in chunks that stay
-// in its L2 cache while every block of up to kRows rows runs against the chunk.
+// Panels [begin, end) of y [m, ...] = x [m, depth steps] @ w.T on this thread, `out` at the first panel. The range is
+// walked in chunks that stay in the thread's L2 cache while every block of up to kRows rows runs against the chunk.
 template <typename W>
-void product(const typename Feed<W>::X* xp, int64_t m, int64_t depth, const at::Tensor& panels, const float* scales,
-             float* yp, int64_t n) {
-  const W* pp = static_cast<const W*>(panels.const_data_ptr());
+void panel_range(const typename Feed<W>::X* xp, int64_t m, int64_t depth, const W* pp, int64_t begin, int64_t end,
+                 const Out& out) {
   const int64_t panel_size = depth * kCols * Feed<W>::kSpan;
   const int64_t per_chunk = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, panel_size * sizeof(W)));
-  at::parallel_for(0, panels.size(0), 1, [&](int64_t begin, int64_t end) {
-    const int64_t step = m <= kRows ? end - begin : per_chunk;  // one row block: no chunk needs to stay cached
-    for (int64_t p0 = begin; p0 < end; p0 += step) {
-      const int64_t count = std::min(step, end - p0);
-      const W* panel = pp + p0 * panel_size;
-      const float* s = scales ? scales + p0 * kCols : nullptr;
-      for (int64_t r = 0; r < m; r += kRows) {
-        dispatch<kRows>(std::min(kRows, m - r), [&](auto rows) {
-          row_block<decltype(rows)::value, W>(xp + r * depth * Feed<W>::kXs, depth, panel, count, s,
-                                              yp + r * n + p0 * kCols, n, n - p0 * kCols);
-        });
-      }
+  const int64_t step = m <= kRows ? end - begin : per_chunk;  // one row block: no chunk needs to stay cached
+  for (int64_t p0 = begin; p0 < end; p0 += step) {
+    const int64_t count = std::min(step, end - p0);
+    for (int64_t r = 0; r < m; r += kRows) {
+      dispatch<kRows>(std::min(kRows, m - r), [&](auto rows) {
+        row_block<decltype(rows)::value, W>(xp + r * depth * Feed<W>::kXs, depth, pp + p0 * panel_size, count,
+                                            out.at(r, p0));
+      });
     }
+  }
+}
+
+// y = x [m, depth steps] @ w.T (`out`), each thread a range of the panels
+template <typename W>
+void product(const typename Feed<W>::X* xp, int64_t m, int64_t depth, const at::Tensor& panels, const Out& out) {
+  const W* pp = static_cast<const W*>(panels.const_data_ptr());
+  at::parallel_for(0, panels.size(0), 1, [&](int64_t begin, int64_t end) {
+    panel_range<W>(xp, m, depth, pp, begin, end, out);
   });
 }
 
@@ -248,19 +288,35 @@ void add_bias(at::Tensor& y, const c10::optional<at::Tensor>& bias) {
   if (bias.has_value() && bias->defined()) y.add_(*bias);
 }
 
+// Panels [begin, end) of x [m, k] float32 @ w.T for float32 or bfloat16 panels (weights that bfloat16 holds exactly:
+// half the bytes, the same sums)
+void float_range(const float* x, int64_t m, int64_t k, const at::Tensor& panels, int64_t begin, int64_t end,
+                 const Out& out) {
+  if (panels.scalar_type() == at::kBFloat16)
+    panel_range<uint16_t>(x, m, k, static_cast<const uint16_t*>(panels.const_data_ptr()), begin, end, out);
+  else
+    panel_range<float>(x, m, k, panels.const_data_ptr<float>(), begin, end, out);
+}
+
+bool float_panels(const at::Tensor& panels) {
+  return panels.size(-1) == kCols && (panels.scalar_type() == at::kFloat || panels.scalar_type() == at::kBFloat16);
+}
+
+void float_product(const float* x, int64_t m, int64_t k, const at::Tensor& panels, const Out& out) {
+  at::parallel_for(0, panels.size(0), 1, [&](int64_t begin, int64_t end) {
+    float_range(x, m, k, panels, begin, end, out);
+  });
+}
+
 at::Tensor linear(const at::Tensor& x, const at::Tensor& panels, int64_t out_features,
                   const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && panels.size(-1) == kCols,
+  TORCH_CHECK(x.scalar_type() == at::kFloat && float_panels(panels),
               "idlm_panel::linear takes float32 x and float32 or bfloat16 panels (idlm_panel::pack)");
   const int64_t k = x.size(-1), m = x.numel() / std::max<int64_t>(k, 1);
   at::Tensor y = output(x, panels, k, out_features);
   const at::Tensor xc = x.reshape({m, k}).contiguous();
-  if (panels.scalar_type() == at::kBFloat16)  // weights that bfloat16 holds exactly: half the bytes, the same sums
-    product<uint16_t>(xc.const_data_ptr<float>(), m, k, panels, nullptr, y.data_ptr<float>(), out_features);
-  else if (panels.scalar_type() == at::kFloat)
-    product<float>(xc.const_data_ptr<float>(), m, k, panels, nullptr, y.data_ptr<float>(), out_features);
-  else
-    TORCH_CHECK(false, "idlm_panel::linear takes float32 or bfloat16 panels (idlm_panel::pack)");
+  float_product(xc.const_data_ptr<float>(), m, k, panels, {y.data_ptr<float>(), out_features, out_features, nullptr,
+                                                           false});
   add_bias(y, bias);
   return y;
 }
@@ -290,14 +346,14 @@ const typename Feed<W>::X* pairs_of(const uint16_t* xb, int64_t m, int64_t k, in
 }
 
 template <typename W>
-void int8_product(const uint16_t* xb, int64_t m, int64_t k, int64_t depth, const at::Tensor& panels,
-                  const float* scales, float* y, int64_t n) {
+void int8_product(const uint16_t* xb, int64_t m, int64_t k, int64_t depth, const at::Tensor& panels, const Out& out) {
   std::vector<typename Feed<W>::X> buffer;
-  product<W>(pairs_of<W>(xb, m, k, depth, buffer), m, depth, panels, scales, y, n);
+  product<W>(pairs_of<W>(xb, m, k, depth, buffer), m, depth, panels, out);
 }
 
-// int8 weights per output channel against bfloat16 x: y = (x @ q.T) * scales in float32 (scales padded to the panels),
-// by FMAs on `panels` (`pack`), or from kPairRows rows by VDPBF16PS on `pairs` (`pack_pairs`) when given: the same sums
+// int8 weights per output channel against bfloat16 x: y = (x @ q.T) * scales summed in float32 (scales padded to the
+// panels) and rounded to bfloat16 values (returned as float32, so a consumer in float32 needs no cast), by FMAs on
+// `panels` (`pack`), or from kPairRows rows by VDPBF16PS on `pairs` (`pack_pairs`) when given: the same sums
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& panels, const c10::optional<at::Tensor>& pairs,
                        const at::Tensor& scales, int64_t out_features, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && panels.scalar_type() == at::kChar &&
@@ -313,13 +369,13 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& panels, const c10:
   at::Tensor y = output(x, panels, depth, out_features);
   const at::Tensor xc = x.reshape({m, k}).contiguous();
   const auto* xb = static_cast<const uint16_t*>(xc.const_data_ptr());
-  const float* s = scales.const_data_ptr<float>();
+  const Out out{y.data_ptr<float>(), out_features, out_features, scales.const_data_ptr<float>(), true};
   if (paired && m >= kPairRows) {  // paired: a build with the instruction (checked above)
 #if defined(__AVX512BF16__)
-    int8_product<PairedInt8>(xb, m, k, depth, *pairs, s, y.data_ptr<float>(), out_features);
+    int8_product<PairedInt8>(xb, m, k, depth, *pairs, out);
 #endif
   } else {
-    int8_product<int8_t>(xb, m, k, depth, panels, s, y.data_ptr<float>(), out_features);
+    int8_product<int8_t>(xb, m, k, depth, panels, out);
   }
   add_bias(y, bias);
   return y;
@@ -327,35 +383,69 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& panels, const c10:
 
 // y[rows] += (x[rows] @ a.T) @ b.T in place (every row when rows is None): a frozen adapter's delta on the rows its
 // gate opens, in one call where the graph would otherwise gather, run two products, add and scatter (a verify step
-// has one such group per fused projection). The sums are linear's, so the delta is bit for bit the two products'. The
-// few gated rows are copied and added by plain loops (aten's index_select and index_add cost 8 and 17 us a call).
-void add_lora(at::Tensor y, const at::Tensor& x, const at::Tensor& a_panels, int64_t rank, const at::Tensor& b_panels,
-              const c10::optional<at::Tensor>& rows) {
+// has one such group per fused projection). b is block-diagonal (a fused group's parts each have their own output
+// and rank columns) and given by its blocks alone: block j, `b_panels[j]` (`pack` of its [out, rank] weight), reads
+// columns blocks[3j + 2] .. + rank of h = x @ a.T and adds to y's columns blocks[3j] .. + blocks[3j + 1]; the zeros
+// between blocks are neither read nor multiplied. The sums are linear's, so the delta is bit for bit the two
+// products' (up to the sign of a zero). The few gated rows are copied and added by plain loops (aten's index_select
+// and index_add cost 8 and 17 us a call).
+void add_lora(at::Tensor y, const at::Tensor& x, const at::Tensor& a_panels, int64_t rank, at::TensorList b_panels,
+              at::IntArrayRef blocks, const c10::optional<at::Tensor>& rows) {
   const int64_t n = y.size(-1), k = x.size(-1), m = x.numel() / std::max<int64_t>(k, 1);
   TORCH_CHECK(y.scalar_type() == at::kFloat && y.is_contiguous() && y.numel() == m * n,
               "idlm_panel::add_lora: contiguous float32 y [..., out] with one row per row of x");
-  const at::Tensor xs = x.reshape({m, k}).contiguous();
+  TORCH_CHECK(x.scalar_type() == at::kFloat && float_panels(a_panels) && a_panels.dim() == 3 &&
+                  a_panels.is_contiguous() && a_panels.size(1) == k && rank > (a_panels.size(0) - 1) * kCols &&
+                  rank <= a_panels.size(0) * kCols,
+              "idlm_panel::add_lora: float32 x [..., K] and A's panels ([rank, K])");
+  const int64_t nb = static_cast<int64_t>(b_panels.size());
+  TORCH_CHECK(static_cast<int64_t>(blocks.size()) == 3 * nb, "idlm_panel::add_lora: three numbers per block");
+  std::vector<int64_t> first(nb + 1, 0), from(nb + 1, 0);  // each block's first panel, and its first h column
+  for (int64_t j = 0; j < nb; ++j) {
+    const at::Tensor& b = b_panels[j];
+    const int64_t col = blocks[3 * j], cols = blocks[3 * j + 1], h0 = blocks[3 * j + 2];
+    TORCH_CHECK(b.dim() == 3 && b.is_contiguous() && float_panels(b) && col >= 0 && col + cols <= n &&
+                    cols > (b.size(0) - 1) * kCols && cols <= b.size(0) * kCols && h0 >= 0 && h0 + b.size(1) <= rank,
+                "idlm_panel::add_lora: block ", j, " does not fit y or the rank");
+    first[j + 1] = first[j] + b.size(0);
+    from[j + 1] = from[j] + b.size(1);
+  }
   const bool gated = rows.has_value() && rows->defined();
   TORCH_CHECK(!gated || (rows->scalar_type() == at::kLong && rows->dim() == 1),
               "idlm_panel::add_lora: rows are 1-D int64");
-  const at::Tensor index = gated ? rows->contiguous() : at::Tensor();
+  const at::Tensor index = gated && !rows->is_contiguous() ? rows->contiguous() : gated ? *rows : at::Tensor();
   const int64_t* ip = gated ? index.const_data_ptr<int64_t>() : nullptr;
   const int64_t g = gated ? index.numel() : m;
   auto row = [&](int64_t i) { return gated ? ip[i] : i; };
-  at::Tensor picked = xs;
-  if (gated) {
-    picked = at::empty({g, k}, xs.options());
-    for (int64_t i = 0; i < g; ++i) {
-      TORCH_CHECK(ip[i] >= 0 && ip[i] < m, "idlm_panel::add_lora: row ", ip[i], " out of ", m);
-      std::memcpy(picked.data_ptr<float>() + i * k, xs.const_data_ptr<float>() + ip[i] * k, k * sizeof(float));
-    }
+  // the step's buffers, uninitialized: the gated rows of x, h = x @ a.T, each block's columns of h, the delta
+  std::unique_ptr<float[]> buffer(new float[g * (k + 2 * rank + n)]);
+  float *picked = buffer.get(), *h = picked + g * k, *hb = h + g * rank, *delta = hb + g * rank;
+  const at::Tensor xs = x.is_contiguous() ? x : x.contiguous();
+  const float* xp = xs.const_data_ptr<float>();
+  for (int64_t i = 0; i < g; ++i) {
+    TORCH_CHECK(row(i) >= 0 && row(i) < m, "idlm_panel::add_lora: row ", row(i), " out of ", m);
+    std::memcpy(picked + i * k, xp + row(i) * k, k * sizeof(float));
   }
-  const at::Tensor delta = linear(linear(picked, a_panels, rank, c10::nullopt), b_panels, n, c10::nullopt);
-  const float* dp = delta.const_data_ptr<float>();
+  float_product(picked, g, k, a_panels, {h, rank, rank, nullptr, false});
+  for (int64_t j = 0; j < nb; ++j)  // block j reads [g, its rank] rows
+    for (int64_t i = 0; i < g; ++i)
+      std::memcpy(hb + g * from[j] + i * (from[j + 1] - from[j]), h + i * rank + blocks[3 * j + 2],
+                  (from[j + 1] - from[j]) * sizeof(float));
+  at::parallel_for(0, first[nb], 1, [&](int64_t begin, int64_t end) {  // every block's panels in one range
+    for (int64_t j = 0; j < nb; ++j) {
+      const int64_t lo = std::max(begin, first[j]) - first[j], hi = std::min(end, first[j + 1]) - first[j];
+      if (lo < hi)
+        float_range(hb + g * from[j], g, from[j + 1] - from[j], b_panels[j], lo, hi,
+                    {delta + blocks[3 * j], n, blocks[3 * j + 1], nullptr, false});
+    }
+  });
   float* yp = y.data_ptr<float>();
   for (int64_t i = 0; i < g; ++i) {  // distinct rows: one addition per output, as y[rows] + delta
-    float* out = yp + row(i) * n;
-    for (int64_t j = 0; j < n; ++j) out[j] += dp[i * n + j];
+    for (int64_t j = 0; j < nb; ++j) {
+      float* out = yp + row(i) * n + blocks[3 * j];
+      const float* d = delta + i * n + blocks[3 * j];
+      for (int64_t c = 0; c < blocks[3 * j + 1]; ++c) out[c] += d[c];
+    }
   }
 }
 
@@ -366,7 +456,8 @@ TORCH_LIBRARY(idlm_panel, m) {
   m.def("linear(Tensor x, Tensor panels, int out_features, Tensor? bias) -> Tensor");
   m.def("pack_pairs(Tensor w) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor panels, Tensor? pairs, Tensor scales, int out_features, Tensor? bias) -> Tensor");
-  m.def("add_lora(Tensor(a!) y, Tensor x, Tensor a_panels, int rank, Tensor b_panels, Tensor? rows) -> ()");
+  m.def("add_lora(Tensor(a!) y, Tensor x, Tensor a_panels, int rank, Tensor[] b_panels, int[] blocks, Tensor? rows) "
+        "-> ()");
 }
 
 TORCH_LIBRARY_IMPL(idlm_panel, CPU, m) {

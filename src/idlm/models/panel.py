@@ -94,8 +94,8 @@ def _linear_int8_shape(x: Tensor, panels: Tensor, pairs: Tensor | None, scales: 
     return x.new_empty(*x.shape[:-1], out_features, dtype=torch.float32)
 
 
-def _add_lora_shape(y: Tensor, x: Tensor, a_panels: Tensor, rank: int, b_panels: Tensor,  # noqa: ARG001
-                    rows: Tensor | None) -> None:  # noqa: ARG001
+def _add_lora_shape(y: Tensor, x: Tensor, a_panels: Tensor, rank: int, b_panels: list[Tensor],  # noqa: ARG001
+                    blocks: list[int], rows: Tensor | None) -> None:  # noqa: ARG001
     return None
 
 
@@ -121,19 +121,26 @@ class PanelLinear:
 
 class PanelLoRA:
     """A frozen adapter's delta by the panel kernels: `(y, x, rows)` adds (x[rows] @ scaled_a.T) @ b.T to y[rows] in
-    place (every row when rows is None), gather, two products and scatter in one operator call. Its sums are two
-    `PanelLinear` products', so the delta is theirs bit for bit."""
+    place (every row when rows is None), gather, two products and scatter in one operator call. `blocks` (models/
+    lora.py `LoRAProj.blocks`): b's nonzero blocks, the only ones kept and multiplied (a fused group's b is
+    block-diagonal: 0.5-0.67x the work). Its sums are two `PanelLinear` products', so the delta is theirs bit for
+    bit (up to the sign of a zero)."""
 
-    def __init__(self, scaled_a: Tensor, b: Tensor):
-        self.a, self.b = PanelLinear(scaled_a), PanelLinear(b)
+    def __init__(self, scaled_a: Tensor, b: Tensor, blocks: list[tuple[int, int, int, int]] | None = None):
+        self.a = PanelLinear(scaled_a)
+        blocks = blocks or [(0, b.shape[0], 0, b.shape[1])]
+        self.b = [PanelLinear(b[r0:r1, c0:c1]) for r0, r1, c0, c1 in blocks]
+        self.blocks = [n for r0, r1, c0, _ in blocks for n in (r0, r1 - r0, c0)]
 
     def __call__(self, y: Tensor, x: Tensor, rows: Tensor | None) -> None:
-        torch.ops.idlm_panel.add_lora(y, x, self.a.panels, self.a.out_features, self.b.panels, rows)
+        torch.ops.idlm_panel.add_lora(y, x, self.a.panels, self.a.out_features, [b.panels for b in self.b],
+                                      self.blocks, rows)
 
 
 class Int8Panels:
     """An int8 weight per output channel (w ~ q * scales) in panels: `product(xb)` = (xb @ q.T) * scales, xb bfloat16,
-    summed in float32 over pairs of inputs (models/quantize.py `Int8Linear` rounds the output to bfloat16). On
+    summed in float32 over pairs of inputs and rounded to bfloat16 values, returned in float32 (so a float32
+    consumer, such as an adapter's in-place delta, needs no cast of its own). On
     AVX512-BF16 CPUs a second copy of the weight laid out for VDPBF16PS serves products of 2 rows or more (verify
     steps: 0.6-0.7x the FMAs' time at 7 rows); its sums are the FMAs' bit for bit, so a row's output still does not
     depend on the rows beside it, nor on the machine."""

@@ -104,7 +104,8 @@ class Bf16Products:
     exact_top: int
 
     def product(self, xb: Tensor, row_limit: int | None = None) -> Tensor:
-        """[rows, K] bfloat16 -> [rows, N] bfloat16; `row_limit` overrides a quantized format's own."""
+        """[rows, K] bfloat16 -> [rows, N] bfloat16 values (as bfloat16, or float32 where a kernel rounds them
+        itself); `row_limit` overrides a quantized format's own."""
         raise NotImplementedError
 
     def __call__(self, x: Tensor, row_limit: int | None = None) -> Tensor:
@@ -137,7 +138,7 @@ class QuantizedLinear(Bf16Products):
             self.dense = None
 
     def kernel(self, xb: Tensor) -> Tensor:
-        """[rows, K] bfloat16 -> [rows, N] bfloat16 by the quantized kernel."""
+        """[rows, K] bfloat16 -> [rows, N] bfloat16 values (as bfloat16, or float32) by the quantized kernel."""
         raise NotImplementedError
 
     def product(self, xb: Tensor, row_limit: int | None = None) -> Tensor:
@@ -162,7 +163,7 @@ class Int8Linear(QuantizedLinear):
 
     def kernel(self, xb: Tensor) -> Tensor:
         if self.panels is not None:
-            return self.panels.product(xb).to(KERNEL_DTYPE)
+            return self.panels.product(xb)  # bfloat16 values in float32
         return torch.ops.aten._weight_int8pack_mm(xb, self.q, self.scales)
 
 
