@@ -303,9 +303,10 @@ bool float_panels(const at::Tensor& panels) {
 }
 
 void float_product(const float* x, int64_t m, int64_t k, const at::Tensor& panels, const Out& out) {
-  at::parallel_for(0, panels.size(0), 1, [&](int64_t begin, int64_t end) {
-    float_range(x, m, k, panels, begin, end, out);
-  });
+  if (panels.scalar_type() == at::kBFloat16)
+    product<uint16_t>(x, m, k, panels, out);
+  else
+    product<float>(x, m, k, panels, out);
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& panels, int64_t out_features,
@@ -413,14 +414,14 @@ void add_lora(at::Tensor y, const at::Tensor& x, const at::Tensor& a_panels, int
   const bool gated = rows.has_value() && rows->defined();
   TORCH_CHECK(!gated || (rows->scalar_type() == at::kLong && rows->dim() == 1),
               "idlm_panel::add_lora: rows are 1-D int64");
-  const at::Tensor index = gated && !rows->is_contiguous() ? rows->contiguous() : gated ? *rows : at::Tensor();
+  const at::Tensor index = gated ? rows->contiguous() : at::Tensor();
   const int64_t* ip = gated ? index.const_data_ptr<int64_t>() : nullptr;
   const int64_t g = gated ? index.numel() : m;
   auto row = [&](int64_t i) { return gated ? ip[i] : i; };
   // the step's buffers, uninitialized: the gated rows of x, h = x @ a.T, each block's columns of h, the delta
   std::unique_ptr<float[]> buffer(new float[g * (k + 2 * rank + n)]);
   float *picked = buffer.get(), *h = picked + g * k, *hb = h + g * rank, *delta = hb + g * rank;
-  const at::Tensor xs = x.is_contiguous() ? x : x.contiguous();
+  const at::Tensor xs = x.contiguous();
   const float* xp = xs.const_data_ptr<float>();
   for (int64_t i = 0; i < g; ++i) {
     TORCH_CHECK(row(i) >= 0 && row(i) < m, "idlm_panel::add_lora: row ", row(i), " out of ", m);
