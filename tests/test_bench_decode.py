@@ -73,6 +73,11 @@ def test_decode_bench_int8_and_stationary_variants_on_a_tiny_model(tmp_path, tin
         assert rows[name]["speedup_vs_idlm_ar"] > 0 and "tokens_to_divergence_vs_float32" in rows[name]
     assert rows["idlm isd N=3 stationary"]["same_tokens_as_ar"] is True
     assert any("no GGUF file" in n for n in result["notes"])
+    for r in rows.values():  # batch 1: time per engine step; every run bracketed by the placement probe
+        assert r["ms_per_step"] > 0 and r["by_placement"]
+        assert all(len(run["probe_us"]) == 2 and run["placement"] in ("fast", "slow", "mixed", "one")
+                   for run in r["runs"])
+    assert rows["idlm isd N=3"]["step_cost_vs_ar"] > 0
 
 
 def test_decode_bench_gives_each_panel_choice_its_rows(tmp_path, tiny_tokenizer):  # noqa: F811

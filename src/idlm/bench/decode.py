@@ -4,8 +4,11 @@ Greedy, every request forced to `max_tokens` new tokens (EOS ignored) so all row
 batch size b the prompts run in waves of b concurrent requests (all with the same decoding; the engine's
 continuous batching serves each wave); tok/s is the total over the prompt set (at least b prompts). Each
 repeat runs every configuration at every batch size in turn, so all see the same machine state; the table
-gives medians over repeats, the ratio to AR measured within each repeat, and its spread. Prints a table and
-writes JSON + markdown under the output directory.
+gives medians over repeats, the ratio to AR measured within each repeat, and its spread. At batch 1 it also gives
+the time per engine step and its ratio to AR's (the step cost). Every timed run is bracketed by a placement probe
+(bench/placement.py: a VM's host moves its CPUs between placements in which the same step costs differently), and
+each row repeats its figures per placement, over the repeats in which the row's run and AR's saw the same one.
+Prints a table and writes JSON + markdown under the output directory.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from typing import Any, NamedTuple
 import torch
 from torch._dynamo.utils import counters
 
+from idlm.bench.placement import placements, probe
 from idlm.bench.results import machine_info, write_results
 
 
@@ -73,6 +77,8 @@ def run_ours(llm, prompts: list[str], max_tokens: int, batch: int, decoding: str
            "cold_share": d.get("cold_share", 0.0), "tree_hits": pooled.tree_hits,
            "acceptance": d.get("acceptance_by_position", []), "token_ids": [o.token_ids for o in outs],
            "graphs_compiled": counters["stats"]["unique_graphs"] - graphs}  # inside the timed run: warm-up missed
+    if batch == 1:  # one request at a time: the engine steps are the request's forwards
+        run["ms_per_step"] = seconds * 1e3 * pooled.tokens_per_forward / pooled.generated_tokens
     if pooled.decoding == "auto":
         run["choices"] = dict(pooled.choices)
     return run
@@ -145,12 +151,39 @@ def _summary(runs: list[dict[str, Any]], ar_runs: list[dict[str, Any]] | None) -
            "runs": [{k: v for k, v in r.items() if k != "token_ids"} for r in runs]}
     if runs[0].get("choices"):
         row["choices"] = runs[-1]["choices"]
+    if "ms_per_step" in runs[0]:
+        row["ms_per_step"] = round(statistics.median(r["ms_per_step"] for r in runs), 2)
     if ar_runs:
         ratios = [r["tok_per_s"] / a["tok_per_s"] for r, a in zip(runs, ar_runs)]
         row["speedup_vs_idlm_ar"] = round(statistics.median(ratios), 3)
         row["speedup_range"] = [round(min(ratios), 3), round(max(ratios), 3)]
+        if "ms_per_step" in runs[0] and "ms_per_step" in ar_runs[0]:
+            row["step_cost_vs_ar"] = round(statistics.median(r["ms_per_step"] / a["ms_per_step"]
+                                                             for r, a in zip(runs, ar_runs)), 3)
         row["same_tokens_as_ar"] = all(r["token_ids"] == a["token_ids"] for r, a in zip(runs, ar_runs))
+    row["by_placement"] = _by_placement(runs, ar_runs)
     return row
+
+
+def _by_placement(runs: list[dict[str, Any]], ar_runs: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The row's figures over the runs of each placement (bench/placement.py); ratios to AR over the repeats in
+    which both runs saw that placement."""
+    out = {}
+    for label in sorted({r["placement"] for r in runs} - {"mixed"}):
+        mine = [r for r in runs if r["placement"] == label]
+        entry: dict[str, Any] = {"runs": len(mine),
+                                 "tok_per_s": round(statistics.median(r["tok_per_s"] for r in mine), 2)}
+        if "ms_per_step" in mine[0]:
+            entry["ms_per_step"] = round(statistics.median(r["ms_per_step"] for r in mine), 2)
+        pairs = [(r, a) for r, a in zip(runs, ar_runs or []) if r["placement"] == a["placement"] == label]
+        if pairs:
+            entry["pairs_with_ar"] = len(pairs)
+            entry["speedup_vs_idlm_ar"] = round(statistics.median(r["tok_per_s"] / a["tok_per_s"] for r, a in pairs), 3)
+            if "ms_per_step" in pairs[0][0] and "ms_per_step" in pairs[0][1]:
+                entry["step_cost_vs_ar"] = round(statistics.median(r["ms_per_step"] / a["ms_per_step"]
+                                                                   for r, a in pairs), 3)
+        out[label] = entry
+    return out
 
 
 def _divergence(run: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
@@ -217,16 +250,22 @@ def run_decode_bench(args: argparse.Namespace) -> dict[str, Any]:
     for r in range(args.repeats):
         for b in batches:
             for i, c in enumerate(configs):
+                before = probe()
                 run = run_ours(llms[c["variant"]], prompts[b], args.max_tokens, b, c["decoding"], c["stride"],
                                **c["options"])
+                run["probe_us"] = [before, probe()]
                 runs.setdefault((i, b), []).append(run)
                 print(f"repeat {r + 1}/{args.repeats} batch {b:>2} {c['engine']:>28}: {run['tok_per_s']:7.2f} tok/s, "
                       f"TPF {run['tpf']:.3f}" + (f", {run['graphs_compiled']} graph(s) compiled inside the run"
                                                   if run["graphs_compiled"] else ""), file=sys.stderr)
             if lcpp is not None and b == 1:
-                lcpp_runs.append(lcpp.run(lcpp_ids, args.max_tokens))
+                before = probe()
+                lcpp_runs.append({**lcpp.run(lcpp_ids, args.max_tokens), "probe_us": [before, probe()]})
                 print(f"repeat {r + 1}/{args.repeats} batch  1 {'llama.cpp':>28}: {lcpp_runs[-1]['tok_per_s']:7.2f} "
                       f"tok/s", file=sys.stderr)
+    timed = [run for rs in runs.values() for run in rs] + lcpp_runs
+    for run, label in zip(timed, placements([tuple(run["probe_us"]) for run in timed])):
+        run["placement"] = label
     # the AR row of each weight format and compile mode
     ar_of = {(c["variant"].quantize, c["variant"].compile, c["variant"].panel): i for i, c in enumerate(configs)
              if c["decoding"] == "ar"}
@@ -299,14 +338,23 @@ def _range(r: dict[str, Any], key: str) -> str:
 
 def markdown_table(result: dict[str, Any]) -> str:
     lines = ["| engine | batch | tok/s (range) | tokens/forward | rows/forward | rows/token | cold share | "
-             "vs idlm AR (range) | same tokens as AR | vs transformers |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "ms/step | step cost vs AR | vs idlm AR (range) | same tokens as AR | vs transformers |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         same = r.get("same_tokens_as_ar")
         lines.append(f"| {r['engine']} | {r['batch']} | {r['tok_per_s']}{_range(r, 'tok_per_s_range')} | "
                      f"{r['tokens_per_forward'] or ''} | {r.get('rows_per_forward', '')} | "
-                     f"{r.get('rows_per_token', '')} | {r.get('cold_share', '')} | "
-                     f"{r.get('speedup_vs_idlm_ar', '')}{_range(r, 'speedup_range')} | "
+                     f"{r.get('rows_per_token', '')} | {r.get('cold_share', '')} | {r.get('ms_per_step', '')} | "
+                     f"{r.get('step_cost_vs_ar', '')} | {r.get('speedup_vs_idlm_ar', '')}{_range(r, 'speedup_range')} | "
                      f"{'' if same is None else ('yes' if same else 'NO')} | {r.get('ratio_vs_transformers', '')} |")
+    split = [r for r in result["rows"] if r.get("by_placement")]
+    if any(set(r["by_placement"]) != {"one"} for r in split):  # the host moved the CPUs during the run
+        lines += ["", "By placement (bench/placement.py; ratios over the repeats in which the row and AR saw the same "
+                  "placement):", "", "| engine | batch | placement | runs | tok/s | ms/step | step cost vs AR | "
+                  "vs idlm AR | pairs |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['engine']} | {r['batch']} | {label} | {e['runs']} | {e['tok_per_s']} | "
+                  f"{e.get('ms_per_step', '')} | {e.get('step_cost_vs_ar', '')} | {e.get('speedup_vs_idlm_ar', '')} | "
+                  f"{e.get('pairs_with_ar', '')} |" for r in split for label, e in r["by_placement"].items()]
     m = result["machine"]
     lines.append("")
     lines.append(f"{m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads, capability "
