@@ -74,9 +74,10 @@ def test_decode_bench_int8_and_stationary_variants_on_a_tiny_model(tmp_path, tin
     assert rows["idlm isd N=3 stationary"]["same_tokens_as_ar"] is True
     assert any("no GGUF file" in n for n in result["notes"])
     for r in rows.values():  # batch 1: time per engine step; every run bracketed by the placement probe
-        assert r["ms_per_step"] > 0 and r["by_placement"]
-        assert all(len(run["probe_us"]) == 2 and run["placement"] in ("fast", "slow", "mixed", "one")
-                   for run in r["runs"])
+        assert r["ms_per_step"] > 0
+        labels = {run["placement"] for run in r["runs"]}
+        assert labels <= {"fast", "slow", "mixed", "one"} and all(len(run["probe_us"]) == 2 for run in r["runs"])
+        assert set(r["by_placement"]) == labels - {"mixed"}  # a run whose probes disagree counts in no placement
     assert rows["idlm isd N=3"]["step_cost_vs_ar"] > 0
 
 
