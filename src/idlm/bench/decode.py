@@ -154,12 +154,9 @@ def _summary(runs: list[dict[str, Any]], ar_runs: list[dict[str, Any]] | None) -
     if "ms_per_step" in runs[0]:
         row["ms_per_step"] = round(statistics.median(r["ms_per_step"] for r in runs), 2)
     if ar_runs:
+        row.update(_vs_ar(list(zip(runs, ar_runs))))
         ratios = [r["tok_per_s"] / a["tok_per_s"] for r, a in zip(runs, ar_runs)]
-        row["speedup_vs_idlm_ar"] = round(statistics.median(ratios), 3)
         row["speedup_range"] = [round(min(ratios), 3), round(max(ratios), 3)]
-        if "ms_per_step" in runs[0] and "ms_per_step" in ar_runs[0]:
-            row["step_cost_vs_ar"] = round(statistics.median(r["ms_per_step"] / a["ms_per_step"]
-                                                             for r, a in zip(runs, ar_runs)), 3)
         row["same_tokens_as_ar"] = all(r["token_ids"] == a["token_ids"] for r, a in zip(runs, ar_runs))
     row["by_placement"] = _by_placement(runs, ar_runs)
     return row
@@ -178,11 +175,16 @@ def _by_placement(runs: list[dict[str, Any]], ar_runs: list[dict[str, Any]] | No
         pairs = [(r, a) for r, a in zip(runs, ar_runs or []) if r["placement"] == a["placement"] == label]
         if pairs:
             entry["pairs_with_ar"] = len(pairs)
-            entry["speedup_vs_idlm_ar"] = round(statistics.median(r["tok_per_s"] / a["tok_per_s"] for r, a in pairs), 3)
-            if "ms_per_step" in pairs[0][0] and "ms_per_step" in pairs[0][1]:
-                entry["step_cost_vs_ar"] = round(statistics.median(r["ms_per_step"] / a["ms_per_step"]
-                                                                   for r, a in pairs), 3)
+            entry.update(_vs_ar(pairs))
         out[label] = entry
+    return out
+
+
+def _vs_ar(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, float]:
+    """Medians over (run, AR run) pairs of the speed-up and, where both timed their steps, the step cost."""
+    out = {"speedup_vs_idlm_ar": round(statistics.median(r["tok_per_s"] / a["tok_per_s"] for r, a in pairs), 3)}
+    if "ms_per_step" in pairs[0][0] and "ms_per_step" in pairs[0][1]:
+        out["step_cost_vs_ar"] = round(statistics.median(r["ms_per_step"] / a["ms_per_step"] for r, a in pairs), 3)
     return out
 
 

@@ -57,4 +57,5 @@ class LlamaCpp:
             tokens += len(outs[-1])
         seconds = time.perf_counter() - t0
         return {"tok_per_s": tokens / seconds, "tokens": tokens, "seconds": seconds, "tpf": 1.0,
-                "rows_per_forward": 1.0, "ms_per_step": seconds * 1e3 / tokens, "cold_share": 0.0, "tree_hits": 0, "acceptance": [], "token_ids": outs}
+                "rows_per_forward": 1.0, "ms_per_step": seconds * 1e3 / tokens, "cold_share": 0.0, "tree_hits": 0,
+                "acceptance": [], "token_ids": outs}

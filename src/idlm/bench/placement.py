@@ -4,7 +4,7 @@ A virtual machine's CPUs can be moved by its host between placements that last f
 2-core EPYC VMs this project measures on, a product of two in-cache matrices on all torch threads takes either
 about 91 us or about 101 us, switching every 10-60 s inside one process; in the slower placement the memory
 bandwidth of both threads together is higher, and a compiled R-ISD int8 step takes 17 ms instead of 12.5 ms while
-an AR step barely changes (docs/measurements.md). A ratio between two runs only means something when both saw
+an AR step barely changes (docs/benchmarks.md). A ratio between two runs only means something when both saw
 the same placement, so every timed run records the probe before and after it (`probe`), and summaries group
 runs by the placement both probes agree on (`placements`).
 """
@@ -15,17 +15,17 @@ import time
 
 import torch
 
-_X, _W = torch.randn(128, 256), torch.randn(256, 256)  # 128 KB + 256 KB: in cache, so the probe times compute
 
 
 def probe(calls: int = 100, samples: int = 5) -> float:
     """Microseconds per in-cache product on all torch threads (median of `samples` batches of `calls`)."""
-    torch.mm(_X, _W)
+    x, w = torch.ones(128, 256), torch.ones(256, 256)  # 128 KB + 256 KB: in cache, so the probe times compute
+    torch.mm(x, w)
     times = []
     for _ in range(samples):
         t0 = time.perf_counter()
         for _ in range(calls):
-            torch.mm(_X, _W)
+            torch.mm(x, w)
         times.append((time.perf_counter() - t0) / calls * 1e6)
     return round(statistics.median(times), 2)
 
