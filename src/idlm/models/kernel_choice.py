@@ -45,5 +45,5 @@ def panel_is_faster(shapes: list[tuple[int, int]], fmt: str, rows: tuple[int, ..
                                          for name, ks in kernels.items()}, repeats)
                 sums[m][0] += t["library"]
                 sums[m][1] += t["panel"]
-    return {"panel": all(p < lib for lib, p in sums.values()),
-            "rows": {m: [round(lib, 6), round(p, 6)] for m, (lib, p) in sums.items()}}
+    rows = {m: [round(lib, 9), round(p, 9)] for m, (lib, p) in sums.items()}  # the choice is what the record shows
+    return {"panel": all(p < lib for lib, p in rows.values()), "rows": rows}
