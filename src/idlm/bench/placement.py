@@ -16,7 +16,6 @@ import time
 import torch
 
 
-
 def probe(calls: int = 100, samples: int = 5) -> float:
     """Microseconds per in-cache product on all torch threads (median of `samples` batches of `calls`)."""
     x, w = torch.ones(128, 256), torch.ones(256, 256)  # 128 KB + 256 KB: in cache, so the probe times compute
