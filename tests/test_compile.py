@@ -21,13 +21,15 @@ from oracles import assert_same_tokens
 
 def gated_tiny(kernels: str):
     model, cfg = gated_tiny_model()
-    if kernels in ("panel", "int8 panel"):  # our panel kernels (models/panel.py), traced as one operator each
+    if kernels in ("panel", "int8 panel", "w8a8"):  # our panel kernels (models/panel.py), traced as one operator each
         if panel.available() and torch.backends.cpu.get_cpu_capability() not in panel.CAPABILITIES:
             pytest.skip(panel.available())
     if kernels == "int4":  # int4 projections, the int8 LM head: both quantized kernels
         quantize_model(model, "int4", row_limit=4)
     if kernels == "int8 panel":
         quantize_model(model, "int8", row_limit=4, panel=True)
+    if kernels == "w8a8":
+        quantize_model(model, "w8a8", panel=True)
     if kernels == "panel":
         model.pack_for_cpu_inference(panel.PanelLinear)
     elif kernels != "plain":
@@ -35,7 +37,7 @@ def gated_tiny(kernels: str):
     return model, cfg
 
 
-@pytest.mark.parametrize("kernels", ["plain", "packed", "panel", "int4", "int8 panel"])
+@pytest.mark.parametrize("kernels", ["plain", "packed", "panel", "int4", "int8 panel", "w8a8"])
 def test_compiled_greedy_equals_eager_and_risd_equals_ar(tokenizer, kernels):
     model, cfg = gated_tiny(kernels)
     eager = LLM.from_model(model, tokenizer, [tokenizer.eos_token_id], adapter=cfg)
@@ -147,7 +149,7 @@ def test_a_compiled_step_turns_no_model_float_into_a_tensor(tokenizer, monkeypat
     assert made == []
 
 
-@pytest.mark.parametrize("kernels", ["int4", "int8 panel"])
+@pytest.mark.parametrize("kernels", ["int4", "int8 panel", "w8a8"])
 def test_the_models_tensors_are_attributes_of_its_graphs_not_inputs(tokenizer, monkeypatch, kernels):
     """Graph inputs are fetched by Python before every call: the model's tensors (parameters, the kernels' packed
     weights and scales) must be held by the graphs, and only the step's own tensors passed in."""

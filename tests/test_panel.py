@@ -1,4 +1,4 @@
-"""The panel kernels (models/panel.py, models/kernel_choice.py): float32 and int8 products against a float64
+"""The panel kernels (models/panel.py, models/kernel_choice.py): float32, int8 and w8a8 products against a float64
 reference for any shape, a row's output the same bit for bit whatever rows share the call, the choice against the
 library's kernels measured once per machine, greedy R-ISD == AR on a tiny gated model with them, and on the
 embedded model oneDNN's tokens in float32 and R-ISD int8 == AR int8 up to near-ties."""
@@ -11,8 +11,8 @@ from idlm import LLM, SamplingParams
 from idlm.bench.decode import heldout_prompts
 from idlm.models import kernel_choice, panel
 from idlm.models.lora import LoRAProj, pack_adapter
-from idlm.models.panel import Int8Panels, PanelLinear, PanelLoRA
-from idlm.models.quantize import Int8Linear, quantize_int8, quantize_model
+from idlm.models.panel import Int8Panels, PanelLinear, PanelLoRA, W8A8Panels
+from idlm.models.quantize import Int8Linear, W8A8Linear, quantize_int8, quantize_model
 
 from conftest import requires_embedded
 
@@ -164,7 +164,7 @@ def test_int8_products_are_the_pair_sums_bit_for_bit_at_every_row_count(out_feat
     g = torch.Generator().manual_seed(out_features + in_features)
     q, scales = quantize_int8(torch.randn(out_features, in_features, generator=g))
     lin = Int8Panels(q, scales)
-    assert (lin.pairs is not None) == panel.build().endswith("+BF16")
+    assert (lin.pairs is not None) == ("BF16" in panel.build().split("+"))
     x = (torch.randn(11, in_features, generator=g) * 4).bfloat16()
     for rows in (1, 2, 3, 7, 8, 9, 11):
         assert torch.equal(lin.product(x[:rows]), pair_sums(x[:rows], q, scales))
@@ -184,6 +184,61 @@ def test_int8_products_round_ties_to_even_as_torch_does():
     assert torch.equal(want[0, :4], torch.tensor([1.0, 1 + 2.0 ** -6, -1.0, -1 - 2.0 ** -6]))  # ties to even
     for rows in (1, 3):
         assert torch.equal(lin.product(x[:rows]), want[:rows])
+
+
+def w8a8_reference(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The w8a8 model in float64: each row of x quantized per block of 32 inputs (scale max |x| / 127, round half to
+    even; an all-zero block is zeros), the int8 sums exact, times both scales."""
+    rows, k = x.shape
+    padded = -(-k // 32) * 32
+    blocks = torch.nn.functional.pad(x, (0, padded - k)).view(rows, padded // 32, 32)
+    xs = blocks.abs().amax(-1, keepdim=True) / 127  # float32, as the kernel divides
+    xq = torch.where(xs > 0, torch.round(blocks / xs).clamp(-127, 127), torch.zeros_like(blocks))
+    w = torch.nn.functional.pad(q.double(), (0, padded - k)).view(q.shape[0], padded // 32, 32)
+    sums = torch.einsum("rbi,nbi->rbn", xq.double(), w)  # exact integers
+    return (sums * xs.double()).sum(1) * scales.double()
+
+
+@pytest.mark.parametrize("out_features,in_features", [(64, 96), (50, 37), (40, 1), (960, 576)])
+def test_w8a8_products_match_a_float64_reference_and_rows_are_independent(out_features, in_features):
+    """Every block shape (1-8 rows by 1-6 panels on AVX-512, 1-2 by 1-2 on AVX2), a K that is not a multiple of 32
+    or of 4, out features that are not of 16, an all-zero row and block, and a row's bits the same in any call."""
+    g = torch.Generator().manual_seed(out_features + in_features)
+    q, scales = quantize_int8(torch.randn(out_features, in_features, generator=g))
+    lin = W8A8Panels(q, scales)
+    x = torch.randn(21, in_features, generator=g) * torch.logspace(-3, 2, 21)[:, None]
+    x[4] = 0
+    x[5, : min(32, in_features)] = 0
+    got = lin.product(x)
+    assert got.shape == (21, out_features) and got.dtype == torch.float32
+    want = w8a8_reference(x, q, scales)
+    assert torch.equal(got[4], torch.zeros(out_features))
+    err = (got.double() - want).abs() / want.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+    assert err.max() < 1e-6  # float32 sums of the blocks, against float64
+    for rows in (1, 2, 3, 7, 8, 9, 20):  # bit for bit: whatever rows share the call
+        for first in (0, 21 - rows):
+            assert torch.equal(lin.product(x[first:first + rows]), got[first:first + rows])
+    bias = torch.randn(out_features, generator=g)
+    assert torch.equal(lin.product(x, bias), got + bias)
+    with pytest.raises(RuntimeError, match="float32 x"):
+        lin.product(x.bfloat16())
+
+
+def test_w8a8_rounds_activations_half_to_even_and_sums_without_saturating():
+    """x / scale exactly halfway (0.5, 1.5, 2.5 of a step) rounds to the even integer as torch.round does; and the
+    largest products (127 x 127 at every input, either sign) sum exactly, where a saturating 16-bit pair sum
+    (VPMADDUBSW on unsigned activations) would clip."""
+    q = torch.tensor([[1] * 32, [-1] * 32], dtype=torch.int8)
+    lin = W8A8Panels(q, torch.ones(2))
+    x = torch.zeros(1, 32)
+    x[0, :4] = torch.tensor([127.0, 0.5, 1.5, 2.5])  # scale 1: rounds to 127, 0, 2, 2
+    assert torch.equal(lin.product(x), torch.tensor([[131.0, -131.0]]))
+    big = torch.full((127, 64), 127, dtype=torch.int8)
+    big[1::2] = -127
+    lin = W8A8Panels(big, torch.ones(127))
+    for sign in (1.0, -1.0):
+        x = torch.full((2, 64), sign)  # 127 at every input
+        torch.testing.assert_close(lin.product(x).double(), w8a8_reference(x, big, torch.ones(127)), rtol=1e-7, atol=0)
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "int8"])
@@ -226,6 +281,12 @@ def test_an_llm_chooses_the_panel_kernels_once_per_machine_and_format(tmp_path, 
         assert lora and all((m.delta_kernel is not None) == packed for m in lora)
     with pytest.raises(ValueError, match="panel"):
         LLM(path, panel="fast")
+    count = len(calls)
+    w8a8 = LLM(path, kv_cache_tokens=256, quantize="w8a8")  # on the panel kernels: nothing to choose or measure
+    assert w8a8.panel and len(calls) == count and w8a8.row_limits == {}
+    assert all(isinstance(k, W8A8Linear) for k in [m.kernel for m in _projs(w8a8)] + [w8a8.model.head_kernel])
+    with pytest.raises(ValueError, match="w8a8 runs on the panel kernels"):
+        LLM(path, kv_cache_tokens=256, quantize="w8a8", panel="off")
 
 
 def _projs(llm: LLM):
@@ -239,12 +300,15 @@ def test_risd_equals_ar_with_panel_products_on_a_tiny_model(tokenizer):
         m.pack_for_cpu_inference(PanelLinear)
         pack_adapter(m, PanelLoRA)
 
-    def int8(m):
-        quantize_model(m, "int8", row_limit=64, panel=True)
-        pack_adapter(m, PanelLoRA)
+    def quantized(fmt):
+        def weights(m):
+            quantize_model(m, fmt, row_limit=64, panel=True)
+            pack_adapter(m, PanelLoRA)
+        return weights
 
     assert_risd_equals_ar_on_tiny(tokenizer, fp32, "panel", strides=(2, 3, 4))
-    assert_risd_equals_ar_on_tiny(tokenizer, int8, "int8 panel", strides=(2, 4))
+    assert_risd_equals_ar_on_tiny(tokenizer, quantized("int8"), "int8 panel", strides=(2, 4))
+    assert_risd_equals_ar_on_tiny(tokenizer, quantized("w8a8"), "w8a8", strides=(2, 3, 4))
 
 
 @requires_embedded

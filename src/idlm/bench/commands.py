@@ -25,8 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--max-tokens", type=int, default=128)
     d.add_argument("--device", choices=["cpu", "cuda"], default=None)
     d.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: float32 on CPU")
-    d.add_argument("--quantize", default="none", help="comma list of none,int8,int4,bf16: each gets its own rows "
-                                                      "(quantized weights, bfloat16 inputs to the products)")
+    d.add_argument("--quantize", default="none", help="comma list of none,int8,int4,w8a8,bf16: each gets its own rows "
+                                                      "(quantized weights; models/quantize.py)")
     d.add_argument("--panel", default="auto", help="comma list of auto,on,off: our panel kernels for float32 and int8 "
                                                    "products (models/panel.py); several give every variant rows of each")
     d.add_argument("--stationary", choices=["off", "on", "both"], default="off",

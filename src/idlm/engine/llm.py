@@ -107,8 +107,10 @@ class LLM:
         fuse: q/k/v and gate/up (and their adapters) as one matmul each (models/fuse.py).
         quantize: None, "int8" (CPU: int8 weights per output channel, products with bfloat16 inputs, everything
             else in `dtype`), "int4" (CPU: int4 weights per group of 32, GGUF Q4_1's layout, the LM head int8;
-            products with bfloat16 inputs) or "bf16" (CPU with AVX512-BF16: weights rounded to bfloat16, products
-            with bfloat16 inputs, everything else in `dtype`); models/quantize.py.
+            products with bfloat16 inputs), "w8a8" (CPU: int8 weights per output channel against activations
+            quantized per block of 32 inputs, integer sums, by the panel kernels) or "bf16" (CPU with AVX512-BF16:
+            weights rounded to bfloat16, products with bfloat16 inputs, everything else in `dtype`);
+            models/quantize.py.
         panel: our AVX2 / AVX-512 panel kernels (models/panel.py, built on first use) for the products of float32
             weights (instead of oneDNN's) and of int8 ones (instead of aten's): "on", "off", or "auto": where they are
             the faster on this machine, measured once (kept in $IDLM_CACHE/panel/); off where they cannot be built.
@@ -173,6 +175,13 @@ class LLM:
         faster on this machine over the model's own weight shapes (float32, or int8 where the format has int8
         products), measured once and kept in $IDLM_CACHE/panel/."""
         model = self.checkpoint.model
+        if self.quantize == "w8a8":  # its products are a panel kernel: there is no other choice to measure
+            if choice == "off":
+                raise ValueError("w8a8 runs on the panel kernels: it cannot take panel off")
+            why_not = panel.available(cache_dir() / "kernels")
+            if why_not:
+                raise ValueError(f"w8a8 needs the panel kernels: {why_not}")
+            return True
         fmt = "int8" if self.quantize in QUANTIZE_FORMATS else \
             "fp32" if self.quantize is None and self.dtype == torch.float32 else None
         if choice == "off" or fmt is None:

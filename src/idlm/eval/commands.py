@@ -90,8 +90,8 @@ def register(subparsers) -> None:
     e.add_argument("--adapter", default=None, help="adapter dir (default: the model's shipped adapter; 'none': off)")
     e.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     e.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    e.add_argument("--quantize", choices=["none", "int8", "int4", "bf16"], default=None,
-                   help="int8, int4 or bf16 weights (models/quantize.py)")
+    e.add_argument("--quantize", choices=["none", "int8", "int4", "w8a8", "bf16"], default=None,
+                   help="int8, int4, w8a8 or bf16 weights (models/quantize.py)")
     e.add_argument("--compile", action="store_true", help="compiled forwards (models/compile.py)")
     e.add_argument("--batch-size", type=int, default=16, help="requests decoded together")
     e.add_argument("--max-tokens", type=int, default=None, help="answer budget (default: the task's)")

@@ -20,8 +20,12 @@ from idlm.eval.tasks import EvalError, Item, Task
 
 DECODING_NAMES = ("ar", "auto", "isd", "risd")
 # int8 and bf16 weights: each product's inputs and outputs are rounded to bf16, so AR and verify steps drift apart
-# over tokens (models/quantize.py; int8: per-token log-prob differences up to 0.12, divergences at gaps 0.002-0.09)
-TIE_TOLERANCE = {"float32": 2e-3, "bfloat16": 5e-2, "float16": 2e-2, "int8": 0.2, "int4": 0.2, "bf16": 0.2}
+# over tokens (models/quantize.py; int8: per-token log-prob differences up to 0.12, divergences at gaps 0.002-0.09).
+# w8a8 rounds the products' inputs to int8 steps: a 1e-7 difference (attention sums over 1 or 7 query rows, or
+# over keys padded to another sequence's length) that moves one input across a rounding boundary moves it a whole
+# step, and the logits by more (divergences at gaps up to 0.36 on 16 held-out prompts x 64 tokens)
+TIE_TOLERANCE = {"float32": 2e-3, "bfloat16": 5e-2, "float16": 2e-2, "int8": 0.2, "int4": 0.2, "w8a8": 0.5,
+                 "bf16": 0.2}
 
 
 @dataclass(frozen=True)

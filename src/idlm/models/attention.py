@@ -122,10 +122,13 @@ class _Group:
     q_index: [B, Qmax] index of each sequence's rows in the group's rows + a zero row (R), or None when B == 1.
     out_index: [R] positions of the real rows in the flattened [B * Qmax] output, or None when B == 1.
     mask: [B, 1, Qmax, S] bool: which cached and new keys each row sees (S: nb * block_size, or the
-        sequence's length for a span).
-    span: (first block, keys) when the group is one sequence whose blocks are consecutive in the pool (the
-        usual case for a lone request: blocks are handed out in order and rolled-back ones are taken back
-        first): its keys are then a view of the pool, not a gathered copy, cut to the keys it has.
+        group of one sequence: `length`).
+    length: the keys of a group of one sequence (its cached and new ones), to which its keys are cut, gathered or
+        not, so that how its blocks lie in the pool changes no bit of its attention (the library's kernel sums
+        differently over a longer, masked tail); None for a group of several, padded to whole blocks.
+    span: the first block when the group is one sequence whose blocks are consecutive in the pool (the usual
+        case for a lone request: blocks are handed out in order and rolled-back ones are taken back first): its
+        keys are then a view of the pool, not a gathered copy.
     folded: the mask folded for grouped-query heads, made by the first layer and reused by the others.
     by_sums: attend by `_attention_by_sums` (compiled graphs of steps of at most SUMS_QUERY rows per sequence).
     """
@@ -135,7 +138,8 @@ class _Group:
     q_index: torch.Tensor | None
     out_index: torch.Tensor | None
     mask: torch.Tensor
-    span: tuple[int, int] | None = None
+    length: int | None = None
+    span: int | None = None
     folded: torch.Tensor | None = None
     by_sums: bool = False
 
@@ -144,10 +148,11 @@ class _Group:
         _, bs, hkv, d = pool.shape
         b, nb = self.block_tables.shape
         if self.span is not None:
-            first, n = self.span
-            return pool[first : first + nb].view(1, nb * bs, hkv, d)[:, :n].transpose(1, 2)
-        # index_select copies whole blocks (measured 8 vs 12 us for 16 blocks as `pool[block_tables]`)
-        return pool.index_select(0, self.block_tables.view(-1)).view(b, nb * bs, hkv, d).transpose(1, 2)
+            blocks = pool[self.span : self.span + nb]
+        else:  # index_select copies whole blocks (measured 8 vs 12 us for 16 blocks as `pool[block_tables]`)
+            blocks = pool.index_select(0, self.block_tables.view(-1))
+        keys = blocks.view(b, nb * bs, hkv, d)
+        return (keys if self.length is None else keys[:, : self.length]).transpose(1, 2)
 
     def attend(self, kp: torch.Tensor, vp: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         hkv = kp.shape[2]
@@ -270,9 +275,9 @@ class PagedAttention:
                 row += n
             single = b == 1
             table = block_tables[seqs[0]]
-            span = (table[0], start_positions[seqs[0]] + lens[0]) \
-                if single and table == list(range(table[0], table[0] + nb)) else None
-            keys = torch.arange(span[1] if span else nb * block_size)[None, None, :]
+            length = start_positions[seqs[0]] + lens[0] if single else None
+            span = table[0] if single and table == list(range(table[0], table[0] + nb)) else None
+            keys = torch.arange(length or nb * block_size)[None, None, :]
             mask = (keys < upto[..., None]) | ((keys >= run_lo[..., None]) & (keys <= own[..., None]))
             return _Group(
                 rows=None if whole else torch.tensor(rows, dtype=torch.long, device=device),
@@ -280,6 +285,7 @@ class PagedAttention:
                 q_index=None if single else torch.tensor(q_index, dtype=torch.long, device=device),
                 out_index=None if single else torch.tensor(out_index, dtype=torch.long, device=device),
                 mask=mask.unsqueeze(1).to(device),
+                length=length,
                 span=span,
             )
 

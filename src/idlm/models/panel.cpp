@@ -13,9 +13,11 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <memory>
 #include <type_traits>
+#include <vector>
 
 namespace {
 
@@ -450,6 +452,196 @@ void add_lora(at::Tensor y, const at::Tensor& x, const at::Tensor& a_panels, int
   }
 }
 
+// ---- w8a8: int8 weights against int8 activations, integer sums (llama.cpp's scheme: Q8 activations) ----
+// y = sum over blocks b of 32 inputs of float(xq_b . wq_b) * xs_b, times the column's scale, where each row of x is
+// quantized per block (xs_b = max |x_b| / 127, xq_b = round(x_b / xs_b), ties to even) as the call starts. A block's
+// sum is an exact int32 (|.| <= 32 * 127 * 127), so it is the same number whichever instructions compute it; the
+// blocks are then added to a float32 sum by one FMA each, in order, and scaled by one multiply: every build, row
+// count and block shape computes a row's output bit for bit alike. Weights are packed [panel][K/4][16][4]: four
+// consecutive inputs of a column in one 32-bit word, what VPDPBUSD multiplies (AVX512-VNNI: 64 products per
+// instruction, with no widening, where the bf16 pairs above do 32 after widening). VPDPBUSD multiplies unsigned by
+// signed bytes, so VNNI builds keep each weight + 128 (0..254) and take 128 x (the block's sum of xq) back off;
+// AVX2 builds keep the signed weights and move x's sign onto them (|x| x sign(x) w by VPMADDUBSW: pairs reach at
+// most 2 x 127 x 127, below its saturation).
+constexpr int64_t kQuad = 4;  // inputs per 32-bit word
+constexpr int64_t kBlock = 32;  // inputs per activation scale
+constexpr int64_t kQuadsPerBlock = kBlock / kQuad;
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+constexpr bool kUnsignedWeights = true;
+constexpr int64_t kRowsQ = 8;
+constexpr int kPanelsPerBlockQ[kRowsQ + 1] = {0, 6, 4, 3, 3, 2, 2, 2, 2};
+struct IAcc { __m512i v; };
+struct FAcc { __m512 v; };
+struct WReg { __m512i v; };
+inline IAcc izero() { return {_mm512_setzero_si512()}; }
+inline FAcc fzero() { return {_mm512_setzero_ps()}; }
+inline WReg wload(const int8_t* p) { return {_mm512_loadu_si512(p)}; }
+inline IAcc dot(IAcc acc, WReg w, int32_t x4) { return {_mm512_dpbusd_epi32(acc.v, w.v, _mm512_set1_epi32(x4))}; }
+inline FAcc block_sum(FAcc f, IAcc i, int32_t minus, float scale) {  // f + float(i - minus) * scale, one FMA
+  return {_mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(i.v, _mm512_set1_epi32(minus))), _mm512_set1_ps(scale),
+                          f.v)};
+}
+inline void fstore(float* p, FAcc f, const float* scales) { _mm512_storeu_ps(p, _mm512_mul_ps(f.v, _mm512_loadu_ps(scales))); }
+#else
+constexpr bool kUnsignedWeights = false;
+constexpr int64_t kRowsQ = 2;
+constexpr int kPanelsPerBlockQ[kRowsQ + 1] = {0, 2, 1};
+struct IAcc { __m256i lo, hi; };
+struct FAcc { __m256 lo, hi; };
+struct WReg { __m256i lo, hi; };
+inline IAcc izero() { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+inline FAcc fzero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+inline WReg wload(const int8_t* p) {
+  return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32))};
+}
+inline __m256i dot8(__m256i acc, __m256i w, __m256i x) {  // 8 columns x 4 inputs
+  const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+inline IAcc dot(IAcc acc, WReg w, int32_t x4) {
+  const __m256i x = _mm256_set1_epi32(x4);
+  return {dot8(acc.lo, w.lo, x), dot8(acc.hi, w.hi, x)};
+}
+inline __m256 fma8(__m256 f, __m256i i, int32_t minus, float scale) {
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(i, _mm256_set1_epi32(minus))), _mm256_set1_ps(scale), f);
+}
+inline FAcc block_sum(FAcc f, IAcc i, int32_t minus, float scale) {
+  return {fma8(f.lo, i.lo, minus, scale), fma8(f.hi, i.hi, minus, scale)};
+}
+inline void fstore(float* p, FAcc f, const float* scales) {
+  _mm256_storeu_ps(p, _mm256_mul_ps(f.lo, _mm256_loadu_ps(scales)));
+  _mm256_storeu_ps(p + 8, _mm256_mul_ps(f.hi, _mm256_loadu_ps(scales + 8)));
+}
+#endif
+
+// A row of x quantized: `blocks` of kBlock int8 inputs (as kQuadsPerBlock 32-bit words each), their scales, and what
+// the unsigned weights add to each block's sum (128 x its sum of xq; 0 for signed weights)
+struct QRows {
+  std::vector<int32_t> words;
+  std::vector<float> scales;
+  std::vector<int32_t> minus;
+};
+
+QRows quantize_rows(const float* x, int64_t m, int64_t k, int64_t blocks) {
+  QRows q{std::vector<int32_t>(m * blocks * kQuadsPerBlock, 0), std::vector<float>(m * blocks, 0.f),
+          std::vector<int32_t>(m * blocks, 0)};
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float* xb = x + r * k + b * kBlock;
+      const int64_t n = std::min(kBlock, k - b * kBlock);
+      float amax = 0.f;
+      for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(xb[i]));
+      const float scale = amax / 127.f;
+      int8_t* out = reinterpret_cast<int8_t*>(q.words.data() + (r * blocks + b) * kQuadsPerBlock);
+      int32_t sum = 0;
+      if (scale > 0.f) {
+        for (int64_t i = 0; i < n; ++i) {
+          const float v = std::min(127.f, std::max(-127.f, std::nearbyint(xb[i] / scale)));
+          out[i] = static_cast<int8_t>(v);
+          sum += out[i];
+        }
+      }
+      q.scales[r * blocks + b] = scale;
+      q.minus[r * blocks + b] = kUnsignedWeights ? 128 * sum : 0;
+    }
+  }
+  return q;
+}
+
+// R rows x P panels: per block, kQuadsPerBlock VPDPBUSD (or their AVX2 form) per row and panel into exact int32 sums,
+// then one FMA per row and panel into the float32 sums
+template <int R, int P>
+inline void qblock(const QRows& q, int64_t row0, int64_t blocks, const int8_t* panel, const Out& out) {
+  constexpr int64_t kPanelBytes = kCols * kQuad;  // per panel per quad
+  FAcc f[R][P];
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < P; ++p) f[r][p] = fzero();
+  for (int64_t b = 0; b < blocks; ++b) {
+    IAcc acc[R][P];
+    for (int r = 0; r < R; ++r)
+      for (int p = 0; p < P; ++p) acc[r][p] = izero();
+    const int32_t* xw = q.words.data() + (row0 * blocks + b) * kQuadsPerBlock;
+    for (int64_t j = 0; j < kQuadsPerBlock; ++j) {
+      const int64_t quad = b * kQuadsPerBlock + j;
+      for (int p = 0; p < P; ++p) {
+        const int8_t* w = panel + (p * blocks * kQuadsPerBlock + quad) * kPanelBytes;
+        _mm_prefetch(reinterpret_cast<const char*>(w) + kAhead, _MM_HINT_T0);
+        const WReg wr = wload(w);
+        for (int r = 0; r < R; ++r) acc[r][p] = dot(acc[r][p], wr, xw[r * blocks * kQuadsPerBlock + j]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const int64_t i = (row0 + r) * blocks + b;
+      for (int p = 0; p < P; ++p) f[r][p] = block_sum(f[r][p], acc[r][p], q.minus[i], q.scales[i]);
+    }
+  }
+  for (int p = 0; p < P; ++p) {
+    const int64_t c = std::min(kCols, out.cols - p * kCols);
+    for (int r = 0; r < R; ++r) {
+      float* y = out.y + r * out.ldy + p * kCols;
+      if (c == kCols) {
+        fstore(y, f[r][p], out.scales + p * kCols);
+      } else {
+        float tail[kCols];
+        fstore(tail, f[r][p], out.scales + p * kCols);
+        std::memcpy(y, tail, c * sizeof(float));
+      }
+    }
+  }
+}
+
+at::Tensor pack_w8a8(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.device().is_cpu(),
+              "idlm_panel::pack_w8a8 takes a 2-D int8 CPU weight [out, in]");
+  const int64_t k = w.size(1), padded = (k + kBlock - 1) / kBlock * kBlock;
+  at::Tensor wp = at::constant_pad_nd(w, {0, padded - k});
+  if (kUnsignedWeights) wp = (wp.to(at::kShort) + 128).to(at::kByte).view(at::kChar);  // the bits of w + 128
+  return panels_of(wp, kQuad, true);
+}
+
+// y [..., out] = w8a8 product of x [..., K] float32 and `pack_w8a8` panels with float32 per-column scales (padded
+// to 16 x panels)
+at::Tensor linear_w8a8(const at::Tensor& x, const at::Tensor& panels, const at::Tensor& scales, int64_t out_features,
+                       const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && panels.scalar_type() == at::kChar && panels.size(-1) == kCols * kQuad,
+              "idlm_panel::linear_w8a8 takes float32 x and int8 panels (idlm_panel::pack_w8a8)");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.dim() == 1 &&
+                  scales.size(0) == panels.size(0) * kCols,
+              "idlm_panel::linear_w8a8 takes float32 scales padded to 16 x panels");
+  const int64_t k = x.size(-1), m = x.numel() / std::max<int64_t>(k, 1), blocks = (k + kBlock - 1) / kBlock;
+  at::Tensor y = output(x, panels, blocks * kQuadsPerBlock, out_features);
+  const at::Tensor xc = x.reshape({m, k}).contiguous();
+  const QRows q = quantize_rows(xc.const_data_ptr<float>(), m, k, blocks);
+  const auto* pp = static_cast<const int8_t*>(panels.const_data_ptr());
+  const int64_t panel_bytes = blocks * kBlock * kCols;
+  const Out out{y.data_ptr<float>(), out_features, out_features, scales.const_data_ptr<float>(), false};
+  at::parallel_for(0, panels.size(0), 1, [&](int64_t begin, int64_t end) {
+    const int64_t per_chunk = std::max<int64_t>(1, kChunkBytes / panel_bytes);
+    const int64_t step = m <= kRowsQ ? end - begin : per_chunk;
+    for (int64_t p0 = begin; p0 < end; p0 += step) {
+      const int64_t count = std::min(step, end - p0);
+      for (int64_t r = 0; r < m; r += kRowsQ) {
+        dispatch<kRowsQ>(std::min(kRowsQ, m - r), [&](auto rows) {
+          constexpr int R = decltype(rows)::value;
+          constexpr int P = kPanelsPerBlockQ[R];
+          auto run = [&](int64_t j, auto panels_now) {
+            qblock<R, decltype(panels_now)::value>(q, r, blocks, pp + (p0 + j) * panel_bytes, out.at(r, p0 + j));
+          };
+          int64_t j = 0;
+          for (; j + P <= count; j += P) run(j, std::integral_constant<int, P>{});
+          if constexpr (P > 1) {
+            if (j < count) dispatch<P - 1>(count - j, [&](auto n) { run(j, n); });
+          }
+        });
+      }
+    }
+  });
+  add_bias(y, bias);
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(idlm_panel, m) {
@@ -457,6 +649,8 @@ TORCH_LIBRARY(idlm_panel, m) {
   m.def("linear(Tensor x, Tensor panels, int out_features, Tensor? bias) -> Tensor");
   m.def("pack_pairs(Tensor w) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor panels, Tensor? pairs, Tensor scales, int out_features, Tensor? bias) -> Tensor");
+  m.def("pack_w8a8(Tensor w) -> Tensor");
+  m.def("linear_w8a8(Tensor x, Tensor panels, Tensor scales, int out_features, Tensor? bias) -> Tensor");
   m.def("add_lora(Tensor(a!) y, Tensor x, Tensor a_panels, int rank, Tensor[] b_panels, int[] blocks, Tensor? rows) "
         "-> ()");
 }
@@ -466,5 +660,7 @@ TORCH_LIBRARY_IMPL(idlm_panel, CPU, m) {
   m.impl("linear", &linear);
   m.impl("pack_pairs", &pack_pairs);
   m.impl("linear_int8", &linear_int8);
+  m.impl("pack_w8a8", &pack_w8a8);
+  m.impl("linear_w8a8", &linear_w8a8);
   m.impl("add_lora", &add_lora);
 }

@@ -38,13 +38,22 @@ SOURCE = Path(__file__).with_name("panel.cpp")
 SOURCE_ID = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]  # which kernels: part of every measurement's key
 ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx2", "-mfma", "-mavx512f"]}  # by ATen's CPU capability
 CAPABILITIES = tuple(ISA_FLAGS)
-BF16_FLAGS = ["-mavx512bw", "-mavx512bf16"]  # AVX-512 CPUs with VDPBF16PS: the int8 products' pair path
+FEATURE_FLAGS = {  # AVX-512 CPUs' extensions the kernels use where the CPU has them
+    "VNNI": ["-mavx512bw", "-mavx512vnni"],  # VPDPBUSD: the w8a8 products' integer sums
+    "BF16": ["-mavx512bw", "-mavx512bf16"],  # VDPBF16PS: the int8 products' pair path
+}
+
+
+def _features() -> list[str]:
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return []
+    has = {"VNNI": torch.cpu._is_vnni_supported(), "BF16": torch.cpu._is_avx512_bf16_supported()}
+    return [name for name in FEATURE_FLAGS if has[name]]
 
 
 def build() -> str:
-    """Which build of the kernels this CPU takes: its capability, "+BF16" where int8 products use VDPBF16PS."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    return f"{capability}+BF16" if capability == "AVX512" and torch.cpu._is_avx512_bf16_supported() else capability
+    """Which build of the kernels this CPU takes: its capability and the extensions used ("AVX512+VNNI+BF16")."""
+    return "+".join([torch.backends.cpu.get_cpu_capability(), *_features()])
 
 
 def kernels_id() -> str:
@@ -72,7 +81,7 @@ def _load(build_dir: Path | None) -> str | None:
         if build_dir is not None:
             build_dir.mkdir(parents=True, exist_ok=True)
         name = build()
-        flags = ISA_FLAGS[capability] + (BF16_FLAGS if name != capability else [])
+        flags = ISA_FLAGS[capability] + sorted({f for feature in _features() for f in FEATURE_FLAGS[feature]})
         load(f"idlm_panel_{name.lower().replace('+', '_')}", [str(SOURCE)],
              extra_cflags=["-O3", *flags, "-fopenmp"], extra_ldflags=["-fopenmp"],
              build_directory=str(build_dir) if build_dir else None,
@@ -81,6 +90,7 @@ def _load(build_dir: Path | None) -> str | None:
         return f"the panel kernel did not build ({type(e).__name__}: {str(e).strip().splitlines()[-1:]})"
     torch.library.register_fake("idlm_panel::linear")(_linear_shape)
     torch.library.register_fake("idlm_panel::linear_int8")(_linear_int8_shape)
+    torch.library.register_fake("idlm_panel::linear_w8a8")(_linear_shape_w8a8)
     torch.library.register_fake("idlm_panel::add_lora")(_add_lora_shape)
     return None
 
@@ -92,6 +102,11 @@ def _linear_shape(x: Tensor, panels: Tensor, out_features: int, bias: Tensor | N
 def _linear_int8_shape(x: Tensor, panels: Tensor, pairs: Tensor | None, scales: Tensor,  # noqa: ARG001
                        out_features: int, bias: Tensor | None) -> Tensor:  # noqa: ARG001
     return x.new_empty(*x.shape[:-1], out_features, dtype=torch.float32)
+
+
+def _linear_shape_w8a8(x: Tensor, panels: Tensor, scales: Tensor, out_features: int,  # noqa: ARG001
+                       bias: Tensor | None) -> Tensor:  # noqa: ARG001
+    return x.new_empty(*x.shape[:-1], out_features)
 
 
 def _add_lora_shape(y: Tensor, x: Tensor, a_panels: Tensor, rank: int, b_panels: list[Tensor],  # noqa: ARG001
@@ -147,9 +162,25 @@ class Int8Panels:
 
     def __init__(self, q: Tensor, scales: Tensor):
         self.panels = torch.ops.idlm_panel.pack(q)
-        self.pairs = torch.ops.idlm_panel.pack_pairs(q) if build().endswith("+BF16") else None
+        self.pairs = torch.ops.idlm_panel.pack_pairs(q) if "BF16" in _features() else None
         self.scales = torch.nn.functional.pad(scales.float(), (0, self.panels.shape[0] * 16 - q.shape[0]))
         self.out_features = q.shape[0]
 
     def product(self, xb: Tensor) -> Tensor:
         return torch.ops.idlm_panel.linear_int8(xb, self.panels, self.pairs, self.scales, self.out_features, None)
+
+
+class W8A8Panels:
+    """An int8 weight per output channel (w ~ q * scales) against int8 activations: `product(x)` quantizes each row
+    of x (float32) per block of 32 inputs (scale max |x| / 127, round to nearest even) and sums each block exactly in
+    int32 (VPDPBUSD on AVX512-VNNI, VPMADDUBSW on AVX2), the blocks in float32 in order: a row's output is the same
+    bit for bit whatever rows share the call, whichever build runs it. `reference` computes the same model in
+    float64 from the same quantized values."""
+
+    def __init__(self, q: Tensor, scales: Tensor):
+        self.panels = torch.ops.idlm_panel.pack_w8a8(q)
+        self.scales = torch.nn.functional.pad(scales.float(), (0, self.panels.shape[0] * 16 - q.shape[0]))
+        self.out_features = q.shape[0]
+
+    def product(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        return torch.ops.idlm_panel.linear_w8a8(x, self.panels, self.scales, self.out_features, bias)

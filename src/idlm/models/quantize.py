@@ -25,6 +25,13 @@ picks the row count up to which each is used; above it, the dequantized weight i
 outputs rounded to bfloat16 as the kernels round them (the same quantized model; the two differ only in the
 order of float32 accumulation). A limit of 0 means the plain float32 path everywhere.
 
+w8a8 (`W8A8Linear`): int8 weights as int8's, against activations quantized to int8 as each product starts, per row
+and block of 32 inputs (llama.cpp's Q8 activations, which its Q4_1 products use too), by our panel kernel: each
+block's sum is an exact integer, so the kernel is free to use VPDPBUSD (AVX512-VNNI: 64 products per instruction,
+no widening) and its cost grows less with the rows of a verify step; nothing is rounded to bfloat16. The price is
+the activations' rounding: top-1 agreement with fp32 on 16 held-out prompts 95.7% (int8: 96.1%; one scale per
+row instead of per block: 87.7%).
+
 The other weight format here, bf16 (`Bf16Linear`): each weight rounded to bfloat16 once and packed by oneDNN,
 the same bf16 rounding of the products' inputs and outputs, and everything else in float32 as above. On CPUs
 with AVX512-BF16 its cost hardly grows with the row count, which is what verify steps need (the int8 kernel's
@@ -42,15 +49,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from idlm.models.llama import CausalLM, PackedLinear, Proj
-from idlm.models.panel import Int8Panels
+from idlm.models.panel import Int8Panels, W8A8Panels
 from idlm.models.timing import copies_beyond_cache, interleaved_medians, on_copies
 
 log = logging.getLogger("idlm")
 ROW_CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
 KERNEL_DTYPE = torch.bfloat16  # the quantized kernels' activation dtype
-EXACT_TOP = 8  # logits recomputed exactly per row (Bf16Products.exact_top)
+EXACT_TOP = 8  # logits recomputed exactly per row (Products.exact_top)
 GROUP = 32  # int4: inputs per scale and zero (GGUF's Q4 blocks)
-FORMATS = ("int8", "int4")  # quantize_model's weight formats
+FORMATS = ("int8", "int4", "w8a8")  # quantize_model's weight formats
 
 
 def _bf16_at_least(x: Tensor) -> Tensor:
@@ -89,28 +96,30 @@ def dequantize_int4(codes: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
     return g.view(n, k)
 
 
-class Bf16Products:
-    """The frame both weight formats share: x's rows rounded to bfloat16, the subclass's `product` of them, the
-    result rounded to bfloat16 and returned in x's dtype, plus the bias.
+class Products:
+    """The frame the weight formats share: x's rows cast to `input_dtype` (bfloat16: the kernels' activations), the
+    subclass's `product` of them, the result returned in x's dtype, plus the bias.
 
     `weight`: the model the product computes, as a [N, K] tensor in the model's dtype (what anything reading the
-    projection's weight sees). `exact_top` (the LM head): products are rounded to bfloat16, whose step is 0.125 at
-    a logit of 16, so close candidates would tie or swap by rounding alone. The `exact_top` largest outputs of each
-    row are recomputed from the same bf16 inputs and `weight` in x's dtype (a k-row gather and a small product),
-    so the argmax and the near-top probabilities are those of the rounded model, not of its rounding."""
+    projection's weight sees). `exact_top` (the LM head of formats whose products are rounded to bfloat16, whose
+    step is 0.125 at a logit of 16, so close candidates would tie or swap by rounding alone): the `exact_top`
+    largest outputs of each row are recomputed from the same bf16 inputs and `weight` in x's dtype (a k-row gather
+    and a small product), so the argmax and the near-top probabilities are those of the rounded model, not of its
+    rounding."""
 
     weight: Tensor
     bias: Tensor | None
     exact_top: int
+    input_dtype: torch.dtype = KERNEL_DTYPE
 
     def product(self, xb: Tensor, row_limit: int | None = None) -> Tensor:
-        """[rows, K] bfloat16 -> [rows, N] bfloat16 values (as bfloat16, or float32 where a kernel rounds them
-        itself); `row_limit` overrides a quantized format's own."""
+        """[rows, K] `input_dtype` -> [rows, N] (bfloat16 values, as bfloat16 or float32, where the kernels round
+        their outputs; w8a8's float32); `row_limit` overrides a quantized format's own."""
         raise NotImplementedError
 
     def __call__(self, x: Tensor, row_limit: int | None = None) -> Tensor:
         rows, k = x.numel() // x.shape[-1], x.shape[-1]
-        xb = x.reshape(rows, k).to(KERNEL_DTYPE)
+        xb = x.reshape(rows, k).to(self.input_dtype)
         y = self.product(xb, row_limit).to(x.dtype)
         if self.exact_top:
             top = y.topk(self.exact_top, dim=-1).indices  # [rows, k]
@@ -120,7 +129,7 @@ class Bf16Products:
         return y if self.bias is None else y + self.bias
 
 
-class QuantizedLinear(Bf16Products):
+class QuantizedLinear(Products):
     """x @ w.T (+ bias) with a quantized weight: the subclass's `kernel` up to `row_limit` rows, the dequantized
     weight (oneDNN-packed where possible) above it; x and the result keep x's dtype."""
 
@@ -167,6 +176,29 @@ class Int8Linear(QuantizedLinear):
         return torch.ops.aten._weight_int8pack_mm(xb, self.q, self.scales)
 
 
+class W8A8Linear(Products):
+    """int8 weight per output channel (`quantize_int8`) against int8 activations, quantized per row and block of 32
+    inputs as each product starts (llama.cpp's Q8 activations), by our panel kernel (models/panel.py `W8A8Panels`,
+    which must be loaded) at every row count: each block's sum is exact in int32, so a row's output does not depend
+    on the rows beside it, nor on the instructions (AVX512-VNNI or AVX2); the blocks add up in float32, nothing is
+    rounded to bfloat16. No dense path for long prefill chunks: on this project's AVX-512 VNNI CPU the kernel beats
+    oneDNN's float32 product 1.8-2.9x from 32 to 512 rows (docs/benchmarks.md), and a dense path would make a row's
+    output depend on the chunk it is in."""
+
+    input_dtype = torch.float32
+    traceable = True  # compiled graphs trace it (models/compile.py): one operator on plain tensors
+
+    def __init__(self, weight: Tensor, bias: Tensor | None):
+        q, scales = quantize_int8(weight)
+        self.panels = W8A8Panels(q, scales)
+        self.weight = (q.float() * scales[:, None]).to(weight.dtype)
+        self.bias = bias
+        self.exact_top = 0
+
+    def product(self, xb: Tensor, row_limit: int | None = None) -> Tensor:  # noqa: ARG002 (one path)
+        return self.panels.product(xb)
+
+
 class Int4Linear(QuantizedLinear):
     """int4 weight per group of GROUP inputs (`quantize_int4`), `aten._weight_int4pack_mm_for_cpu`."""
 
@@ -189,7 +221,7 @@ class Int4Linear(QuantizedLinear):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, GROUP, self.scales_zeros)
 
 
-class Bf16Linear(Bf16Products):
+class Bf16Linear(Products):
     """x @ w.T (+ bias) with the weight rounded to bfloat16 once and packed by oneDNN. On CPUs with AVX512-BF16 (or
     AMX) the product reads half of fp32's bytes and its cost hardly grows with the row count (measured here: 1 to 7
     rows +3% to +14%, where the int8 kernel pays 2-2.7x), so a verify step costs about what an AR step costs.
@@ -235,7 +267,8 @@ def quantize_model(model: CausalLM, fmt: str = "int8", row_limit: int | None = N
                    known: dict[str, int] | None = None, panel: bool = False) -> dict[str, int]:
     """Give every projection and the LM head of a frozen CPU model a quantized kernel (the embedding lookup keeps
     the exact weight): `fmt` "int8" gives every one an `Int8Linear`; "int4" gives the projections the int4 kernel
-    can take an `Int4Linear` and the rest and the LM head an `Int8Linear`. The row limit of each kernel and weight
+    can take an `Int4Linear` and the rest and the LM head an `Int8Linear`; "w8a8" gives every one a `W8A8Linear`
+    (which runs on the panel kernels: `panel` must be True). The row limit of each kernel and weight
     shape is measured on this machine (the crossover differs by shape: measured here 4 rows for int8 gate/up,
     7 for down, 4 for the LM head) unless `row_limit` fixes one for all or `known` has it from an earlier
     measurement. `panel`: the int8 products by our panel kernel (models/panel.py, loaded). Returns {"format out x
@@ -243,10 +276,14 @@ def quantize_model(model: CausalLM, fmt: str = "int8", row_limit: int | None = N
     if fmt not in FORMATS:
         raise ValueError(f"unknown weight format {fmt!r}; choose one of {', '.join(FORMATS)}")
     _require_frozen_cpu(model, fmt)
+    if fmt == "w8a8" and not panel:
+        raise ValueError("w8a8 products run on the panel kernels (models/panel.py): load them and pass panel=True")
     limits: dict[str, int] = {}
     known = known or {}
 
-    def kernel_for(weight: Tensor, bias: Tensor | None, exact_top: int = 0) -> QuantizedLinear:
+    def kernel_for(weight: Tensor, bias: Tensor | None, exact_top: int = 0) -> Products:
+        if fmt == "w8a8":  # one kernel at every row count: no limit to measure
+            return W8A8Linear(weight, bias)
         kind = Int4Linear if fmt == "int4" and not exact_top and Int4Linear.fits(weight) else Int8Linear
         options = {"panel": panel} if kind is Int8Linear else {}
         key = f"{kind.format} {weight.shape[0]}x{weight.shape[1]}"
