@@ -2,7 +2,8 @@
 
 Kernels: aten's int8 kernel (`aten._weight_int8pack_mm`) and int4 one (`aten._weight_int4pack_mm_for_cpu`, where the
 shape fits it), both with bf16 inputs (models/quantize.py), oneDNN with the weight packed in float32 and in bfloat16
-(where the CPU packs it), and our panel kernels for float32 and int8 weights (models/panel.py, where they build). The
+(where the CPU packs it), and our panel kernels for float32 and int8 weights and w8a8 (int8 weights and activations,
+models/panel.py, where they build). The
 row counts are those of decode steps (AR: 1 per request; R-ISD stride N: 2N - 1). Interleaved, median of `repeats`;
 the table says which kernel is fastest at each row count, and the row limits quantize_model would measure (with
 aten's int8 kernel).
@@ -39,7 +40,7 @@ def shapes(model: str) -> dict[str, tuple[int, int]]:
 def run_kernels_bench(args: argparse.Namespace) -> dict[str, Any]:
     from idlm.models import panel
     from idlm.models.llama import PackedLinear
-    from idlm.models.quantize import Int4Linear, Int8Linear, measure_row_limit
+    from idlm.models.quantize import Int4Linear, Int8Linear, W8A8Linear, measure_row_limit
     from idlm.models.timing import copies_beyond_cache, interleaved_medians, on_copies
 
     rows_list = [int(r) for r in args.rows.split(",")]
@@ -52,6 +53,7 @@ def run_kernels_bench(args: argparse.Namespace) -> dict[str, Any]:
         quantized = {kind.format: [kind(w, None, 1 << 30) for _ in range(copies)] for kind in kinds}
         if has_panel:
             quantized["int8_panel"] = [Int8Linear(w, None, 1 << 30, panel=True) for _ in range(copies)]
+            quantized["w8a8"] = [W8A8Linear(w, None) for _ in range(copies)]
         fp32 = [PackedLinear(w) for _ in range(copies)]
         panels = [panel.PanelLinear(w) for _ in range(copies)] if has_panel else None
         try:
@@ -83,7 +85,8 @@ def run_kernels_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    columns = [("int8_us", "int8 aten (us)"), ("int8_panel_us", "int8 panel (us)"), ("int4_us", "int4 aten (us)"),
+    columns = [("int8_us", "int8 aten (us)"), ("int8_panel_us", "int8 panel (us)"), ("w8a8_us", "w8a8 panel (us)"),
+               ("int4_us", "int4 aten (us)"),
                ("fp32_us", "fp32 oneDNN (us)"),
                ("bf16_us", "bf16 oneDNN (us)"), ("panel_us", "fp32 panel (us)"), ("fastest", "fastest"),
                ("int8_row_limit", "int8 row limit"), ("int4_row_limit", "int4 row limit")]

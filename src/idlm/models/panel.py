@@ -16,10 +16,11 @@ not depend on the rows beside it (an AR step and a verify step compute it bit fo
 Measured against the library's kernels: docs/benchmarks.md,
 "Our panel kernels"; which a model uses is measured per machine (models/kernel_choice.py).
 
-The kernels are C++ with AVX2/FMA, AVX-512 or AVX-512 + BF16 intrinsics (`build()`: chosen by the CPU at build
-time), built by `torch.utils.cpp_extension` with the compiler that compiled steps already need, once per torch
+The kernels are C++ with AVX2/FMA, AVX-512, and AVX512-VNNI / AVX512-BF16 intrinsics (`build()`: chosen by the
+CPU at build time), built by `torch.utils.cpp_extension` with the compiler that compiled steps already need, once per torch
 version and build (about 30 s; the build directory is the caller's). They register the operators
-`idlm_panel::pack`, `idlm_panel::pack_pairs`, `idlm_panel::linear`, `idlm_panel::linear_int8` and
+`idlm_panel::pack`, `idlm_panel::pack_pairs`, `idlm_panel::linear`, `idlm_panel::linear_int8`,
+`idlm_panel::pack_w8a8`, `idlm_panel::linear_w8a8` (int8 weights against int8 activations: `W8A8Panels`) and
 `idlm_panel::add_lora` (a gated adapter's delta, in place), which compiled graphs call directly. Where they cannot
 be built or run (no compiler, a CPU without AVX2), `available` says why and the library's kernels stay.
 """
