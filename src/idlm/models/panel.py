@@ -153,6 +153,11 @@ class PanelLoRA:
                                       self.blocks, rows)
 
 
+def _padded_to_panels(scales: Tensor, panels: Tensor) -> Tensor:
+    """Per-output-channel scales as the int8 kernels read them: float32, zero-padded to 16 per panel."""
+    return torch.nn.functional.pad(scales.float(), (0, panels.shape[0] * 16 - scales.shape[0]))
+
+
 class Int8Panels:
     """An int8 weight per output channel (w ~ q * scales) in panels: `product(xb)` = (xb @ q.T) * scales, xb bfloat16,
     summed in float32 over pairs of inputs and rounded to bfloat16 values, returned in float32 (so a float32
@@ -164,7 +169,7 @@ class Int8Panels:
     def __init__(self, q: Tensor, scales: Tensor):
         self.panels = torch.ops.idlm_panel.pack(q)
         self.pairs = torch.ops.idlm_panel.pack_pairs(q) if "BF16" in _features() else None
-        self.scales = torch.nn.functional.pad(scales.float(), (0, self.panels.shape[0] * 16 - q.shape[0]))
+        self.scales = _padded_to_panels(scales, self.panels)
         self.out_features = q.shape[0]
 
     def product(self, xb: Tensor) -> Tensor:
@@ -175,12 +180,11 @@ class W8A8Panels:
     """An int8 weight per output channel (w ~ q * scales) against int8 activations: `product(x)` quantizes each row
     of x (float32) per block of 32 inputs (scale max |x| / 127, round to nearest even) and sums each block exactly in
     int32 (VPDPBUSD on AVX512-VNNI, VPMADDUBSW on AVX2), the blocks in float32 in order: a row's output is the same
-    bit for bit whatever rows share the call, whichever build runs it. `reference` computes the same model in
-    float64 from the same quantized values."""
+    bit for bit whatever rows share the call, whichever build runs it."""
 
     def __init__(self, q: Tensor, scales: Tensor):
         self.panels = torch.ops.idlm_panel.pack_w8a8(q)
-        self.scales = torch.nn.functional.pad(scales.float(), (0, self.panels.shape[0] * 16 - q.shape[0]))
+        self.scales = _padded_to_panels(scales, self.panels)
         self.out_features = q.shape[0]
 
     def product(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
