@@ -8,6 +8,8 @@ import os
 import sys
 from typing import Any
 
+from idlm.weight_formats import WEIGHT_FORMATS
+
 EXIT_USAGE = 2
 
 
@@ -16,7 +18,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", default=None, help="adapter dir (default: the model's shipped adapter; 'none': off)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default float32 on cpu, bfloat16 on cuda")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default cuda when available")
-    p.add_argument("--quantize", choices=["none", "int8", "int4", "w8a8", "bf16"], default=None,
+    p.add_argument("--quantize", choices=WEIGHT_FORMATS, default=None,
                    help="int8: int8 weights per output channel; int4: 4-bit weights per group of 32 (GGUF Q4_1's "
                         "layout), the LM head int8; bf16: weights rounded to bfloat16 (CPUs with AVX512-BF16); all "
                         "with bfloat16 inputs to the products; w8a8: int8 weights against activations quantized to "

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from idlm.weight_formats import WEIGHT_FORMATS
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="measured benchmarks (JSON under benchmarks/results/)")
@@ -25,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--max-tokens", type=int, default=128)
     d.add_argument("--device", choices=["cpu", "cuda"], default=None)
     d.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: float32 on CPU")
-    d.add_argument("--quantize", default="none", help="comma list of none,int8,int4,w8a8,bf16: each gets its own rows "
+    d.add_argument("--quantize", default="none", help=f"comma list of {','.join(WEIGHT_FORMATS)}: each gets its own rows "
                                                       "(quantized weights; models/quantize.py)")
     d.add_argument("--panel", default="auto", help="comma list of auto,on,off: our panel kernels for float32 and int8 "
                                                    "products (models/panel.py); several give every variant rows of each")

@@ -196,8 +196,8 @@ def _divergence(run: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any
     return {"median": statistics.median(firsts), "per_request": firsts}
 
 
-def _llamacpp(args: argparse.Namespace, batches: list[int], notes: list[str]):
-    """llama.cpp on the model's GGUF file (batch 1), or None with the reason in `notes`."""
+def _llamacpp(args: argparse.Namespace, batches: list[int], prompt_ids: list[list[int]], notes: list[str]):
+    """llama.cpp on the model's GGUF file (batch 1), loaded and warmed up, or None with the reason in `notes`."""
     from idlm.bench import llamacpp
 
     if not args.llamacpp:
@@ -208,7 +208,26 @@ def _llamacpp(args: argparse.Namespace, batches: list[int], notes: list[str]):
                                                  f"{args.model} has no GGUF file" if gguf is None else
                                                  f"llama-cpp-python is not installed; add it with {llamacpp.INSTALL}"))
         return None
-    return llamacpp.LlamaCpp(gguf, threads=torch.get_num_threads())
+    try:
+        lcpp = llamacpp.LlamaCpp(gguf, threads=torch.get_num_threads())
+        lcpp.run(prompt_ids[:1], 8)  # warm-up
+    except llamacpp.LlamaCppError as e:
+        notes.append(f"llama.cpp row skipped: {e}")
+        return None
+    return lcpp
+
+
+def _llamacpp_run(lcpp, prompt_ids: list[list[int]], max_tokens: int, notes: list[str]) -> dict[str, Any] | None:
+    """One timed llama.cpp run, or None (with the reason in `notes`) if its worker died."""
+    from idlm.bench.llamacpp import LlamaCppError
+
+    before = probe()
+    try:
+        run = lcpp.run(prompt_ids, max_tokens)
+    except LlamaCppError as e:
+        notes.append(f"llama.cpp stopped: {e}; its row has only the runs before")
+        return None
+    return {**run, "probe_us": [before, probe()]}
 
 
 def run_decode_bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -243,10 +262,9 @@ def run_decode_bench(args: argparse.Namespace) -> dict[str, Any]:
             run_ours(llms[c["variant"]], prompts[b][:b], 8, b, c["decoding"], c["stride"], **c["options"])
         if c["variant"].compile:
             llms[c["variant"]].warm_up(c["decoding"], c["stride"])
-    lcpp = _llamacpp(args, batches, notes)
-    if lcpp is not None:
-        lcpp_ids = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in prompts[1]]
-        lcpp.run(lcpp_ids[:1], 8)  # warm-up
+    lcpp_ids = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in prompts.get(1, [])]
+    lcpp = _llamacpp(args, batches, lcpp_ids, notes)
+    lcpp_name = lcpp.name if lcpp is not None else None
     runs: dict[tuple[int, int], list[dict[str, Any]]] = {}
     lcpp_runs: list[dict[str, Any]] = []
     for r in range(args.repeats):
@@ -261,10 +279,15 @@ def run_decode_bench(args: argparse.Namespace) -> dict[str, Any]:
                       f"TPF {run['tpf']:.3f}" + (f", {run['graphs_compiled']} graph(s) compiled inside the run"
                                                   if run["graphs_compiled"] else ""), file=sys.stderr)
             if lcpp is not None and b == 1:
-                before = probe()
-                lcpp_runs.append({**lcpp.run(lcpp_ids, args.max_tokens), "probe_us": [before, probe()]})
-                print(f"repeat {r + 1}/{args.repeats} batch  1 {'llama.cpp':>28}: {lcpp_runs[-1]['tok_per_s']:7.2f} "
-                      f"tok/s", file=sys.stderr)
+                run = _llamacpp_run(lcpp, lcpp_ids, args.max_tokens, notes)
+                if run is None:
+                    lcpp = None
+                    continue
+                lcpp_runs.append(run)
+                print(f"repeat {r + 1}/{args.repeats} batch  1 {'llama.cpp':>28}: {run['tok_per_s']:7.2f} tok/s",
+                      file=sys.stderr)
+    if lcpp is not None:
+        lcpp.close()
     timed = [run for rs in runs.values() for run in rs] + lcpp_runs
     for run, label in zip(timed, placements([tuple(run["probe_us"]) for run in timed])):
         run["placement"] = label
@@ -294,7 +317,7 @@ def run_decode_bench(args: argparse.Namespace) -> dict[str, Any]:
             rows.append(row)
     if lcpp_runs:
         ar = dense_ar(False)
-        rows.append({"engine": f"llama.cpp {lcpp.name}", "dtype": lcpp.name, "quantize": lcpp.name, "batch": 1,
+        rows.append({"engine": f"llama.cpp {lcpp_name}", "dtype": lcpp_name, "quantize": lcpp_name, "batch": 1,
                      "decoding": "ar", "stride": 1, "branches": 0,
                      **_summary(lcpp_runs, runs[(ar, 1)] if ar is not None else None)})
     if args.transformers:

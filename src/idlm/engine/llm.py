@@ -29,6 +29,7 @@ from idlm.models.llama import CausalLM, Proj
 from idlm.models.lora import AdapterConfig, load_adapter, pack_adapter
 from idlm.models.panel import PanelLinear, PanelLoRA
 from idlm.models.quantize import FORMATS as QUANTIZE_FORMATS, Int4Linear, bf16_weights, quantize_model
+from idlm.weight_formats import WEIGHT_FORMATS
 
 DECODINGS = ("auto", "ar", "isd", "risd")
 # Acceptance by draft position assumed for an adapter that records none (adaptive decoding's prior).
@@ -119,8 +120,8 @@ class LLM:
         device = device or default_device()
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("device cuda requested but torch sees no CUDA device")
-        if quantize not in (None, "none", *QUANTIZE_FORMATS, "bf16"):
-            raise ValueError(f"unknown quantize {quantize!r}; choose {', '.join(QUANTIZE_FORMATS)}, bf16 or none")
+        if quantize not in (None, *WEIGHT_FORMATS):
+            raise ValueError(f"unknown quantize {quantize!r}; choose one of {', '.join(WEIGHT_FORMATS)}")
         if panel not in ("auto", "on", "off"):
             raise ValueError(f"unknown panel {panel!r}; choose auto, on or off")
         self.quantize = None if quantize in (None, "none") else quantize

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from idlm.weight_formats import WEIGHT_FORMATS
+
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
@@ -90,7 +92,7 @@ def register(subparsers) -> None:
     e.add_argument("--adapter", default=None, help="adapter dir (default: the model's shipped adapter; 'none': off)")
     e.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     e.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    e.add_argument("--quantize", choices=["none", "int8", "int4", "w8a8", "bf16"], default=None,
+    e.add_argument("--quantize", choices=WEIGHT_FORMATS, default=None,
                    help="int8, int4, w8a8 or bf16 weights (models/quantize.py)")
     e.add_argument("--compile", action="store_true", help="compiled forwards (models/compile.py)")
     e.add_argument("--batch-size", type=int, default=16, help="requests decoded together")

@@ -233,37 +233,39 @@ inline void block(const typename Feed<W>::X* x, int64_t depth, const W* panel, c
   }
 }
 
-// R rows against `count` consecutive panels, P(R) panels per block
-template <int R, typename W>
-void row_block(const typename Feed<W>::X* x, int64_t depth, const W* panel, int64_t count, const Out& out) {
-  constexpr int P = kPanelsPerBlock[R];
-  auto run = [&](int64_t j, auto panels) {
-    block<R, decltype(panels)::value>(x, depth, panel + j * depth * kCols * Feed<W>::kSpan, out.at(0, j));
-  };
-  int64_t j = 0;
-  for (; j + P <= count; j += P) run(j, std::integral_constant<int, P>{});
-  if constexpr (P > 1) {
-    if (j < count) dispatch<P - 1>(count - j, [&](auto panels) { run(j, panels); });  // the 1 .. P - 1 left
+// Panels [begin, end) of a product with m rows on this thread: walked in chunks that stay in the thread's L2 cache
+// while every block of up to MaxRows rows runs against the chunk, PerBlock[R] panels at a time for a block of R rows
+// (then the 1 .. PerBlock[R] - 1 left). `run(rows, panels, r, p)` runs the register block of `rows` rows from row r
+// against `panels` panels from panel p (both std::integral_constant).
+template <int64_t MaxRows, const int (&PerBlock)[MaxRows + 1], typename Run>
+void walk(int64_t m, int64_t panel_bytes, int64_t begin, int64_t end, Run&& run) {
+  const int64_t per_chunk = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, panel_bytes));
+  const int64_t step = m <= MaxRows ? end - begin : per_chunk;  // one row block: no chunk needs to stay cached
+  for (int64_t p0 = begin; p0 < end; p0 += step) {
+    const int64_t count = std::min(step, end - p0);
+    for (int64_t r = 0; r < m; r += MaxRows) {
+      dispatch<MaxRows>(std::min(MaxRows, m - r), [&](auto rows) {
+        constexpr int P = PerBlock[decltype(rows)::value];
+        int64_t j = 0;
+        for (; j + P <= count; j += P) run(rows, std::integral_constant<int, P>{}, r, p0 + j);
+        if constexpr (P > 1) {
+          if (j < count) dispatch<P - 1>(count - j, [&](auto panels) { run(rows, panels, r, p0 + j); });
+        }
+      });
+    }
   }
 }
 
-// Panels [begin, end) of y [m, ...] = x [m, depth steps] @ w.T on this thread, `out` at the first panel. The range is
-// walked in chunks that stay in the thread's L2 cache while every block of up to kRows rows runs against the chunk.
+// Panels [begin, end) of y [m, ...] = x [m, depth steps] @ w.T on this thread, `out` at the weight's panel 0
 template <typename W>
 void panel_range(const typename Feed<W>::X* xp, int64_t m, int64_t depth, const W* pp, int64_t begin, int64_t end,
                  const Out& out) {
   const int64_t panel_size = depth * kCols * Feed<W>::kSpan;
-  const int64_t per_chunk = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, panel_size * sizeof(W)));
-  const int64_t step = m <= kRows ? end - begin : per_chunk;  // one row block: no chunk needs to stay cached
-  for (int64_t p0 = begin; p0 < end; p0 += step) {
-    const int64_t count = std::min(step, end - p0);
-    for (int64_t r = 0; r < m; r += kRows) {
-      dispatch<kRows>(std::min(kRows, m - r), [&](auto rows) {
-        row_block<decltype(rows)::value, W>(xp + r * depth * Feed<W>::kXs, depth, pp + p0 * panel_size, count,
-                                            out.at(r, p0));
-      });
-    }
-  }
+  auto run = [&](auto rows, auto panels, int64_t r, int64_t p) {
+    block<decltype(rows)::value, decltype(panels)::value, W>(xp + r * depth * Feed<W>::kXs, depth,
+                                                             pp + p * panel_size, out.at(r, p));
+  };
+  walk<kRows, kPanelsPerBlock>(m, panel_size * sizeof(W), begin, end, run);
 }
 
 // y = x [m, depth steps] @ w.T (`out`), each thread a range of the panels
@@ -617,26 +619,11 @@ at::Tensor linear_w8a8(const at::Tensor& x, const at::Tensor& panels, const at::
   const auto* pp = static_cast<const int8_t*>(panels.const_data_ptr());
   const int64_t panel_bytes = blocks * kBlock * kCols;
   const Out out{y.data_ptr<float>(), out_features, out_features, scales.const_data_ptr<float>(), false};
+  auto run = [&](auto rows, auto panels_now, int64_t r, int64_t p) {
+    qblock<decltype(rows)::value, decltype(panels_now)::value>(q, r, blocks, pp + p * panel_bytes, out.at(r, p));
+  };
   at::parallel_for(0, panels.size(0), 1, [&](int64_t begin, int64_t end) {
-    const int64_t per_chunk = std::max<int64_t>(1, kChunkBytes / panel_bytes);
-    const int64_t step = m <= kRowsQ ? end - begin : per_chunk;
-    for (int64_t p0 = begin; p0 < end; p0 += step) {
-      const int64_t count = std::min(step, end - p0);
-      for (int64_t r = 0; r < m; r += kRowsQ) {
-        dispatch<kRowsQ>(std::min(kRowsQ, m - r), [&](auto rows) {
-          constexpr int R = decltype(rows)::value;
-          constexpr int P = kPanelsPerBlockQ[R];
-          auto run = [&](int64_t j, auto panels_now) {
-            qblock<R, decltype(panels_now)::value>(q, r, blocks, pp + (p0 + j) * panel_bytes, out.at(r, p0 + j));
-          };
-          int64_t j = 0;
-          for (; j + P <= count; j += P) run(j, std::integral_constant<int, P>{});
-          if constexpr (P > 1) {
-            if (j < count) dispatch<P - 1>(count - j, [&](auto n) { run(j, n); });
-          }
-        });
-      }
-    }
+    walk<kRowsQ, kPanelsPerBlockQ>(m, panel_bytes, begin, end, run);
   });
   add_bias(y, bias);
   return y;
