@@ -391,19 +391,26 @@ class LLM:
         return self._as_completed(items, params, self._decodings(len(items), decoding, stride, options))
 
     def warm_up(self, decoding: str | None = None, stride: int | None = None) -> None:
-        """Short greedy requests by AR and by `decoding` (default: the default one): a short prompt alone, beside
-        another short one, then beside a prompt longer than every quantized kernel's row limit, so compiled step
-        graphs exist for every class of step (one row or a few, of one sequence or several, a prefill past the
-        kernels' limit; each gate kind) and auto's cost model is measured before the first real request. Needs
-        an idle engine."""
+        """Short greedy requests by AR and by `decoding` (default: the default one): a short prompt alone, a prompt
+        alone just past the compiled graphs' row limit (their quantized kernels' path is a guard on the row count),
+        the short one beside another short one, then beside a prompt longer than the limit, so compiled step graphs
+        exist for every class of step (one row or a few, of one sequence or several, a prefill past the kernels'
+        limit; each gate kind) and auto's cost model is measured before the first real request. Needs an idle
+        engine."""
         params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
         short = self.encode("Warm-up: count from one to ten.")
-        rows = max([64, *(self.row_limits or {}).values()]) + 1
+        limit = getattr(self.engine.runner.forward, "row_limit", None)  # compiled: CompiledForward's
+        rows = max(64, limit or 0) + 1
+
+        def prompt(text: str, n: int) -> list[int]:
+            return (self.encode(text) * n)[:n]
+
         for d in dict.fromkeys(["ar", decoding or self.default_decoding]):
             # prompts of their own per decoding: the prefix cache would otherwise shorten their prefill
             other = self.encode(f"Warm-up {d}: name three colours.")
-            long = (self.encode(f"Warm-up {d}: one two three four five six seven eight nine ten.") * rows)[:rows]
-            for prompts in ([short], [short, other], [short, long]):
+            long = prompt(f"Warm-up {d}: one two three four five six seven eight nine ten.", rows)
+            alone = [[prompt(f"Warm-up {d} alone: eleven twelve thirteen.", limit + 1)]] if limit else []
+            for prompts in ([short], *alone, [short, other], [short, long]):
                 self.generate(prompts, params, decoding=d, stride=None if d == "ar" else stride)
 
     def stream(self, prompt_ids: list[int], params: SamplingParams | None = None, *, decoding: Any = None,

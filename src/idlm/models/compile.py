@@ -155,9 +155,10 @@ class CompiledForward:
         # kind, past the recompile limit). One limit for the whole graph, the largest measured: between a
         # kernel's own limit and it, that kernel is somewhat slower than the dense path, never another model.
         # Eager calls keep each kernel's own limit.
-        limit = max((k.row_limit for k in self.kernels if getattr(k, "row_limit", None) is not None), default=None)
+        self.row_limit = max((k.row_limit for k in self.kernels if getattr(k, "row_limit", None) is not None),
+                             default=None)
         for i, (m, inner) in enumerate(zip(projs, self.kernels)):
-            m.kernel = OpaqueKernel(self.handle, i, m.out_features, inner, limit)
+            m.kernel = OpaqueKernel(self.handle, i, m.out_features, inner, self.row_limit)
         # the model's tensors are attributes of each graph, not inputs: fetched from the model on every call, they
         # cost ~1,400 attribute chains of Python per step (see "Inputs" in the module doc)
         for t in _model_tensors(model, set()):
