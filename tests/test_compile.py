@@ -75,10 +75,10 @@ def test_steps_do_not_recompile_once_their_shape_class_is_seen(tokenizer, kernel
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     llm.warm_up("risd", 4)  # what `idlm serve` runs before its first request
     seen = counters["stats"]["unique_graphs"]
-    other = [list(range(1000, 1000 + n)) for n in (7, 52, 90)]  # new lengths, batch compositions and positions
+    other = [list(range(1000 + n, 1000 + 2 * n)) for n in (7, 20, 52, 90)]  # new lengths, batch compositions, positions
     for stride in (2, 3, 4):
         llm.generate(other, params, decoding="risd", stride=stride)
-        for prompt in other:  # alone: a prefill of a few rows, of more than the row limit
+        for prompt in other:  # alone: a prefill of a few rows, of two blocks, of more than the row limit
             llm.generate([prompt], params, decoding="risd", stride=stride)
     llm.generate(other, params, decoding="ar")
     llm.generate(other[2:], params, decoding="ar")

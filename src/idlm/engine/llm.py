@@ -391,12 +391,13 @@ class LLM:
         return self._as_completed(items, params, self._decodings(len(items), decoding, stride, options))
 
     def warm_up(self, decoding: str | None = None, stride: int | None = None) -> None:
-        """Short greedy requests by AR and by `decoding` (default: the default one): a short prompt alone, a prompt
-        alone just past the compiled graphs' row limit (their quantized kernels' path is a guard on the row count),
-        the short one beside another short one, then beside a prompt longer than the limit, so compiled step graphs
-        exist for every class of step (one row or a few, of one sequence or several, a prefill past the kernels'
-        limit; each gate kind) and auto's cost model is measured before the first real request. Needs an idle
-        engine."""
+        """Short greedy requests by AR and by `decoding` (default: the default one), so that compiled step graphs
+        exist for every class of step before the first real request, and auto's cost model is measured. A class is:
+        one row or a few, of one sequence or several, each gate kind, and where a step's rows lie against the sizes
+        the graphs specialize (a size of 1: one KV block) or branch on (the quantized kernels' row limit). Hence:
+        a short prompt alone (one block); prompts alone of just over one block and just past the limit; the short one
+        beside another short one, then beside a prompt longer than the limit; and as many short ones together as
+        make every decode step pass the limit (up to `max_num_seqs`). Needs an idle engine."""
         params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
         short = self.encode("Warm-up: count from one to ten.")
         limit = getattr(self.engine.runner.forward, "row_limit", None)  # compiled: CompiledForward's
@@ -409,8 +410,10 @@ class LLM:
             # prompts of their own per decoding: the prefix cache would otherwise shorten their prefill
             other = self.encode(f"Warm-up {d}: name three colours.")
             long = prompt(f"Warm-up {d}: one two three four five six seven eight nine ten.", rows)
-            alone = [[prompt(f"Warm-up {d} alone: eleven twelve thirteen.", limit + 1)]] if limit else []
-            for prompts in ([short], *alone, [short, other], [short, long]):
+            alone = [[prompt(f"Warm-up {d} alone {n}: eleven twelve thirteen.", n)]
+                     for n in sorted({self.engine.config.kv_block_size + 1, *([limit + 1] if limit else [])})]
+            crowd = [[short] * n for n in [min(self.engine.config.max_num_seqs, limit + 1 if limit else 0)] if n > 1]
+            for prompts in ([short], *alone, [short, other], [short, long], *crowd):
                 self.generate(prompts, params, decoding=d, stride=None if d == "ar" else stride)
 
     def stream(self, prompt_ids: list[int], params: SamplingParams | None = None, *, decoding: Any = None,
