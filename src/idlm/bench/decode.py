@@ -264,7 +264,6 @@ def run_decode_bench(args: argparse.Namespace) -> dict[str, Any]:
             llms[c["variant"]].warm_up(c["decoding"], c["stride"])
     lcpp_ids = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in prompts.get(1, [])]
     lcpp = _llamacpp(args, batches, lcpp_ids, notes)
-    lcpp_name = lcpp.name if lcpp is not None else None
     runs: dict[tuple[int, int], list[dict[str, Any]]] = {}
     lcpp_runs: list[dict[str, Any]] = []
     for r in range(args.repeats):
@@ -278,14 +277,12 @@ def run_decode_bench(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"repeat {r + 1}/{args.repeats} batch {b:>2} {c['engine']:>28}: {run['tok_per_s']:7.2f} tok/s, "
                       f"TPF {run['tpf']:.3f}" + (f", {run['graphs_compiled']} graph(s) compiled inside the run"
                                                   if run["graphs_compiled"] else ""), file=sys.stderr)
-            if lcpp is not None and b == 1:
+            if lcpp is not None and lcpp.alive and b == 1:
                 run = _llamacpp_run(lcpp, lcpp_ids, args.max_tokens, notes)
-                if run is None:
-                    lcpp = None
-                    continue
-                lcpp_runs.append(run)
-                print(f"repeat {r + 1}/{args.repeats} batch  1 {'llama.cpp':>28}: {run['tok_per_s']:7.2f} tok/s",
-                      file=sys.stderr)
+                if run is not None:
+                    lcpp_runs.append(run)
+                    print(f"repeat {r + 1}/{args.repeats} batch  1 {'llama.cpp':>28}: {run['tok_per_s']:7.2f} "
+                          f"tok/s", file=sys.stderr)
     if lcpp is not None:
         lcpp.close()
     timed = [run for rs in runs.values() for run in rs] + lcpp_runs
@@ -317,7 +314,7 @@ def run_decode_bench(args: argparse.Namespace) -> dict[str, Any]:
             rows.append(row)
     if lcpp_runs:
         ar = dense_ar(False)
-        rows.append({"engine": f"llama.cpp {lcpp_name}", "dtype": lcpp_name, "quantize": lcpp_name, "batch": 1,
+        rows.append({"engine": f"llama.cpp {lcpp.name}", "dtype": lcpp.name, "quantize": lcpp.name, "batch": 1,
                      "decoding": "ar", "stride": 1, "branches": 0,
                      **_summary(lcpp_runs, runs[(ar, 1)] if ar is not None else None)})
     if args.transformers:

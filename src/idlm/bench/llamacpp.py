@@ -67,8 +67,12 @@ class LlamaCpp:
         totals as in bench decode. Raises LlamaCppError if the worker dies."""
         return self._ask({"prompts": prompt_ids, "max_tokens": max_tokens})
 
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
     def close(self) -> None:
-        if self.proc.poll() is None:
+        if self.alive:
             self.proc.stdin.close()
             self.proc.wait()
 

@@ -401,7 +401,9 @@ class LLM:
         params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
         short = self.encode("Warm-up: count from one to ten.")
         limit = getattr(self.engine.runner.forward, "row_limit", None)  # compiled: CompiledForward's
+        past = [limit + 1] if limit else []  # rows that pass the graphs' row limit
         rows = max(64, limit or 0) + 1
+        config = self.engine.config
 
         def prompt(text: str, n: int) -> list[int]:
             return (self.encode(text) * n)[:n]
@@ -411,8 +413,8 @@ class LLM:
             other = self.encode(f"Warm-up {d}: name three colours.")
             long = prompt(f"Warm-up {d}: one two three four five six seven eight nine ten.", rows)
             alone = [[prompt(f"Warm-up {d} alone {n}: eleven twelve thirteen.", n)]
-                     for n in sorted({self.engine.config.kv_block_size + 1, *([limit + 1] if limit else [])})]
-            crowd = [[short] * n for n in [min(self.engine.config.max_num_seqs, limit + 1 if limit else 0)] if n > 1]
+                     for n in sorted({config.kv_block_size + 1, *past})]
+            crowd = [[short] * min(config.max_num_seqs, n) for n in past if config.max_num_seqs > 1]
             for prompts in ([short], *alone, [short, other], [short, long], *crowd):
                 self.generate(prompts, params, decoding=d, stride=None if d == "ar" else stride)
 
