@@ -163,3 +163,31 @@ def test_a_packed_adapter_kernel_gives_the_adapters_deltas_and_leaves_clean_rows
         torch.testing.assert_close(got[on], w[on], rtol=1e-5, atol=1e-6)
         assert torch.equal(got[~on], base[~on])
     assert calls == [[2, 3, 4], [0, 3, 5, 6], None]  # one call per forward, with the gated rows
+
+
+def test_a_base_kernel_that_adds_the_delta_itself_gets_the_adapter_kernel_and_the_gated_rows():
+    """Where the projection's kernel has `fused(x, delta_kernel, rows)` (the panel kernels' float32 and w8a8
+    products), a forward is that one call, with the gated rows (None without a gate); the adapter is off without
+    it at LORA_OFF."""
+    _, ours = _tiny_pair()
+    _with_random_adapter(ours, gated=True)
+    ours.requires_grad_(False)
+    pack_adapter(ours, lambda a, b, blocks: "delta kernel")
+    proj = next(m for m in ours.modules() if isinstance(m, LoRAProj))
+    calls = []
+
+    class Kernel:
+        def __call__(self, x):
+            calls.append("base")
+            return x @ proj.weight.T
+
+        def fused(self, x, delta, rows):
+            calls.append((delta, None if rows is None else rows.tolist()))
+            return torch.zeros(*x.shape[:-1], proj.out_features)
+
+    proj.kernel = Kernel()
+    x = torch.randn(8, proj.in_features)
+    proj(x, RowGate.from_mask(torch.tensor([0, 1, 1, 0, 0, 0, 0, 1.])))
+    proj(x, None)
+    proj(x, LORA_OFF)
+    assert calls == [("delta kernel", [1, 2, 7]), ("delta kernel", None), "base"]

@@ -11,7 +11,7 @@ from idlm import LLM, SamplingParams
 from idlm.bench.decode import heldout_prompts
 from idlm.models import kernel_choice, panel
 from idlm.models.lora import LoRAProj, pack_adapter
-from idlm.models.panel import Int8Panels, PanelLinear, PanelLoRA, W8A8Panels
+from idlm.models.panel import NO_DELTA, Int8Panels, PanelLinear, PanelLoRA, W8A8Panels
 from idlm.models.quantize import Int8Linear, W8A8Linear, quantize_int8, quantize_model
 
 from conftest import requires_embedded
@@ -64,7 +64,7 @@ def test_a_weight_of_bfloat16_values_is_kept_in_bfloat16_with_the_same_sums():
     as_float32 = torch.ops.idlm_panel.pack(w)
     x = torch.randn(9, 48, generator=g)
     for rows in (1, 3, 7, 9):
-        assert torch.equal(lin(x[:rows]), torch.ops.idlm_panel.linear(x[:rows], as_float32, 70, None))
+        assert torch.equal(lin(x[:rows]), torch.ops.idlm_panel.linear(x[:rows], as_float32, 70, None, *NO_DELTA))
     assert PanelLinear(w + 1e-3).panels.dtype == torch.float32
 
 
@@ -75,7 +75,7 @@ def test_panel_linear_refuses_other_dtypes_and_mismatched_panels():
     with pytest.raises(RuntimeError, match="does not match the panels"):
         lin(torch.randn(2, 9))
     with pytest.raises(RuntimeError, match="out_features"):
-        torch.ops.idlm_panel.linear(torch.randn(2, 8), lin.panels, 40, None)
+        torch.ops.idlm_panel.linear(torch.randn(2, 8), lin.panels, 40, None, *NO_DELTA)
 
 
 def test_add_lora_adds_the_two_products_at_the_gated_rows_bit_for_bit():
@@ -123,6 +123,50 @@ def test_add_lora_with_a_block_diagonal_b_reads_only_its_blocks_and_gives_the_de
         torch.ops.idlm_panel.add_lora(y0, x, lora.a.panels, 24, [p.panels for p in lora.b], [0, 40, 0, 56, 5, 8, 61, 32, 20], None)
     with pytest.raises(RuntimeError, match="three numbers"):
         torch.ops.idlm_panel.add_lora(y0, x, lora.a.panels, 24, [p.panels for p in lora.b], [0, 40, 0], None)
+
+
+@pytest.mark.parametrize("kind", ["float32", "w8a8"])
+def test_a_product_adding_the_adapter_delta_in_its_own_call_gives_the_two_calls_bits(kind):
+    """`fused` (one operator call: each thread adds the delta to the columns it has just computed) == the product,
+    its bias, then `add_lora`, bit for bit: blocks cut mid-panel, a part without an adapter, every row, a few, none;
+    1 to 40 rows (prefill chunks too)."""
+    g = torch.Generator().manual_seed(5)
+    blocks = [(0, 40, 0, 8), (56, 61, 8, 16), (61, 93, 16, 24)]
+    a = torch.randn(24, 48, generator=g)
+    b = torch.zeros(93, 24)
+    for r0, r1, c0, c1 in blocks:
+        b[r0:r1, c0:c1] = torch.randn(r1 - r0, c1 - c0, generator=g)
+    lora, w, bias = PanelLoRA(a, b, blocks), torch.randn(93, 48, generator=g), torch.randn(93, generator=g)
+    if kind == "float32":
+        lin = PanelLinear(w, bias)
+        product, fused = lin, lin.fused
+    else:
+        w8 = W8A8Panels(*quantize_int8(w))
+        product, fused = (lambda x: w8.product(x, bias)), (lambda x, d, rows: w8.product(x, bias, d, rows))
+    for m in (1, 3, 7, 40):
+        x = torch.randn(m, 48, generator=g)
+        for rows in (None, torch.tensor([m - 1]), torch.arange(0, m, 3), torch.tensor([], dtype=torch.long)):
+            want = product(x)
+            lora(want, x, rows)
+            got = fused(x, lora, rows)
+            assert torch.equal(got, want)
+            if rows is not None and len(rows) == 0:
+                assert torch.equal(got, product(x))
+
+
+def test_argmax_is_torchs_first_largest_value_nans_ties_and_signed_zeros_included():
+    g = torch.Generator().manual_seed(6)
+    for n in (1, 5, 63, 64, 65, 200, 4099):
+        for m in (1, 3, 7):
+            x = torch.randn(m, n, generator=g)
+            cases = [x, x.round(), torch.full((m, n), -float("inf")), torch.zeros(m, n), -torch.zeros(m, n)]
+            cases.append(x.index_fill(1, torch.tensor([n // 2, n - 1]), float("nan")))
+            cases.append(x.index_fill(1, torch.tensor([n // 3, n - 1]), float("inf")))
+            cases.append(torch.zeros(m, n).index_fill(1, torch.tensor([0]), -0.0))
+            for c in cases:
+                assert torch.equal(torch.ops.idlm_panel.argmax(c), c.argmax(-1))
+    x = torch.randn(2, 3, 70, generator=g)
+    assert torch.equal(panel.argmax(x), x.argmax(-1)) and panel.argmax(x.double()).shape == (2, 3)
 
 
 def test_int8_panels_match_a_float64_reference_and_rows_are_independent():

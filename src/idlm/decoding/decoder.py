@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from idlm.decoding.policy import Decoding
+from idlm.models import panel
 from idlm.decoding.sampling import (RowSampling, SamplingParams, distribution, residual_distribution, row_key, sample,
                                    uniforms)
 
@@ -392,7 +393,7 @@ class Decoder:
         alternatives, branches or top-k acceptance): p and q are one-hots, so a draft is accepted while it is
         its row's argmax, the next token or correction is the argmax of the row after the accepted run, and
         the new drafts are their rows' argmaxes. One argmax over all rows; the rest is integers."""
-        top = logits.argmax(-1).tolist()
+        top = panel.argmax(logits).tolist()
         out, first_row, base = [], [], 0
         for it in items:
             k, m = len(it.drafts), it.decoding.num_masks

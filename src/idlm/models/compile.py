@@ -110,6 +110,8 @@ class OpaqueKernel:
                  row_limit: int | None = None):
         self.owner, self.index, self.out_features, self.inner = owner, index, out_features, inner
         self.row_limit = row_limit
+        # a kernel that adds an adapter's delta inside its own call (models/lora.py) is traced as that call
+        self.fused = getattr(inner, "fused", None) if getattr(inner, "traceable", False) else None
 
     def __call__(self, x: Tensor) -> Tensor:
         if torch.compiler.is_compiling():

@@ -38,7 +38,9 @@ class LoRAProj(Proj):
     """A projection with a low-rank delta; shares the frozen base weight of the Proj it wraps.
 
     `delta_kernel`: frozen inference only (`pack_adapter`): the delta added by a kernel of the caller's (the panel
-    kernels' `PanelLoRA`, models/panel.py: one call per projection group), instead of the generic paths below."""
+    kernels' `PanelLoRA`, models/panel.py: one call per projection group), instead of the generic paths below; by
+    the base product's own call where its kernel has a `fused(x, delta_kernel, rows)` (the panel kernels' float32
+    and w8a8 products: the same bits, one call instead of two)."""
 
     delta_kernel: AdapterKernel | None = None
     blocks: list[tuple[int, int, int, int]] | None = None
@@ -56,12 +58,17 @@ class LoRAProj(Proj):
         self.scaling = alpha / rank
 
     def forward(self, x: torch.Tensor, lora_gate: RowGate | None | object = None) -> torch.Tensor:
-        y = self.base(x)
         if lora_gate is LORA_OFF:
-            return y
+            return self.base(x)
         if self.delta_kernel is not None:
-            self.delta_kernel(y, x, None if lora_gate is None else lora_gate.rows)
+            rows = None if lora_gate is None else lora_gate.rows
+            fused = getattr(self.kernel, "fused", None)
+            if fused is not None:
+                return fused(x, self.delta_kernel, rows)
+            y = self.base(x)
+            self.delta_kernel(y, x, rows)
             return y
+        y = self.base(x)
         if lora_gate is None:
             return y + self._delta(x)
         # RowGate: only the gated rows get a delta

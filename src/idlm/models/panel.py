@@ -21,7 +21,8 @@ CPU at build time), built by `torch.utils.cpp_extension` with the compiler that 
 version and build (about 30 s; the build directory is the caller's). They register the operators
 `idlm_panel::pack`, `idlm_panel::pack_pairs`, `idlm_panel::linear`, `idlm_panel::linear_int8`,
 `idlm_panel::pack_w8a8`, `idlm_panel::linear_w8a8` (int8 weights against int8 activations: `W8A8Panels`) and
-`idlm_panel::add_lora` (a gated adapter's delta, in place), which compiled graphs call directly. Where they cannot
+`idlm_panel::add_lora` (a gated adapter's delta, in place), which compiled graphs call directly, and
+`idlm_panel::argmax` (each row's first largest value, for greedy steps). Where they cannot
 be built or run (no compiler, a CPU without AVX2), `available` says why and the library's kernels stay.
 """
 from __future__ import annotations
@@ -83,7 +84,8 @@ def _load(build_dir: Path | None) -> str | None:
             build_dir.mkdir(parents=True, exist_ok=True)
         name = build()
         flags = ISA_FLAGS[capability] + sorted({f for feature in _features() for f in FEATURE_FLAGS[feature]})
-        load(f"idlm_panel_{name.lower().replace('+', '_')}", [str(SOURCE)],
+        # the source in the name: checkouts of different kernels never share (and rebuild over) one build directory
+        load(f"idlm_panel_{name.lower().replace('+', '_')}_{SOURCE_ID}", [str(SOURCE)],
              extra_cflags=["-O3", *flags, "-fopenmp"], extra_ldflags=["-fopenmp"],
              build_directory=str(build_dir) if build_dir else None,
              is_python_module=False, verbose=False)
@@ -96,7 +98,9 @@ def _load(build_dir: Path | None) -> str | None:
     return None
 
 
-def _linear_shape(x: Tensor, panels: Tensor, out_features: int, bias: Tensor | None) -> Tensor:  # noqa: ARG001
+def _linear_shape(x: Tensor, panels: Tensor, out_features: int, bias: Tensor | None,  # noqa: ARG001
+                  lora_a: Tensor | None, lora_rank: int, lora_b: list[Tensor], lora_blocks: list[int],  # noqa: ARG001
+                  lora_rows: Tensor | None) -> Tensor:  # noqa: ARG001
     return x.new_empty(*x.shape[:-1], out_features)
 
 
@@ -106,13 +110,17 @@ def _linear_int8_shape(x: Tensor, panels: Tensor, pairs: Tensor | None, scales: 
 
 
 def _linear_shape_w8a8(x: Tensor, panels: Tensor, scales: Tensor, out_features: int,  # noqa: ARG001
-                       bias: Tensor | None) -> Tensor:  # noqa: ARG001
+                       bias: Tensor | None, lora_a: Tensor | None, lora_rank: int,  # noqa: ARG001
+                       lora_b: list[Tensor], lora_blocks: list[int], lora_rows: Tensor | None) -> Tensor:  # noqa: ARG001
     return x.new_empty(*x.shape[:-1], out_features)
 
 
 def _add_lora_shape(y: Tensor, x: Tensor, a_panels: Tensor, rank: int, b_panels: list[Tensor],  # noqa: ARG001
                     blocks: list[int], rows: Tensor | None) -> None:  # noqa: ARG001
     return None
+
+
+NO_DELTA = (None, 0, [], [], None)  # the adapter operands of a product without one (`PanelLoRA.operands`)
 
 
 class PanelLinear:
@@ -132,15 +140,21 @@ class PanelLinear:
         self.bias, self.out_features = bias, weight.shape[0]
 
     def __call__(self, x: Tensor) -> Tensor:
-        return torch.ops.idlm_panel.linear(x, self.panels, self.out_features, self.bias)
+        return torch.ops.idlm_panel.linear(x, self.panels, self.out_features, self.bias, *NO_DELTA)
+
+    def fused(self, x: Tensor, delta: "PanelLoRA", rows: Tensor | None) -> Tensor:
+        """x @ w.T (+ bias) + the adapter's delta on `rows`, in one operator call: the same bits as the product
+        followed by `delta(y, x, rows)`."""
+        return torch.ops.idlm_panel.linear(x, self.panels, self.out_features, self.bias, *delta.operands(rows))
 
 
 class PanelLoRA:
     """A frozen adapter's delta by the panel kernels: `(y, x, rows)` adds (x[rows] @ scaled_a.T) @ b.T to y[rows] in
-    place (every row when rows is None), gather, two products and scatter in one operator call. `blocks` (models/
-    lora.py `LoRAProj.blocks`): b's nonzero blocks, the only ones kept and multiplied (a fused group's b is
-    block-diagonal: 0.5-0.67x the work). Its sums are two `PanelLinear` products', so the delta is theirs bit for
-    bit (up to the sign of a zero)."""
+    place (every row when rows is None), gather, two products and scatter in one operator call; or, given to a
+    panel product's `fused` (`PanelLinear`, `W8A8Panels`), inside that product's call. `blocks` (models/lora.py
+    `LoRAProj.blocks`): b's nonzero blocks, the only ones kept and multiplied (a fused group's b is block-diagonal:
+    0.5-0.67x the work). Its sums are two `PanelLinear` products', so the delta is theirs bit for bit (up to the sign
+    of a zero)."""
 
     def __init__(self, scaled_a: Tensor, b: Tensor, blocks: list[tuple[int, int, int, int]] | None = None):
         self.a = PanelLinear(scaled_a)
@@ -148,9 +162,20 @@ class PanelLoRA:
         self.b = [PanelLinear(b[r0:r1, c0:c1]) for r0, r1, c0, c1 in blocks]
         self.blocks = [n for r0, r1, c0, _ in blocks for n in (r0, r1 - r0, c0)]
 
+    def operands(self, rows: Tensor | None) -> tuple:
+        """The adapter's arguments of the panel operators: A's panels, the rank, B's blocks' panels, their places."""
+        return self.a.panels, self.a.out_features, [b.panels for b in self.b], self.blocks, rows
+
     def __call__(self, y: Tensor, x: Tensor, rows: Tensor | None) -> None:
-        torch.ops.idlm_panel.add_lora(y, x, self.a.panels, self.a.out_features, [b.panels for b in self.b],
-                                      self.blocks, rows)
+        torch.ops.idlm_panel.add_lora(y, x, *self.operands(rows))
+
+
+def argmax(x: Tensor) -> Tensor:
+    """x.argmax(-1), by the kernels' `idlm_panel::argmax` where they are loaded and x is float32 on the CPU (the LM
+    head's greedy choice: aten's reduction costs 70 us a row of 49,152 logits here, docs/benchmarks.md)."""
+    if _state.get("error", "not loaded") is None and x.dtype == torch.float32 and x.device.type == "cpu":
+        return torch.ops.idlm_panel.argmax(x)
+    return x.argmax(-1)
 
 
 def _padded_to_panels(scales: Tensor, panels: Tensor) -> Tensor:
@@ -187,5 +212,8 @@ class W8A8Panels:
         self.scales = _padded_to_panels(scales, self.panels)
         self.out_features = q.shape[0]
 
-    def product(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
-        return torch.ops.idlm_panel.linear_w8a8(x, self.panels, self.scales, self.out_features, bias)
+    def product(self, x: Tensor, bias: Tensor | None = None, delta: PanelLoRA | None = None,
+                rows: Tensor | None = None) -> Tensor:
+        """x @ w.T (+ bias) (+ an adapter's delta on `rows`, as `PanelLinear.fused` adds it)."""
+        adapter = delta.operands(rows) if delta is not None else NO_DELTA
+        return torch.ops.idlm_panel.linear_w8a8(x, self.panels, self.scales, self.out_features, bias, *adapter)

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from idlm.models.llama import CausalLM, PackedLinear, Proj
-from idlm.models.panel import Int8Panels, W8A8Panels
+from idlm.models.panel import Int8Panels, PanelLoRA, W8A8Panels
 from idlm.models.timing import copies_beyond_cache, interleaved_medians, on_copies
 
 log = logging.getLogger("idlm")
@@ -197,6 +197,11 @@ class W8A8Linear(Products):
 
     def product(self, xb: Tensor, row_limit: int | None = None) -> Tensor:  # noqa: ARG002 (one path)
         return self.panels.product(xb)
+
+    def fused(self, x: Tensor, delta: PanelLoRA, rows: Tensor | None) -> Tensor:
+        """x @ w.T (+ bias) + a float32 adapter's delta on `rows` in one call (models/panel.py `PanelLinear.fused`):
+        the same bits as the call followed by `delta(y, x, rows)`."""
+        return self.panels.product(x, self.bias, delta, rows)
 
 
 class Int4Linear(QuantizedLinear):
