@@ -33,12 +33,14 @@ def fake_worker(runs: int) -> list[str]:
     return [sys.executable, "-c", FAKE_WORKER, str(runs)]
 
 
-def test_a_worker_dying_at_load_is_an_error_naming_the_signal_and_the_rebuild(tmp_path):
+def test_a_worker_dying_at_load_is_an_error_naming_the_signal_the_rebuild_or_its_last_words(tmp_path):
     with pytest.raises(llamacpp.LlamaCppError, match="SIGILL.*--no-binary llama-cpp-python"):
         llamacpp.LlamaCpp(tmp_path / "m.gguf", threads=1,
                           worker=[sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGILL)"])
     with pytest.raises(llamacpp.LlamaCppError, match="exited with code 3"):
         llamacpp.LlamaCpp(tmp_path / "m.gguf", threads=1, worker=[sys.executable, "-c", "raise SystemExit(3)"])
+    with pytest.raises(llamacpp.LlamaCppError, match="exited with code 1: ModuleNotFoundError: No module named 'no_such_dep'"):
+        llamacpp.LlamaCpp(tmp_path / "m.gguf", threads=1, worker=[sys.executable, "-c", "import no_such_dep"])
 
 
 def test_a_worker_answers_runs_until_it_dies(tmp_path):

@@ -16,13 +16,14 @@ import json
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 INSTALL = "pip install 'idlm[bench]'  (llama-cpp-python; builds llama.cpp from source, 10-17 min on 2 cores)"
-REBUILD = ("pip install --force-reinstall --no-deps --no-cache-dir --no-binary llama-cpp-python "
-           "'llama-cpp-python==0.3.36'")
+REBUILD = ("pip install diskcache && pip install --force-reinstall --no-deps --no-cache-dir --no-binary "
+           "llama-cpp-python 'llama-cpp-python==0.3.36'")  # --no-deps leaves numpy alone; diskcache is the one it lacks
 WORKER = [sys.executable, __file__]  # as a script: the worker imports llama_cpp, not idlm or torch
 
 
@@ -48,7 +49,9 @@ class LlamaCpp:
     """One GGUF model loaded in a worker process; `run` times greedy generations of exactly `max_tokens` tokens."""
 
     def __init__(self, gguf: Path, threads: int, context: int = 2048, worker: list[str] | None = None):
-        self.proc = subprocess.Popen(worker or WORKER, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.log = tempfile.TemporaryFile("w+")  # the worker's stderr: why it died (a missing module, say)
+        self.proc = subprocess.Popen(worker or WORKER, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                     text=True)
         self.name = self._ask({"gguf": str(gguf), "threads": threads, "context": context})["name"]
 
     def _ask(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -59,7 +62,9 @@ class LlamaCpp:
         except BrokenPipeError:
             line = ""
         if not line:
-            raise LlamaCppError(_death(self.proc.wait()))
+            self.log.seek(0)
+            last = [text for text in self.log.read().splitlines() if text.strip()][-1:]
+            raise LlamaCppError(_death(self.proc.wait()) + "".join(f": {text.strip()}" for text in last))
         return json.loads(line)
 
     def run(self, prompt_ids: list[list[int]], max_tokens: int) -> dict[str, Any]:
@@ -75,6 +80,7 @@ class LlamaCpp:
         if self.alive:
             self.proc.stdin.close()
             self.proc.wait()
+        self.log.close()
 
 
 def _death(code: int) -> str:
