@@ -33,9 +33,9 @@ import torch
 from torch import Tensor
 
 from idlm.decoding.policy import Decoding
-from idlm.models import panel
 from idlm.decoding.sampling import (RowSampling, SamplingParams, distribution, residual_distribution, row_key, sample,
                                    uniforms)
+from idlm.models import panel
 
 ACCEPT, NEXT, DRAFT, TREE, ALTERNATIVE = 1, 2, 3, 4, 5  # random streams
 

@@ -317,8 +317,8 @@ bool float_panels(const at::Tensor& panels) {
 
 // A frozen adapter's delta, y[rows] += (x[rows] @ a.T) @ b.T (every row when rows is None), on the rows its gate
 // opens: by `add_lora` on a product's output, or inside the product's own call (`linear`, `linear_w8a8`), each thread
-// adding it to the columns it has just stored: one operator call and one fork-join per projection group where the
-// separate call costs two more (fixed costs that were most of the adapter's time in a verify step). b is
+// adding it to the columns it has just stored: one operator call and one fork-join per projection group instead of
+// two of each (fixed costs that were most of the adapter's time in a verify step). b is
 // block-diagonal (a fused group's parts each have their own output and rank columns) and given by its blocks alone:
 // block j, `b_panels[j]` (`pack` of its [out, rank] weight), reads columns blocks[3j + 2] .. + its rank of
 // h = x @ a.T and adds to y's columns blocks[3j] .. + blocks[3j + 1]; the zeros between blocks are neither read nor
@@ -735,7 +735,7 @@ int64_t row_argmax(const float* p, int64_t n) {
   }
   for (int64_t j = 0; j < n; ++j)
     if (nan ? std::isnan(p[j]) : p[j] == best) return j;
-  return 0;  // every value -inf is caught above; unreachable
+  return 0;  // unreachable: n > 0, and the scan meets `best` (or the NaN) in the row
 }
 
 at::Tensor argmax(const at::Tensor& x) {

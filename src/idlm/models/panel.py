@@ -151,7 +151,7 @@ class PanelLinear:
 class PanelLoRA:
     """A frozen adapter's delta by the panel kernels: `(y, x, rows)` adds (x[rows] @ scaled_a.T) @ b.T to y[rows] in
     place (every row when rows is None), gather, two products and scatter in one operator call; or, given to a
-    panel product's `fused` (`PanelLinear`, `W8A8Panels`), inside that product's call. `blocks` (models/lora.py
+    panel product (`PanelLinear.fused`, `W8A8Panels.product`), inside that product's call. `blocks` (models/lora.py
     `LoRAProj.blocks`): b's nonzero blocks, the only ones kept and multiplied (a fused group's b is block-diagonal:
     0.5-0.67x the work). Its sums are two `PanelLinear` products', so the delta is theirs bit for bit (up to the sign
     of a zero)."""
