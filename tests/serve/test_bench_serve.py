@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+
+from idlm.models import panel
 from serve_helpers import tiny_model, tiny_tokenizer  # noqa: F401 (fixtures)
 from test_cli import idlm
 
@@ -35,3 +39,18 @@ def test_bench_profile_compares_fused_and_separate(tiny_model, tmp_path):  # noq
     assert set(result["profiles"]) == {"separate ar", "separate risd", "fused ar", "fused risd"}
     ops = {r["op"] for r in result["profiles"]["fused ar"]["ops"]}
     assert ops and all(r["calls_per_step"] > 0 for t in result["profiles"].values() for r in t["ops"])
+
+
+def test_bench_profile_profiles_the_weight_format_it_is_given(tiny_model, tmp_path):  # noqa: F811
+    if panel.available() and torch.backends.cpu.get_cpu_capability() not in panel.CAPABILITIES:
+        pytest.skip(panel.available())
+    model, adapter = tiny_model
+    proc = idlm("bench", "profile", "--model", str(model), "--adapter", str(adapter), "--batch", "1",
+                "--repeats", "1", "--steps", "2", "--stride", "3", "--quantize", "w8a8", "--panel", "on",
+                "--rows", "40", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(next(tmp_path.glob("profile-cpu-*.json")).read_text())
+    assert (result["quantize"], result["panel"], result["compile"]) == ("w8a8", "on", "off")
+    for table in result["profiles"].values():  # the products the profile shows are the w8a8 kernel's
+        ops = {r["op"] for r in table["ops"]}
+        assert "idlm_panel::linear_w8a8" in ops and "aten::linear" not in ops and "aten::mm" not in ops

@@ -88,6 +88,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--repeats", type=int, default=5, help="alternated measurements per model (medians)")
     pr.add_argument("--steps", type=int, default=24, help="engine steps under the profiler per decoding")
     pr.add_argument("--rows", type=int, default=12, help="ops per profiler table")
+    pr.add_argument("--quantize", default="none", choices=["none", *WEIGHT_FORMATS], help="both models' weights")
+    pr.add_argument("--panel", default="auto", choices=["auto", "on", "off"], help="our panel kernels")
+    pr.add_argument("--compile", choices=["off", "on"], default="off", help="compiled forwards (models/compile.py)")
     pr.add_argument("--out", default="benchmarks/results")
     pr.set_defaults(func=_lazy("idlm.bench.step_profile", "run_profile_bench"))
     k = bsub.add_parser("kernels", help="one projection's cost by row count: int8 kernel, fp32 and bf16 oneDNN, "

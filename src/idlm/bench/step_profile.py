@@ -1,7 +1,8 @@
 """Step profile: what an AR step and an R-ISD step spend their time on, with and without fused projections.
 
 Two `LLM`s on the same weights and adapter, one with q/k/v and gate/up fused (`fuse=True`, the default) and one
-without. Step times come from the cost model's measurement (runner forward + the decoder's greedy work, every
+without, both of one weight format, panel choice and compile setting (compiled: warmed up first, so no step is
+timed or profiled while it compiles). Step times come from the cost model's measurement (runner forward + the decoder's greedy work, every
 layout interleaved), alternated between the two models over the repeats (medians). The profiler tables come
 from real engine steps of one greedy request per decoding: the ops with the most self CPU time, with their
 calls per step. JSON + markdown under the output directory.
@@ -51,9 +52,14 @@ def run_profile_bench(args: argparse.Namespace) -> dict[str, Any]:
     from idlm import LLM
 
     batches = [int(b) for b in args.batch.split(",")]
-    llms = {"separate": LLM(args.model, adapter=args.adapter, fuse=False),
-            "fused": LLM(args.model, adapter=args.adapter, fuse=True)}
+    quantize = None if args.quantize == "none" else args.quantize
+    llms = {name: LLM(args.model, adapter=args.adapter, fuse=fuse, quantize=quantize, panel=args.panel,
+                      compile=args.compile == "on")
+            for name, fuse in (("separate", False), ("fused", True))}
     stride = args.stride
+    if args.compile == "on":  # every class of step compiled before anything is timed or profiled
+        for llm in llms.values():
+            llm.warm_up("risd", stride)
     times: dict[tuple[str, str, int], list[float]] = {}
     for rep in range(args.repeats):
         for name, llm in llms.items():
@@ -76,7 +82,7 @@ def run_profile_bench(args: argparse.Namespace) -> dict[str, Any]:
             rows, seconds = profile_steps(llm, decoding, stride, args.steps, args.rows)
             tables[f"{name} {decoding}"] = {"step_ms": round(seconds * 1000, 2), "ops": rows}
     result = {"benchmark": "profile", "command": "idlm bench profile " + " ".join(sys.argv[3:]), "model": args.model,
-              "stride": stride, "repeats": args.repeats, "machine": machine_info("cpu"),
+              "quantize": args.quantize, "panel": args.panel, "compile": args.compile, "stride": stride, "repeats": args.repeats, "machine": machine_info("cpu"),
               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "steps": step_rows, "profiles": tables}
     write_results(result, Path(args.out), "profile", _markdown(result))
     return result
@@ -92,6 +98,7 @@ def _markdown(result: dict[str, Any]) -> str:
                 "| op | calls / step | self ms / step | share |", "|---|---|---|---|"]
         out += [f"| `{r['op']}` | {r['calls_per_step']} | {r['ms_per_step']} | {r['share']} |" for r in t["ops"]]
     out += ["", f"{m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads, capability {m['cpu_capability']}), "
-                f"torch {m['torch']}; R-ISD stride {result['stride']}; step times: median of {result['repeats']} "
+                f"torch {m['torch']}; weights {result['quantize']}, panel {result['panel']}, compiled "
+                f"{result['compile']}; R-ISD stride {result['stride']}; step times: median of {result['repeats']} "
                 f"alternated measurements; command: `{result['command']}`"]
     return "\n".join(out) + "\n"
