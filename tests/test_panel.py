@@ -268,6 +268,23 @@ def test_w8a8_products_match_a_float64_reference_and_rows_are_independent(out_fe
         lin.product(x.bfloat16())
 
 
+def test_w8a8_products_of_many_rows_give_each_rows_bits_of_one_row_products():
+    """From 10 rows on an AMX CPU the products run on the tile unit (16 rows a tile: 40 rows are two full tiles and
+    one of 8; 9 panels: two groups of 4 and a lone one, the last of 5 columns), one row on VPDPBUSD (AVX2 CPUs: on
+    their own kernel at both counts): the same integer sums and float32 steps, so the same bits."""
+    g = torch.Generator().manual_seed(3)
+    q, scales = quantize_int8(torch.randn(133, 200, generator=g))
+    lin = W8A8Panels(q, scales)
+    x = torch.randn(40, 200, generator=g) * torch.logspace(-2, 2, 40)[:, None]
+    x[11] = 0
+    many = lin.product(x)
+    for rows in (10, 16, 17, 33):
+        assert torch.equal(lin.product(x[:rows]), many[:rows])
+    assert torch.equal(torch.cat([lin.product(x[i:i + 1]) for i in range(40)]), many)
+    err = (many.double() - w8a8_reference(x, q, scales)).abs().amax() / many.abs().amax()
+    assert err < 1e-6
+
+
 def test_w8a8_rounds_activations_half_to_even_and_sums_without_saturating():
     """x / scale exactly halfway (0.5, 1.5, 2.5 of a step) rounds to the even integer as torch.round does; and the
     largest products (127 x 127 at every input, either sign) sum exactly, where a saturating 16-bit pair sum

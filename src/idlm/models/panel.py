@@ -20,7 +20,8 @@ The kernels are C++ with AVX2/FMA, AVX-512, and AVX512-VNNI / AVX512-BF16 intrin
 CPU at build time), built by `torch.utils.cpp_extension` with the compiler that compiled steps already need, once per torch
 version and build (about 30 s; the build directory is the caller's). They register the operators
 `idlm_panel::pack`, `idlm_panel::pack_pairs`, `idlm_panel::linear`, `idlm_panel::linear_int8`,
-`idlm_panel::pack_w8a8`, `idlm_panel::linear_w8a8` (int8 weights against int8 activations: `W8A8Panels`) and
+`idlm_panel::pack_w8a8`, `idlm_panel::linear_w8a8` (int8 weights against int8 activations: `W8A8Panels`; from 10
+rows on AMX's tiles where the CPU has AMX-INT8, the same integer sums) and
 `idlm_panel::add_lora` (a gated adapter's delta, in place), which compiled graphs call directly, and
 `idlm_panel::argmax` (each row's first largest value, for greedy steps). Where they cannot
 be built or run (no compiler, a CPU without AVX2), `available` says why and the library's kernels stay.
@@ -43,13 +44,15 @@ CAPABILITIES = tuple(ISA_FLAGS)
 FEATURE_FLAGS = {  # AVX-512 CPUs' extensions the kernels use where the CPU has them
     "VNNI": ["-mavx512bw", "-mavx512vnni"],  # VPDPBUSD: the w8a8 products' integer sums
     "BF16": ["-mavx512bw", "-mavx512bf16"],  # VDPBF16PS: the int8 products' pair path
+    "AMX": ["-mamx-tile", "-mamx-int8"],  # TDPBSUD: the w8a8 products of several rows (with VNNI)
 }
 
 
 def _features() -> list[str]:
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         return []
-    has = {"VNNI": torch.cpu._is_vnni_supported(), "BF16": torch.cpu._is_avx512_bf16_supported()}
+    has = {"VNNI": torch.cpu._is_vnni_supported(), "BF16": torch.cpu._is_avx512_bf16_supported(),
+           "AMX": torch.cpu._is_vnni_supported() and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()}
     return [name for name in FEATURE_FLAGS if has[name]]
 
 
