@@ -4,6 +4,9 @@ library's kernels measured once per machine, greedy R-ISD == AR on a tiny gated 
 embedded model oneDNN's tokens in float32 and R-ISD int8 == AR int8 up to near-ties."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -283,6 +286,25 @@ def test_w8a8_products_of_many_rows_give_each_rows_bits_of_one_row_products():
     assert torch.equal(torch.cat([lin.product(x[i:i + 1]) for i in range(40)]), many)
     err = (many.double() - w8a8_reference(x, q, scales)).abs().amax() / many.abs().amax()
     assert err < 1e-6
+
+
+@pytest.mark.skipif(panel.build().split("+")[:2] != ["AVX512", "VNNI"], reason="AMX builds only beside VNNI")
+def test_kernels_whose_amx_build_fails_build_without_it(tmp_path):
+    """A compiler that cannot build the AMX path (here: a flag it does not know) costs AMX, not the kernels."""
+    script = f"""
+import torch
+torch.cpu._is_amx_tile_supported = lambda: True
+from idlm.models import panel
+panel.FEATURE_FLAGS["AMX"] = ["-mno-such-flag-idlm"]
+assert panel.build().endswith("+AMX")
+from pathlib import Path
+assert panel.available(Path({str(tmp_path)!r})) is None, panel.available()
+assert "AMX" not in panel.build()
+print(panel.build())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "+".join(f for f in panel.build().split("+") if f != "AMX")
 
 
 def test_w8a8_rounds_activations_half_to_even_and_sums_without_saturating():

@@ -53,7 +53,12 @@ def _features() -> list[str]:
         return []
     has = {"VNNI": torch.cpu._is_vnni_supported(), "BF16": torch.cpu._is_avx512_bf16_supported(),
            "AMX": torch.cpu._is_vnni_supported() and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()}
-    return [name for name in FEATURE_FLAGS if has[name]]
+    return [name for name in FEATURE_FLAGS if has[name] and name not in _unbuilt]
+
+
+# features whose build failed in this process (a compiler without -mamx-int8, before gcc 11): the kernels build
+# without them rather than not at all
+_unbuilt: set[str] = set()
 
 
 def build() -> str:
@@ -85,13 +90,20 @@ def _load(build_dir: Path | None) -> str | None:
         from torch.utils.cpp_extension import load
         if build_dir is not None:
             build_dir.mkdir(parents=True, exist_ok=True)
-        name = build()
-        flags = ISA_FLAGS[capability] + sorted({f for feature in _features() for f in FEATURE_FLAGS[feature]})
-        # the source in the name: checkouts of different kernels never share (and rebuild over) one build directory
-        load(f"idlm_panel_{name.lower().replace('+', '_')}_{SOURCE_ID}", [str(SOURCE)],
-             extra_cflags=["-O3", *flags, "-fopenmp"], extra_ldflags=["-fopenmp"],
-             build_directory=str(build_dir) if build_dir else None,
-             is_python_module=False, verbose=False)
+        while True:
+            name = build()
+            flags = ISA_FLAGS[capability] + sorted({f for feature in _features() for f in FEATURE_FLAGS[feature]})
+            try:  # the source in the name: checkouts of different kernels never share (and rebuild over) a directory
+                load(f"idlm_panel_{name.lower().replace('+', '_')}_{SOURCE_ID}", [str(SOURCE)],
+                     extra_cflags=["-O3", *flags, "-fopenmp"], extra_ldflags=["-fopenmp"],
+                     build_directory=str(build_dir) if build_dir else None,
+                     is_python_module=False, verbose=False)
+                break
+            except Exception:
+                if "AMX" not in _features():
+                    raise
+                log.info("the panel kernels did not build with AMX; building them without it")
+                _unbuilt.add("AMX")
     except Exception as e:  # no compiler, no headers, a failed build: the oneDNN path still works
         return f"the panel kernel did not build ({type(e).__name__}: {str(e).strip().splitlines()[-1:]})"
     torch.library.register_fake("idlm_panel::linear")(_linear_shape)
