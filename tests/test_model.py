@@ -7,7 +7,7 @@ import torch
 from idlm.config import ModelConfig
 from idlm.engine.block_manager import BlockManager
 from idlm.engine.kv_cache import KVCache
-from idlm.models.attention import SHORT_QUERY, SUMS_QUERY, DenseAttention, PagedAttention
+from idlm.models.attention import SHORT_QUERY, SUMS_QUERY, DenseAttention, PagedAttention, kernel_fits
 from idlm.models.llama import build_model
 
 from conftest import CHAT_PROMPTS, requires_embedded, tiny_model
@@ -148,11 +148,11 @@ def test_graph_inputs_give_the_steps_own_attention(lens):
         assert inputs is None
         return
     assert (meta.groups[0].span is not None) == (len(lens) == 1)
-    assert inputs[-1] == (max(lens) <= SUMS_QUERY)
+    assert inputs[-1] == "sums" if max(lens) <= SUMS_QUERY else inputs[-1] == meta.groups[0].method
     with torch.no_grad():
         want = model(ids, pos, meta)
-        for by_sums in (False, True):
-            got = model(ids, pos, PagedAttention.from_graph_inputs(*inputs[:-1], by_sums))
+        for method in ("sdpa", "sums") + (("kernel",) if kernel_fits(kv.k[0]) else ()):
+            got = model(ids, pos, PagedAttention.from_graph_inputs(*inputs[:-1], method))
             assert _rel_err(got, want) <= 1e-6
 
 

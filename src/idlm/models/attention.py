@@ -5,7 +5,10 @@
   that fixed prefix (explicit mask) and to each other. Training of gated adapters (two-pass objective).
 - `PagedAttention`: rows of several sequences flattened to [T]; k/v are written into the paged pool at
   their slots, then each sequence's queries attend to its cached prefix and to the earlier new rows of
-  the same step (key position <= query position). Serving (AR and ISD blocks alike).
+  the same step (key position <= query position). Serving (AR and ISD blocks alike). Steps of a few rows per
+  sequence attend by our kernel (models/attention.cpp, `idlm_panel::attention`, loaded with the panel kernels), which
+  reads each sequence's keys and values in place through its block table: no gathered copy, no folded mask, and a
+  row's bits independent of the rows beside it.
 """
 from __future__ import annotations
 
@@ -111,6 +114,16 @@ SHORT_QUERY = 32
 # AVX-512 EPYC): AR 0.86-0.92x the time with the library's kernel (int8), 0.92-0.99x (fp32); an fp32 R-ISD step of
 # 4-7 rows 1.08x, so not them.
 SUMS_QUERY = 1
+# Groups whose sequences feed more than SUMS_QUERY and at most this many rows each attend by our kernel
+# (`idlm_panel::attention`, models/attention.cpp) where it is loaded: the keys and values read in place from the pool.
+KERNEL_QUERY = SHORT_QUERY
+
+
+def kernel_fits(pool: torch.Tensor) -> bool:
+    """Our attention kernel is loaded (with the panel kernels) and takes this pool: float32 on the CPU, head dims of
+    whole 16-float vectors."""
+    return (pool.device.type == "cpu" and pool.dtype == torch.float32 and pool.shape[-1] % 16 == 0
+            and hasattr(torch.ops.idlm_panel, "attention"))
 
 
 @dataclass
@@ -130,7 +143,9 @@ class _Group:
         case for a lone request: blocks are handed out in order and rolled-back ones are taken back first): its
         keys are then a view of the pool, not a gathered copy.
     folded: the mask folded for grouped-query heads, made by the first layer and reused by the others.
-    by_sums: attend by `_attention_by_sums` (compiled graphs of steps of at most SUMS_QUERY rows per sequence).
+    method: "sdpa" (the library's kernel), "sums" (`_attention_by_sums`: compiled graphs of steps of at most
+        SUMS_QUERY rows per sequence) or "kernel" (our kernel over the pool: `kernel_fits`, and at most KERNEL_QUERY
+        rows per sequence).
     """
 
     rows: torch.Tensor | None
@@ -141,7 +156,7 @@ class _Group:
     length: int | None = None
     span: int | None = None
     folded: torch.Tensor | None = None
-    by_sums: bool = False
+    method: str = "sdpa"
 
     def _keys(self, pool: torch.Tensor) -> torch.Tensor:
         """[B, Hkv, S, D] keys (or values) of the group's sequences."""
@@ -156,12 +171,15 @@ class _Group:
 
     def attend(self, kp: torch.Tensor, vp: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         hkv = kp.shape[2]
-        keys, vals = self._keys(kp), self._keys(vp)
         qb = q.unsqueeze(0) if self.q_index is None else torch.cat([q, q.new_zeros(1, *q.shape[1:])])[self.q_index]
+        if self.method == "kernel":
+            out = torch.ops.idlm_panel.attention(qb, kp, vp, self.block_tables, self.mask)
+            return out[0] if self.out_index is None else out.reshape(-1, *out.shape[2:])[self.out_index]
+        keys, vals = self._keys(kp), self._keys(vp)
         groups = q.shape[1] // hkv
-        if (groups > 1 or self.by_sums) and self.folded is None:
+        if (groups > 1 or self.method == "sums") and self.folded is None:
             self.folded = _fold(self.mask, groups, q.dtype)
-        if self.by_sums:
+        if self.method == "sums":
             out = _attention_by_sums(qb.transpose(1, 2), keys, vals, self.folded).transpose(1, 2)
         else:
             out = _sdpa(qb.transpose(1, 2), keys, vals, self.mask, self.folded).transpose(1, 2)  # [B, Qmax, H, D]
@@ -208,15 +226,15 @@ class PagedAttention:
         tables = g.block_tables if g.block_tables.shape[1] > 1 else g.block_tables.repeat(1, 2)
         keys = tables.shape[1] * self.k_pool[0].shape[1]
         mask = g.mask if g.mask.shape[-1] == keys else F.pad(g.mask, (0, keys - g.mask.shape[-1]))
-        by_sums = mask.shape[2] <= SUMS_QUERY
-        return self.k_pool, self.v_pool, self.slot_mapping, tables, g.q_index, g.out_index, mask, by_sums
+        method = "sums" if mask.shape[2] <= SUMS_QUERY else g.method
+        return self.k_pool, self.v_pool, self.slot_mapping, tables, g.q_index, g.out_index, mask, method
 
     @classmethod
     def from_graph_inputs(cls, k_pool: list[torch.Tensor], v_pool: list[torch.Tensor], slot_mapping: torch.Tensor,
                           block_tables: torch.Tensor, q_index: torch.Tensor | None, out_index: torch.Tensor | None,
-                          mask: torch.Tensor, by_sums: bool = False) -> "PagedAttention":
+                          mask: torch.Tensor, method: str = "sdpa") -> "PagedAttention":
         return cls(k_pool, v_pool, slot_mapping, [_Group(None, block_tables, q_index, out_index, mask,
-                                                         by_sums=by_sums)])
+                                                         method=method)])
 
     @classmethod
     def build(
@@ -247,6 +265,7 @@ class PagedAttention:
         short = [i for i, n in enumerate(query_lens) if n <= SHORT_QUERY]
         members = ([short] if short else []) + [[i] for i, n in enumerate(query_lens) if n > SHORT_QUERY]
         whole = len(members) == 1
+        kernel = kernel_fits(k_pool[0])
 
         def group(seqs: list[int]) -> _Group:
             b = len(seqs)
@@ -287,6 +306,7 @@ class PagedAttention:
                 mask=mask.unsqueeze(1).to(device),
                 length=length,
                 span=span,
+                method="kernel" if kernel and SUMS_QUERY < qmax <= KERNEL_QUERY else "sdpa",
             )
 
         return cls(k_pool=k_pool, v_pool=v_pool, slot_mapping=torch.cat(slots).to(device),

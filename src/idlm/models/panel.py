@@ -23,7 +23,8 @@ version and build (about 30 s; the build directory is the caller's). They regist
 `idlm_panel::pack_w8a8`, `idlm_panel::linear_w8a8` (int8 weights against int8 activations: `W8A8Panels`; from 10
 rows on AMX's tiles where the CPU has AMX-INT8, the same integer sums) and
 `idlm_panel::add_lora` (a gated adapter's delta, in place), which compiled graphs call directly, and
-`idlm_panel::argmax` (each row's first largest value, for greedy steps). Where they cannot
+`idlm_panel::argmax` (each row's first largest value, for greedy steps); with them, from attention.cpp,
+`idlm_panel::attention` (a step's few query rows over the paged pool: models/attention.py). Where they cannot
 be built or run (no compiler, a CPU without AVX2), `available` says why and the library's kernels stay.
 """
 from __future__ import annotations
@@ -37,8 +38,9 @@ from torch import Tensor
 
 
 log = logging.getLogger("idlm")
-SOURCE = Path(__file__).with_name("panel.cpp")
-SOURCE_ID = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]  # which kernels: part of every measurement's key
+SOURCES = (Path(__file__).with_name("panel.cpp"), Path(__file__).with_name("attention.cpp"))
+# which kernels: part of every measurement's key
+SOURCE_ID = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES)).hexdigest()[:12]
 ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx2", "-mfma", "-mavx512f"]}  # by ATen's CPU capability
 CAPABILITIES = tuple(ISA_FLAGS)
 FEATURE_FLAGS = {  # AVX-512 CPUs' extensions the kernels use where the CPU has them
@@ -94,7 +96,7 @@ def _load(build_dir: Path | None) -> str | None:
             name = build()
             flags = ISA_FLAGS[capability] + sorted({f for feature in _features() for f in FEATURE_FLAGS[feature]})
             try:  # the source in the name: checkouts of different kernels never share (and rebuild over) a directory
-                load(f"idlm_panel_{name.lower().replace('+', '_')}_{SOURCE_ID}", [str(SOURCE)],
+                load(f"idlm_panel_{name.lower().replace('+', '_')}_{SOURCE_ID}", [str(source) for source in SOURCES],
                      extra_cflags=["-O3", *flags, "-fopenmp"], extra_ldflags=["-fopenmp"],
                      build_directory=str(build_dir) if build_dir else None,
                      is_python_module=False, verbose=False)
@@ -110,6 +112,7 @@ def _load(build_dir: Path | None) -> str | None:
     torch.library.register_fake("idlm_panel::linear_int8")(_linear_int8_shape)
     torch.library.register_fake("idlm_panel::linear_w8a8")(_linear_shape_w8a8)
     torch.library.register_fake("idlm_panel::add_lora")(_add_lora_shape)
+    torch.library.register_fake("idlm_panel::attention")(_attention_shape)
     return None
 
 
@@ -128,6 +131,10 @@ def _linear_shape_w8a8(x: Tensor, panels: Tensor, scales: Tensor, out_features: 
                        bias: Tensor | None, lora_a: Tensor | None, lora_rank: int,  # noqa: ARG001
                        lora_b: list[Tensor], lora_blocks: list[int], lora_rows: Tensor | None) -> Tensor:  # noqa: ARG001
     return x.new_empty(*x.shape[:-1], out_features)
+
+
+def _attention_shape(q: Tensor, k_pool: Tensor, v_pool: Tensor, tables: Tensor, mask: Tensor) -> Tensor:  # noqa: ARG001
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 def _add_lora_shape(y: Tensor, x: Tensor, a_panels: Tensor, rank: int, b_panels: list[Tensor],  # noqa: ARG001
