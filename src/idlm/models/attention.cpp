@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include "simd.h"
 
 #include <algorithm>
 #include <cmath>
@@ -18,20 +19,23 @@
 
 namespace {
 
+using idlm_simd::add;
+using idlm_simd::dispatch;
+using idlm_simd::fmadd;
+using idlm_simd::hmax;
+using idlm_simd::hsum;
+using idlm_simd::kLanes;
+using idlm_simd::load;
+using idlm_simd::mul;
+using idlm_simd::set1;
+using idlm_simd::store;
+using idlm_simd::Vec;
+using idlm_simd::vmax;
+using idlm_simd::vround;
+using idlm_simd::zero;
+
 #if defined(__AVX512F__)
-using Vec = __m512;
-constexpr int64_t kLanes = 16;
-inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
-inline void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
-inline Vec set1(float x) { return _mm512_set1_ps(x); }
-inline Vec zero() { return _mm512_setzero_ps(); }
-inline Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
-inline Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
-inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline Vec vmax(Vec a, Vec b) { return _mm512_max_ps(a, b); }
-inline float hmax(Vec v) { return _mm512_reduce_max_ps(v); }
-inline float hsum(Vec v) { return _mm512_reduce_add_ps(v); }
-// lane j of the result: the sum of v[j]'s 16 lanes
+// lane j of the result: the sum of v[j]'s lanes
 inline Vec lane_sums(Vec v[kLanes]) {
   Vec a[8], b[4], c[2];
   for (int i = 0; i < 8; ++i)  // per 128-bit lane: [v2i 0+2, v2i+1 0+2, v2i 1+3, v2i+1 1+3]
@@ -48,32 +52,11 @@ inline Vec mask_bias(const bool* m) {  // 0 where m, else -inf, for kLanes keys
       _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m))), _mm512_set1_epi32(0xFF));
   return _mm512_mask_blend_ps(seen, set1(-std::numeric_limits<float>::infinity()), zero());
 }
-inline Vec round_nearest(Vec v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 inline Vec times_pow2(Vec p, Vec n) { return _mm512_scalef_ps(p, n); }
 inline Vec zero_below(Vec e, Vec x, float bound) {  // e where x >= bound, else 0
   return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, set1(bound), _CMP_GE_OQ), e);
 }
 #else
-using Vec = __m256;
-constexpr int64_t kLanes = 8;
-inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
-inline void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
-inline Vec set1(float x) { return _mm256_set1_ps(x); }
-inline Vec zero() { return _mm256_setzero_ps(); }
-inline Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
-inline Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
-inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline Vec vmax(Vec a, Vec b) { return _mm256_max_ps(a, b); }
-inline float hmax(Vec v) {
-  __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-  return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
-}
-inline float hsum(Vec v) {
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-}
 inline Vec lane_sums(Vec v[kLanes]) {
   const Vec s0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));  // keys 0-3, each half
   const Vec s1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));  // keys 4-7
@@ -84,7 +67,6 @@ inline Vec mask_bias(const bool* m) {  // 0 where m, else -inf, for kLanes keys
   const __m256 hidden = _mm256_castsi256_ps(_mm256_cmpeq_epi32(bytes, _mm256_setzero_si256()));
   return _mm256_and_ps(hidden, set1(-std::numeric_limits<float>::infinity()));
 }
-inline Vec round_nearest(Vec v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 inline Vec times_pow2(Vec p, Vec n) {
   const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
@@ -96,7 +78,7 @@ inline Vec zero_below(Vec e, Vec x, float bound) { return _mm256_and_ps(e, _mm25
 // 7 (relative error below 2e-7); 0 below -87 (e^-87 < 2e-38, where float32 leaves its normal range), and so for -inf
 inline Vec exp_nonpositive(Vec x) {
   const Vec xc = vmax(x, set1(-87.f));
-  const Vec n = round_nearest(mul(xc, set1(1.44269504088896341f)));
+  const Vec n = vround(mul(xc, set1(1.44269504088896341f)));
   Vec r = fmadd(n, set1(-0.693145751953125f), xc);  // ln 2 in two parts: n * hi is exact
   r = fmadd(n, set1(-1.428606765330187e-06f), r);
   Vec p = set1(1.f / 5040);
@@ -151,7 +133,7 @@ void attend_row(const float* q, float scale, const float* kp, const float* vp, c
     total = add(total, e);
     alignas(64) float w[kLanes];
     store(w, e);
-    const int64_t n = std::min(kLanes, S - k0);
+    const int64_t n = std::min<int64_t>(kLanes, S - k0);
     int64_t j = 0;
     for (; j + 1 < n; j += 2) {
       const Vec w0 = set1(w[j]), w1 = set1(w[j + 1]);
@@ -170,14 +152,6 @@ void attend_row(const float* q, float scale, const float* kp, const float* vp, c
   }
   const Vec inv = set1(1.f / hsum(total));
   for (int c = 0; c < V; ++c) store(o + c * kLanes, mul(add(acc[0][c], acc[1][c]), inv));
-}
-
-template <int N, typename F>
-void dispatch(int64_t n, F&& f) {  // f(std::integral_constant<int, n>) for 1 <= n <= N
-  if constexpr (N > 1) {
-    if (n < N) return dispatch<N - 1>(n, std::forward<F>(f));
-  }
-  f(std::integral_constant<int, N>{});
 }
 
 // out [B, Q, H, D] = softmax(q k^T / sqrt(D) + mask) v for each sequence b's rows, its keys and values those of the

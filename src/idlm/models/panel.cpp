@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include "simd.h"
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -24,24 +25,31 @@
 
 namespace {
 
+using idlm_simd::dispatch;
+using idlm_simd::fmadd;
+using idlm_simd::hmax;
+using idlm_simd::hsum;
+using idlm_simd::kLanes;
+using idlm_simd::load;
+using idlm_simd::mul;
+using idlm_simd::store;
+using idlm_simd::Vec;
+using idlm_simd::vmax;
+using idlm_simd::vround;
+using idlm_simd::zero;
+
 constexpr int64_t kCols = 16;  // output columns per panel
 constexpr int64_t kChunkBytes = 256 << 10;  // panels a thread runs every row block against before moving on
 
 // The vector unit: 16 columns are one 16-float register (AVX-512, 32 registers) or two 8-float ones (AVX2, 16).
+constexpr int kVecs = kCols / kLanes;
 #if defined(__AVX512F__)
-using Vec = __m512;
-constexpr int kVecs = 1;
 constexpr int64_t kRows = 8;  // a verify step of stride 4 (7 rows) in one pass: its int8 weights widened once
 constexpr int kPanelsPerBlock[kRows + 1] = {0, 8, 6, 4, 3, 2, 2, 2, 2};  // 8-16 accumulators, <= 26 registers
-inline Vec zero() { return _mm512_setzero_ps(); }
 inline Vec broadcast(const float* p) { return _mm512_set1_ps(*p); }
-inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
-inline Vec vmax(Vec a, Vec b) { return _mm512_max_ps(a, b); }
 inline Vec flag_nan(Vec seen, Vec x) {  // lanes where x is NaN set to 1
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), seen, _mm512_set1_ps(1.f));
 }
-inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
 inline Vec load(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
@@ -49,13 +57,9 @@ inline Vec load(const uint16_t* p) {  // bfloat16: the upper half of a float32
   const __m512i bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
 }
-inline void store(float* p, Vec v) { _mm512_storeu_ps(p, v); }
 inline Vec vabs(Vec v) { return _mm512_abs_ps(v); }
 inline Vec vdiv(Vec a, Vec b) { return _mm512_div_ps(a, b); }
-inline Vec vround(Vec v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 inline Vec clamp127(Vec v) { return _mm512_min_ps(_mm512_set1_ps(127.f), _mm512_max_ps(_mm512_set1_ps(-127.f), v)); }
-inline float hmax(Vec v) { return _mm512_reduce_max_ps(v); }
-inline float hsum(Vec v) { return _mm512_reduce_add_ps(v); }
 inline void narrow_int8(Vec v, int8_t* p) {  // 16 integral floats to 16 bytes
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
 }
@@ -67,19 +71,12 @@ inline Vec round_bf16(Vec v) {  // to the nearest bfloat16 value, ties to even (
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_castsi512_ps(r), v);
 }
 #else
-using Vec = __m256;
-constexpr int kVecs = 2;
 constexpr int64_t kRows = 3;
 constexpr int kPanelsPerBlock[kRows + 1] = {0, 4, 3, 2};  // 8, 12, 12 accumulators of AVX2's 16 registers
-inline Vec zero() { return _mm256_setzero_ps(); }
 inline Vec broadcast(const float* p) { return _mm256_broadcast_ss(p); }
-inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
-inline Vec vmax(Vec a, Vec b) { return _mm256_max_ps(a, b); }
 inline Vec flag_nan(Vec seen, Vec x) {  // lanes where x is NaN set to 1
   return _mm256_blendv_ps(seen, _mm256_set1_ps(1.f), _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
 }
-inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
 inline Vec load(const int8_t* p) {  // 8 bytes widened: two such halves beat one 16-byte load and a shuffle
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
@@ -87,21 +84,9 @@ inline Vec load(const uint16_t* p) {  // bfloat16: the upper half of a float32
   const __m256i bits = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
 }
-inline void store(float* p, Vec v) { _mm256_storeu_ps(p, v); }
 inline Vec vabs(Vec v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), v); }
 inline Vec vdiv(Vec a, Vec b) { return _mm256_div_ps(a, b); }
-inline Vec vround(Vec v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 inline Vec clamp127(Vec v) { return _mm256_min_ps(_mm256_set1_ps(127.f), _mm256_max_ps(_mm256_set1_ps(-127.f), v)); }
-inline float hmax(Vec v) {
-  __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-  return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
-}
-inline float hsum(Vec v) {
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-}
 inline void narrow_int8(Vec v, int8_t* p) {  // 8 integral floats to 8 bytes
   const __m256i i = _mm256_cvtps_epi32(v);
   const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
@@ -115,7 +100,6 @@ inline Vec round_bf16(Vec v) {  // to the nearest bfloat16 value, ties to even (
   return _mm256_blendv_ps(_mm256_castsi256_ps(r), v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
 }
 #endif
-constexpr int kLanes = kCols / kVecs;
 
 // int8 weights are summed over pairs of inputs: per pair, the odd input's product is added to the float32 sum, then
 // the even one's, each addition rounded. That is VDPBF16PS (AVX512-BF16: two bfloat16 products per float32 lane,
@@ -171,15 +155,6 @@ struct Feed<PairedInt8> {  // a pair of bfloat16 inputs in one 32-bit word (low 
 #else
 constexpr bool kHasPairs = false;
 #endif
-
-// f(std::integral_constant<int, n>) for a run-time 1 <= n <= N: block shapes are compile-time constants
-template <int N, typename F>
-inline void dispatch(int64_t n, F&& f) {
-  if constexpr (N > 1) {
-    if (n < N) return dispatch<N - 1>(n, std::forward<F>(f));
-  }
-  f(std::integral_constant<int, N>{});
-}
 
 // [panels, steps, 16 x span] from w [out, in]: a step's `span` inputs as rows of 16 columns, or (`interleaved`) side
 // by side for each column

@@ -39,8 +39,9 @@ from torch import Tensor
 
 log = logging.getLogger("idlm")
 SOURCES = (Path(__file__).with_name("panel.cpp"), Path(__file__).with_name("attention.cpp"))
+HEADERS = (Path(__file__).with_name("simd.h"),)
 # which kernels: part of every measurement's key
-SOURCE_ID = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES)).hexdigest()[:12]
+SOURCE_ID = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES + HEADERS)).hexdigest()[:12]
 ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx2", "-mfma", "-mavx512f"]}  # by ATen's CPU capability
 CAPABILITIES = tuple(ISA_FLAGS)
 FEATURE_FLAGS = {  # AVX-512 CPUs' extensions the kernels use where the CPU has them
