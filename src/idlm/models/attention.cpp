@@ -3,8 +3,7 @@
 // Each (sequence, query head) is one work item; each of its rows is computed alone, in the same order whatever rows
 // share the call: scores of kLanes keys at a time (one vector of partial products per key, then the vectors summed
 // lane-wise into one of kLanes scores), the masked keys at -inf, the largest score taken off, exp, their sum, then
-// the values weighted. So a row's output does not depend on the rows beside it: an AR step and a verify step attend
-// for a row bit for bit alike.
+// the values weighted. So a row's output does not depend on the rows or sequences beside it.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -88,7 +87,7 @@ inline Vec exp_nonpositive(Vec x) {
 
 constexpr int kMaxVecs = 16;  // head dims up to kMaxVecs x kLanes floats
 
-// One row of one query head: q (already scaled) against the keys and values at `slot` (S of them), `m` its mask.
+// One row of one query head: q (times `scale`) against the keys and values at `slot` (S of them), `m` its mask.
 // V: the head dim in vectors, a constant so that the row's vectors and sums stay in registers.
 template <int V>
 void attend_row(const float* q, float scale, const float* kp, const float* vp, const int64_t* slot, const bool* m,
