@@ -1,6 +1,6 @@
 // Attention of a decode step's few query rows over the paged KV pool (models/attention.py PagedAttention), read in
 // place: the keys and values of each sequence are found through its block table, never gathered into a copy.
-// Each (sequence, query head) is one work item; each of its rows is computed alone, in the same order whatever rows
+// Each (sequence, query head, row) is one work item, computed alone, in the same order whatever rows
 // share the call: scores of kLanes keys at a time (one vector of partial products per key, then the vectors summed
 // lane-wise into one of kLanes scores), the masked keys at -inf, the largest score taken off, exp, their sum, then
 // the values weighted. So a row's output does not depend on the rows or sequences beside it.
@@ -183,19 +183,23 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_pool, const at::Te
   float* op = out.data_ptr<float>();
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   const int64_t padded = (S + kLanes - 1) / kLanes * kLanes;
+  // each sequence's keys' first floats in a pool, for kv head 0 (the others: + kvh x D)
+  std::vector<int64_t> slots(B * padded);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t s0 = 0, blk = 0; s0 < S; s0 += BS, ++blk)
+      for (int64_t s = s0; s < std::min(S, s0 + BS); ++s)
+        slots[b * padded + s] = (tp[b * nb + blk] * BS + s - s0) * Hkv * D;
+  // one work item per (sequence, head, row), in that order: threads get equal shares, neighbours share their keys
   dispatch<kMaxVecs>(D / kLanes, [&](auto vecs) {
-    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * H * Q, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scores(padded);
-      std::vector<int64_t> slot(padded);  // each key's first float in a pool, for this item's kv head
+      const float* kp = k_pool.const_data_ptr<float>();
+      const float* vp = v_pool.const_data_ptr<float>();
       for (int64_t item = begin; item < end; ++item) {
-        const int64_t b = item / H, h = item % H, kvh = h / groups;
-        for (int64_t s0 = 0, blk = 0; s0 < S; s0 += BS, ++blk)
-          for (int64_t s = s0, first = (tp[b * nb + blk] * BS * Hkv + kvh) * D; s < std::min(S, s0 + BS); ++s)
-            slot[s] = first + (s - s0) * Hkv * D;
-        for (int64_t r = 0; r < Q; ++r)
-          attend_row<decltype(vecs)::value>(qp + ((b * Q + r) * H + h) * D, scale, k_pool.const_data_ptr<float>(),
-                                            v_pool.const_data_ptr<float>(), slot.data(), mp + (b * Q + r) * S, S,
-                                            scores.data(), op + ((b * Q + r) * H + h) * D);
+        const int64_t b = item / (H * Q), h = item / Q % H, r = item % Q, head = h / groups * D;
+        attend_row<decltype(vecs)::value>(qp + ((b * Q + r) * H + h) * D, scale, kp + head, vp + head,
+                                          slots.data() + b * padded, mp + (b * Q + r) * S, S, scores.data(),
+                                          op + ((b * Q + r) * H + h) * D);
       }
     });
   });
