@@ -2,8 +2,8 @@
 
 Two `LLM`s on the same weights and adapter, one with q/k/v and gate/up fused (`fuse=True`, the default) and one
 without, both of one weight format, panel choice and compile setting (compiled: warmed up first, so no step is
-timed or profiled while it compiles). Step times come from the cost model's measurement (runner forward + the decoder's greedy work, every
-layout interleaved), alternated between the two models over the repeats (medians). The profiler tables come
+timed or profiled while it compiles). Step times come from the cost model's measurement (runner forward + the
+decoder's greedy work, every layout interleaved), alternated between the two models over the repeats (medians). The profiler tables come
 from real engine steps of one greedy request per decoding: the ops with the most self CPU time, with their
 calls per step. JSON + markdown under the output directory.
 """
@@ -82,7 +82,8 @@ def run_profile_bench(args: argparse.Namespace) -> dict[str, Any]:
             rows, seconds = profile_steps(llm, decoding, stride, args.steps, args.rows)
             tables[f"{name} {decoding}"] = {"step_ms": round(seconds * 1000, 2), "ops": rows}
     result = {"benchmark": "profile", "command": "idlm bench profile " + " ".join(sys.argv[3:]), "model": args.model,
-              "quantize": args.quantize, "panel": args.panel, "compile": args.compile, "stride": stride, "repeats": args.repeats, "machine": machine_info("cpu"),
+              "quantize": args.quantize, "panel": args.panel, "compile": args.compile, "stride": stride,
+              "repeats": args.repeats, "machine": machine_info("cpu"),
               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "steps": step_rows, "profiles": tables}
     write_results(result, Path(args.out), "profile", _markdown(result))
     return result

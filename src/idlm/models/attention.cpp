@@ -18,21 +18,6 @@
 
 namespace {
 
-using idlm_simd::add;
-using idlm_simd::dispatch;
-using idlm_simd::fmadd;
-using idlm_simd::hmax;
-using idlm_simd::hsum;
-using idlm_simd::kLanes;
-using idlm_simd::load;
-using idlm_simd::mul;
-using idlm_simd::set1;
-using idlm_simd::store;
-using idlm_simd::Vec;
-using idlm_simd::vmax;
-using idlm_simd::vround;
-using idlm_simd::zero;
-
 #if defined(__AVX512F__)
 // lane j of the result: the sum of v[j]'s lanes
 inline Vec lane_sums(Vec v[kLanes]) {

@@ -25,19 +25,6 @@
 
 namespace {
 
-using idlm_simd::dispatch;
-using idlm_simd::fmadd;
-using idlm_simd::hmax;
-using idlm_simd::hsum;
-using idlm_simd::kLanes;
-using idlm_simd::load;
-using idlm_simd::mul;
-using idlm_simd::store;
-using idlm_simd::Vec;
-using idlm_simd::vmax;
-using idlm_simd::vround;
-using idlm_simd::zero;
-
 constexpr int64_t kCols = 16;  // output columns per panel
 constexpr int64_t kChunkBytes = 256 << 10;  // panels a thread runs every row block against before moving on
 
@@ -652,6 +639,20 @@ QRows quantize_rows(const float* x, int64_t m, int64_t k, int64_t blocks) {
   return q;
 }
 
+// Row r, panel p of a w8a8 product's float32 sums into `out`, times the columns' scales (of a weight's last panel,
+// only the columns it has)
+inline void store_scaled(FAcc f, const Out& out, int64_t r, int64_t p) {
+  float* y = out.y + r * out.ldy + p * kCols;
+  const int64_t c = std::min(kCols, out.cols - p * kCols);
+  if (c == kCols) {
+    fstore(y, f, out.scales + p * kCols);
+  } else {
+    float tail[kCols];
+    fstore(tail, f, out.scales + p * kCols);
+    std::memcpy(y, tail, c * sizeof(float));
+  }
+}
+
 // R rows x P panels: per block, kQuadsPerBlock VPDPBUSD (or their AVX2 form) per row and panel into exact int32 sums,
 // then one FMA per row and panel into the float32 sums
 template <int R, int P>
@@ -679,19 +680,8 @@ inline void qblock(const QRows& q, int64_t row0, int64_t blocks, const int8_t* p
       for (int p = 0; p < P; ++p) f[r][p] = block_sum(f[r][p], acc[r][p], q.minus[i], q.scales[i]);
     }
   }
-  for (int p = 0; p < P; ++p) {
-    const int64_t c = std::min(kCols, out.cols - p * kCols);
-    for (int r = 0; r < R; ++r) {
-      float* y = out.y + r * out.ldy + p * kCols;
-      if (c == kCols) {
-        fstore(y, f[r][p], out.scales + p * kCols);
-      } else {
-        float tail[kCols];
-        fstore(tail, f[r][p], out.scales + p * kCols);
-        std::memcpy(y, tail, c * sizeof(float));
-      }
-    }
-  }
+  for (int p = 0; p < P; ++p)
+    for (int r = 0; r < R; ++r) store_scaled(f[r][p], out, r, p);
 }
 
 // AMX (Intel's tile unit, AVX512 CPUs with AMX-INT8): products of many rows (batched verify steps, prefill chunks)
@@ -774,19 +764,8 @@ void amx_block(const QRows& q, int64_t row0, int64_t m, int64_t blocks, const in
         f[p][r] = block_sum(f[p][r], {_mm512_load_si512(sums[p][r])}, q.minus[i], q.scales[i]);
     }
   }
-  for (int p = 0; p < np; ++p) {
-    const int64_t c = std::min(kCols, out.cols - p * kCols);
-    for (int64_t r = 0; r < m; ++r) {
-      float* y = out.y + r * out.ldy + p * kCols;
-      if (c == kCols) {
-        fstore(y, f[p][r], out.scales + p * kCols);
-      } else {
-        float tail[kCols];
-        fstore(tail, f[p][r], out.scales + p * kCols);
-        std::memcpy(y, tail, c * sizeof(float));
-      }
-    }
-  }
+  for (int p = 0; p < np; ++p)
+    for (int64_t r = 0; r < m; ++r) store_scaled(f[p][r], out, r, p);
 }
 
 // panels [begin, end) of all m rows on this thread: chunks of panels kept in L2 while each 16-row block runs

@@ -54,8 +54,9 @@ FEATURE_FLAGS = {  # AVX-512 CPUs' extensions the kernels use where the CPU has 
 def _features() -> list[str]:
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         return []
-    has = {"VNNI": torch.cpu._is_vnni_supported(), "BF16": torch.cpu._is_avx512_bf16_supported(),
-           "AMX": torch.cpu._is_vnni_supported() and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()}
+    vnni = torch.cpu._is_vnni_supported()
+    has = {"VNNI": vnni, "BF16": torch.cpu._is_avx512_bf16_supported(),
+           "AMX": vnni and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()}
     return [name for name in FEATURE_FLAGS if has[name] and name not in _unbuilt]
 
 
@@ -97,7 +98,7 @@ def _load(build_dir: Path | None) -> str | None:
             name = build()
             flags = ISA_FLAGS[capability] + sorted({f for feature in _features() for f in FEATURE_FLAGS[feature]})
             try:  # the source in the name: checkouts of different kernels never share (and rebuild over) a directory
-                load(f"idlm_panel_{name.lower().replace('+', '_')}_{SOURCE_ID}", [str(source) for source in SOURCES],
+                load(f"idlm_panel_{name.lower().replace('+', '_')}_{SOURCE_ID}", [str(f) for f in SOURCES],
                      extra_cflags=["-O3", *flags, "-fopenmp"], extra_ldflags=["-fopenmp"],
                      build_directory=str(build_dir) if build_dir else None,
                      is_python_module=False, verbose=False)

@@ -1,5 +1,7 @@
 // The vector register both kernel files (panel.cpp, attention.cpp) compute with: kLanes floats, 16 on AVX-512 and 8
-// on AVX2 (the build's flags choose), and the operations on it they share.
+// on AVX2 (the build's flags choose), and the operations on it they share. In the anonymous namespace, as each file's
+// own kernels are: one namespace per file, where those files add their own overloads (panel.cpp's `load` of int8 and
+// bfloat16), and no definition shared between files built for one CPU.
 #pragma once
 
 #include <immintrin.h>
@@ -8,7 +10,7 @@
 #include <type_traits>
 #include <utility>
 
-namespace idlm_simd {
+namespace {
 
 #if defined(__AVX512F__)
 using Vec = __m512;
@@ -57,4 +59,4 @@ inline void dispatch(int64_t n, F&& f) {
   f(std::integral_constant<int, N>{});
 }
 
-}  // namespace idlm_simd
+}  // namespace
