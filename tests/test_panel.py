@@ -45,6 +45,47 @@ def test_panel_linear_matches_a_float64_reference(out_features, in_features, bia
     torch.testing.assert_close(lin(x3), lin(x3.reshape(10, in_features)).reshape(2, 5, out_features))
 
 
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("out_features,in_features", [(50, 64), (960, 576), (16, 1536)])
+def test_block_coded_weights_give_the_float32_panels_bits(kind, out_features, in_features):
+    """GGUF blocks made float32 are packed as their codes and rebuilt in registers: every output bit for bit the
+    float32 panels' (the same weights, the same chains), at every block shape, with a bias and an adapter."""
+    from test_block_codes import gguf_values
+    from gguf import GGMLQuantizationType
+
+    g = torch.Generator().manual_seed(out_features)
+    w = gguf_values(torch.randn(out_features, in_features, generator=g), getattr(GGMLQuantizationType, kind))
+    b = torch.randn(out_features, generator=g)
+    lin = PanelLinear(w, b)
+    assert lin.panels.dtype == torch.uint8  # packed as codes
+    plain = torch.ops.idlm_panel.pack(w)
+    delta = PanelLoRA(torch.randn(16, in_features, generator=g).bfloat16().float(),
+                      torch.randn(out_features, 16, generator=g).bfloat16().float())
+    for rows in (1, 2, 3, 4, 7, 8, 9, 33):
+        x = torch.randn(rows, in_features, generator=g)
+        want = torch.ops.idlm_panel.linear(x, plain, out_features, b, *NO_DELTA)
+        assert torch.equal(lin(x), want)
+        torch.testing.assert_close(lin(x).double(), x.double() @ w.double().T + b.double(), rtol=1e-5,
+                                   atol=1e-5 * in_features ** 0.5)
+        gated = torch.tensor([0, rows - 1])
+        fused = torch.ops.idlm_panel.linear(x, plain, out_features, b, *delta.operands(gated))
+        assert torch.equal(lin.fused(x, delta, gated), fused)
+
+
+def test_block_coded_panels_are_checked():
+    q = torch.zeros(16, 64, dtype=torch.int8)
+    d = torch.ones(16, 2, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="4-bit code"):
+        torch.ops.idlm_panel.pack_codes(q - 1, d, d)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        torch.ops.idlm_panel.pack_codes(q[:, :40], d, d)
+    with pytest.raises(RuntimeError, match="float16 scales"):
+        torch.ops.idlm_panel.pack_codes(q, d.float(), None)
+    panels = torch.ops.idlm_panel.pack_codes(q, d, None)
+    with pytest.raises(RuntimeError, match="does not match the panels"):
+        torch.ops.idlm_panel.linear(torch.randn(1, 96), panels, 16, None, *NO_DELTA)
+
+
 def test_a_rows_output_does_not_depend_on_the_rows_beside_it():
     """What makes an AR step (1 row) and a verify step (many) compute a position alike, bit for bit."""
     g = torch.Generator().manual_seed(0)
@@ -324,7 +365,7 @@ def test_w8a8_rounds_activations_half_to_even_and_sums_without_saturating():
         torch.testing.assert_close(lin.product(x).double(), w8a8_reference(x, big, torch.ones(127)), rtol=1e-7, atol=0)
 
 
-@pytest.mark.parametrize("fmt", ["fp32", "int8"])
+@pytest.mark.parametrize("fmt", ["fp32", "gguf", "int8"])
 def test_the_choice_times_both_kernels_at_each_row_count(fmt):
     record = kernel_choice.panel_is_faster([(64, 32), (48, 32)], fmt, rows=(1, 3), repeats=3)
     assert set(record) == {"panel", "rows"} and set(record["rows"]) == {1, 3}

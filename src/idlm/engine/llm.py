@@ -24,7 +24,7 @@ from idlm.engine.sequence import Sequence
 from idlm.loading import load_checkpoint
 from idlm.loading.cache import cache_dir
 from idlm.models.fuse import fuse_projections
-from idlm.models import kernel_choice, panel
+from idlm.models import block_codes, kernel_choice, panel
 from idlm.models.llama import CausalLM, Proj
 from idlm.models.lora import AdapterConfig, load_adapter, pack_adapter
 from idlm.models.panel import PanelLinear, PanelLoRA
@@ -185,6 +185,8 @@ class LLM:
             return True
         fmt = "int8" if self.quantize in QUANTIZE_FORMATS else \
             "fp32" if self.quantize is None and self.dtype == torch.float32 else None
+        if fmt == "fp32" and block_codes.codes(next(m.weight for m in model.modules() if isinstance(m, Proj))):
+            fmt = "gguf"  # GGUF blocks made float32 (the embedded model): the panel kernels read their codes
         if choice == "off" or fmt is None:
             if choice == "on":
                 raise ValueError(f"the panel kernels take float32 or int8 weights, not {self.quantize or self.dtype}")

@@ -33,6 +33,8 @@ constexpr int kVecs = kCols / kLanes;
 #if defined(__AVX512F__)
 constexpr int64_t kRows = 8;  // a verify step of stride 4 (7 rows) in one pass: its int8 weights widened once
 constexpr int kPanelsPerBlock[kRows + 1] = {0, 8, 6, 4, 3, 2, 2, 2, 2};  // 8-16 accumulators, <= 26 registers
+// block-coded panels: each panel also holds its scales and rebuilt weights in registers
+constexpr int kCodedPanelsPerBlock[kRows + 1] = {0, 4, 4, 3, 2, 2, 2, 2, 2};
 inline Vec broadcast(const float* p) { return _mm512_set1_ps(*p); }
 inline Vec flag_nan(Vec seen, Vec x) {  // lanes where x is NaN set to 1
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), seen, _mm512_set1_ps(1.f));
@@ -43,6 +45,13 @@ inline Vec load(const int8_t* p) {
 inline Vec load(const uint16_t* p) {  // bfloat16: the upper half of a float32
   const __m512i bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+}
+inline Vec load_half(const uint8_t* p) {  // float16
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline std::pair<Vec, Vec> load_nibbles(const uint8_t* p) {  // bytes' low and high 4 bits
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return {_mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15))), _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4))};
 }
 inline Vec vabs(Vec v) { return _mm512_abs_ps(v); }
 inline Vec vdiv(Vec a, Vec b) { return _mm512_div_ps(a, b); }
@@ -60,6 +69,7 @@ inline Vec round_bf16(Vec v) {  // to the nearest bfloat16 value, ties to even (
 #else
 constexpr int64_t kRows = 3;
 constexpr int kPanelsPerBlock[kRows + 1] = {0, 4, 3, 2};  // 8, 12, 12 accumulators of AVX2's 16 registers
+constexpr int kCodedPanelsPerBlock[kRows + 1] = {0, 2, 1, 1};
 inline Vec broadcast(const float* p) { return _mm256_broadcast_ss(p); }
 inline Vec flag_nan(Vec seen, Vec x) {  // lanes where x is NaN set to 1
   return _mm256_blendv_ps(seen, _mm256_set1_ps(1.f), _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
@@ -70,6 +80,13 @@ inline Vec load(const int8_t* p) {  // 8 bytes widened: two such halves beat one
 inline Vec load(const uint16_t* p) {  // bfloat16: the upper half of a float32
   const __m256i bits = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
+}
+inline Vec load_half(const uint8_t* p) {  // float16
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline std::pair<Vec, Vec> load_nibbles(const uint8_t* p) {  // bytes' low and high 4 bits
+  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  return {_mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15))), _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4))};
 }
 inline Vec vabs(Vec v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), v); }
 inline Vec vdiv(Vec a, Vec b) { return _mm256_div_ps(a, b); }
@@ -187,28 +204,9 @@ struct Out {
 // no change; 2048 or 4096 bytes ahead: the same)
 constexpr int64_t kAhead = 1024;
 
-// One register block: R rows x P panels, R * P * kVecs accumulators. Each output is one chain of multiply-adds over
-// the inputs in order, whatever R and P: blocks only decide how many chains run side by side (a single row needs
-// several panels at once, or its chains wait on the latency at every step) and how many rows share each widened
-// weight. `depth`: steps of Feed<W>::kSpan inputs.
-template <int R, int P, typename W>
-inline void block(const typename Feed<W>::X* x, int64_t depth, const W* panel, const Out& out) {
-  constexpr int64_t kStep = kCols * Feed<W>::kSpan;  // weights per panel per step
-  Vec acc[R][P][kVecs];
-  for (int r = 0; r < R; ++r)
-    for (int p = 0; p < P; ++p)
-      for (int v = 0; v < kVecs; ++v) acc[r][p][v] = zero();
-  for (int64_t i = 0; i < depth; ++i) {
-    typename Feed<W>::In xi[R];
-    for (int r = 0; r < R; ++r) xi[r] = Feed<W>::broadcast(x + (r * depth + i) * Feed<W>::kXs);
-    for (int p = 0; p < P; ++p) {
-      _mm_prefetch(reinterpret_cast<const char*>(panel + (p * depth + i) * kStep) + kAhead, _MM_HINT_T0);
-      for (int v = 0; v < kVecs; ++v) {
-        const W* w = panel + (p * depth + i) * kStep + v * kLanes;
-        for (int r = 0; r < R; ++r) acc[r][p][v] = Feed<W>::madd(xi[r], w, acc[r][p][v]);
-      }
-    }
-  }
+// A register block's sums to y: int8 products' first multiplied by their columns' scales and rounded
+template <int R, int P>
+inline void store_block(Vec (&acc)[R][P][kVecs], const Out& out) {
   for (int p = 0; p < P; ++p) {
     if (out.scales != nullptr) {  // int8: per output column
       for (int v = 0; v < kVecs; ++v) {
@@ -232,6 +230,143 @@ inline void block(const typename Feed<W>::X* x, int64_t depth, const W* panel, c
       }
     }
   }
+}
+
+// One register block: R rows x P panels, R * P * kVecs accumulators. Each output is one chain of multiply-adds over
+// the inputs in order, whatever R and P: blocks only decide how many chains run side by side (a single row needs
+// several panels at once, or its chains wait on the latency at every step) and how many rows share each widened
+// weight. `depth`: steps of Feed<W>::kSpan inputs.
+template <int R, int P, typename W>
+inline void block(const typename Feed<W>::X* x, int64_t depth, const W* panel, const Out& out) {
+  constexpr int64_t kStep = kCols * Feed<W>::kSpan;  // weights per panel per step
+  Vec acc[R][P][kVecs];
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < P; ++p)
+      for (int v = 0; v < kVecs; ++v) acc[r][p][v] = zero();
+  for (int64_t i = 0; i < depth; ++i) {
+    typename Feed<W>::In xi[R];
+    for (int r = 0; r < R; ++r) xi[r] = Feed<W>::broadcast(x + (r * depth + i) * Feed<W>::kXs);
+    for (int p = 0; p < P; ++p) {
+      _mm_prefetch(reinterpret_cast<const char*>(panel + (p * depth + i) * kStep) + kAhead, _MM_HINT_T0);
+      for (int v = 0; v < kVecs; ++v) {
+        const W* w = panel + (p * depth + i) * kStep + v * kLanes;
+        for (int r = 0; r < R; ++r) acc[r][p][v] = Feed<W>::madd(xi[r], w, acc[r][p][v]);
+      }
+    }
+  }
+  store_block<R, P>(acc, out);
+}
+
+// ---- block-coded float32 weights: GGUF Q4_1 and Q8_0 blocks, rebuilt bit for bit ----
+// A float32 weight that is exactly GGUF blocks dequantized (the embedded model's checkpoint is its GGUF's Q4_1 and
+// Q8_0 weights made float32; models/block_codes.py finds the codes) is kept as those blocks: per 32 inputs of a
+// column, a float16 scale d and codes q, Q4_1 4-bit q and a float16 offset m (w = d q + m), Q8_0 8-bit signed q
+// (w = d q). d q is exact in float32 (an 11-bit significand times at most 8 bits), so FMA(q, d, m) and d q are the
+// float32 weight bit for bit, and each weight then meets the float32 chain of `block`: the same outputs as the
+// float32 panels, from 0.625 (Q4_1) or 1.06 (Q8_0) bytes a weight instead of 4. Panels [panel][K / 32][bytes]: the 16
+// columns' d (32 bytes), Q4_1's m (32 bytes), then the codes, Q4_1 two inputs per byte (low 4 bits the even input)
+// as 16 rows of 16 bytes, Q8_0 32 rows of 16 bytes.
+constexpr int64_t kCodeBlock = 32;                                  // inputs per scale
+constexpr int64_t kQ4Bytes = 4 * kCols + kCodeBlock / 2 * kCols;    // 320
+constexpr int64_t kQ8Bytes = 2 * kCols + kCodeBlock * kCols;        // 544
+
+bool coded_panels(const at::Tensor& panels) {
+  return panels.dim() == 3 && panels.scalar_type() == at::kByte &&
+         (panels.size(2) == kQ4Bytes || panels.size(2) == kQ8Bytes);
+}
+
+// q int8 [out, K] (Q4_1: 0 .. 15), d float16 [out, K / 32], m (Q4_1 only) float16 [out, K / 32] -> panels
+at::Tensor pack_codes(const at::Tensor& q, const at::Tensor& d, const c10::optional<at::Tensor>& m) {
+  const bool q4 = m.has_value() && m->defined();
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && q.size(1) % kCodeBlock == 0 && q.device().is_cpu(),
+              "idlm_panel::pack_codes takes int8 codes [out, K] with K a multiple of ", kCodeBlock);
+  const int64_t n = q.size(0), k = q.size(1), blocks = k / kCodeBlock, panels = (n + kCols - 1) / kCols;
+  const auto scales_fit = [&](const at::Tensor& t) {
+    return t.scalar_type() == at::kHalf && t.dim() == 2 && t.size(0) == n && t.size(1) == blocks;
+  };
+  TORCH_CHECK(scales_fit(d) && (!q4 || scales_fit(*m)),
+              "idlm_panel::pack_codes takes float16 scales (and offsets) [out, K / ", kCodeBlock, "]");
+  const int64_t bytes = q4 ? kQ4Bytes : kQ8Bytes, codes_at = q4 ? 4 * kCols : 2 * kCols;
+  at::Tensor out = at::zeros({panels, blocks, bytes}, q.options().dtype(at::kByte));
+  const at::Tensor qc = q.contiguous(), dc = d.contiguous(), mc = q4 ? m->contiguous() : at::Tensor();
+  const int8_t* qp = qc.const_data_ptr<int8_t>();
+  const auto* dp = static_cast<const uint16_t*>(dc.const_data_ptr());
+  const auto* mp = q4 ? static_cast<const uint16_t*>(mc.const_data_ptr()) : nullptr;
+  uint8_t* op = out.data_ptr<uint8_t>();
+  for (int64_t c = 0; c < n; ++c) {
+    const int64_t lane = c % kCols;
+    for (int64_t b = 0; b < blocks; ++b) {
+      uint8_t* blk = op + ((c / kCols) * blocks + b) * bytes;
+      std::memcpy(blk + 2 * lane, dp + c * blocks + b, 2);
+      if (q4) std::memcpy(blk + 2 * kCols + 2 * lane, mp + c * blocks + b, 2);
+      for (int64_t i = 0; i < kCodeBlock; ++i) {
+        const int8_t v = qp[c * k + b * kCodeBlock + i];
+        TORCH_CHECK(!q4 || (v >= 0 && v < 16), "idlm_panel::pack_codes: a 4-bit code out of 0 .. 15");
+        if (q4)
+          blk[codes_at + i / 2 * kCols + lane] |= static_cast<uint8_t>(v << (4 * (i % 2)));
+        else
+          blk[codes_at + i * kCols + lane] = static_cast<uint8_t>(v);
+      }
+    }
+  }
+  return out;
+}
+
+// `block` for block-coded panels: each block of 32 inputs rebuilds its 16 columns' weights in registers, then every
+// row's chain takes them in input order, as `block` does the float32 ones
+template <int R, int P, bool Q4>
+inline void coded_block(const float* x, int64_t blocks, const uint8_t* panel, const Out& out) {
+  constexpr int64_t kBytes = Q4 ? kQ4Bytes : kQ8Bytes, kCodesAt = Q4 ? 4 * kCols : 2 * kCols;
+  const int64_t depth = blocks * kCodeBlock;
+  Vec acc[R][P][kVecs];
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < P; ++p)
+      for (int v = 0; v < kVecs; ++v) acc[r][p][v] = zero();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t i0 = b * kCodeBlock;
+    const uint8_t* blk[P];
+    Vec d[P][kVecs], m[P][kVecs];
+    for (int p = 0; p < P; ++p) {
+      blk[p] = panel + (p * blocks + b) * kBytes;
+      for (int v = 0; v < kVecs; ++v) {
+        d[p][v] = load_half(blk[p] + 2 * v * kLanes);
+        if constexpr (Q4) m[p][v] = load_half(blk[p] + 2 * kCols + 2 * v * kLanes);
+      }
+    }
+    if constexpr (Q4) {
+      for (int64_t j = 0; j < kCodeBlock / 2; ++j) {  // inputs 2j (the low 4 bits) and 2j + 1
+        Vec lo[P][kVecs], hi[P][kVecs];
+        for (int p = 0; p < P; ++p) {
+          if (j % 4 == 0) _mm_prefetch(reinterpret_cast<const char*>(blk[p] + kCodesAt + j * kCols) + kAhead, _MM_HINT_T0);
+          for (int v = 0; v < kVecs; ++v) {
+            const auto [l, h] = load_nibbles(blk[p] + kCodesAt + j * kCols + v * kLanes);
+            lo[p][v] = fmadd(l, d[p][v], m[p][v]);
+            hi[p][v] = fmadd(h, d[p][v], m[p][v]);
+          }
+        }
+        for (int r = 0; r < R; ++r) {
+          const Vec x0 = broadcast(x + r * depth + i0 + 2 * j), x1 = broadcast(x + r * depth + i0 + 2 * j + 1);
+          for (int p = 0; p < P; ++p)
+            for (int v = 0; v < kVecs; ++v) acc[r][p][v] = fmadd(x1, hi[p][v], fmadd(x0, lo[p][v], acc[r][p][v]));
+        }
+      }
+    } else {
+      for (int64_t j = 0; j < kCodeBlock; ++j) {
+        Vec w[P][kVecs];
+        for (int p = 0; p < P; ++p) {
+          if (j % 4 == 0) _mm_prefetch(reinterpret_cast<const char*>(blk[p] + kCodesAt + j * kCols) + kAhead, _MM_HINT_T0);
+          for (int v = 0; v < kVecs; ++v)
+            w[p][v] = mul(load(reinterpret_cast<const int8_t*>(blk[p] + kCodesAt + j * kCols + v * kLanes)), d[p][v]);
+        }
+        for (int r = 0; r < R; ++r) {
+          const Vec xj = broadcast(x + r * depth + i0 + j);
+          for (int p = 0; p < P; ++p)
+            for (int v = 0; v < kVecs; ++v) acc[r][p][v] = fmadd(xj, w[p][v], acc[r][p][v]);
+        }
+      }
+    }
+  }
+  store_block<R, P>(acc, out);
 }
 
 // Panels [begin, end) of a product with m rows on this thread: walked in chunks that stay in the thread's L2 cache
@@ -294,10 +429,21 @@ void add_bias(at::Tensor& y, const c10::optional<at::Tensor>& bias) {
 }
 
 // Panels [begin, end) of x [m, k] float32 @ w.T for float32 or bfloat16 panels (weights that bfloat16 holds exactly:
-// half the bytes, the same sums)
+// half the bytes, the same sums) or block-coded ones (`pack_codes`: the same sums again)
 void float_range(const float* x, int64_t m, int64_t k, const at::Tensor& panels, int64_t begin, int64_t end,
                  const Out& out) {
-  if (panels.scalar_type() == at::kBFloat16)
+  if (coded_panels(panels)) {
+    const int64_t blocks = panels.size(1), bytes = panels.size(2);
+    const uint8_t* pp = panels.const_data_ptr<uint8_t>();
+    auto run = [&](auto rows, auto count, int64_t r, int64_t p) {
+      constexpr int R = decltype(rows)::value, P = decltype(count)::value;
+      if (bytes == kQ4Bytes)
+        coded_block<R, P, true>(x + r * k, blocks, pp + p * blocks * bytes, out.at(r, p));
+      else
+        coded_block<R, P, false>(x + r * k, blocks, pp + p * blocks * bytes, out.at(r, p));
+    };
+    walk<kRows, kCodedPanelsPerBlock>(m, blocks * bytes, begin, end, run);
+  } else if (panels.scalar_type() == at::kBFloat16)
     panel_range<uint16_t>(x, m, k, static_cast<const uint16_t*>(panels.const_data_ptr()), begin, end, out);
   else
     panel_range<float>(x, m, k, panels.const_data_ptr<float>(), begin, end, out);
@@ -415,14 +561,17 @@ at::Tensor float_bias(const c10::optional<at::Tensor>& bias, int64_t n) {
   return bias->to(at::kFloat).contiguous().view({n});
 }
 
-// y [..., out] = x [..., K] @ w.T (+ bias) (+ an adapter's delta, `Delta`), float32 x, float32 or bfloat16 panels
+// y [..., out] = x [..., K] @ w.T (+ bias) (+ an adapter's delta, `Delta`), float32 x, float32, bfloat16 or
+// block-coded panels
 at::Tensor linear(const at::Tensor& x, const at::Tensor& panels, int64_t out_features,
                   const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& lora_a, int64_t lora_rank,
                   at::TensorList lora_b, at::IntArrayRef lora_blocks, const c10::optional<at::Tensor>& lora_rows) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && float_panels(panels),
-              "idlm_panel::linear takes float32 x and float32 or bfloat16 panels (idlm_panel::pack)");
+  const bool coded = coded_panels(panels);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && (float_panels(panels) || coded),
+              "idlm_panel::linear takes float32 x and float32, bfloat16 or block-coded panels (idlm_panel::pack, "
+              "idlm_panel::pack_codes)");
   const int64_t k = x.size(-1), m = x.numel() / std::max<int64_t>(k, 1);
-  at::Tensor y = output(x, panels, k, out_features);
+  at::Tensor y = output(x, panels, !coded ? k : k % kCodeBlock == 0 ? k / kCodeBlock : -1, out_features);
   const at::Tensor xc = x.reshape({m, k}).contiguous(), b = float_bias(bias, out_features);
   const std::optional<Delta> delta = delta_of(xc, out_features, lora_a, lora_rank, lora_b, lora_blocks, lora_rows);
   float* yp = y.data_ptr<float>();
@@ -898,6 +1047,7 @@ at::Tensor argmax(const at::Tensor& x) {
 
 TORCH_LIBRARY(idlm_panel, m) {
   m.def("pack(Tensor w) -> Tensor");
+  m.def("pack_codes(Tensor q, Tensor d, Tensor? m) -> Tensor");
   m.def("linear(Tensor x, Tensor panels, int out_features, Tensor? bias, Tensor? lora_a, int lora_rank, "
         "Tensor[] lora_b, int[] lora_blocks, Tensor? lora_rows) -> Tensor");
   m.def("pack_pairs(Tensor w) -> Tensor");
@@ -912,6 +1062,7 @@ TORCH_LIBRARY(idlm_panel, m) {
 
 TORCH_LIBRARY_IMPL(idlm_panel, CPU, m) {
   m.impl("pack", &pack);
+  m.impl("pack_codes", &pack_codes);
   m.impl("linear", &linear);
   m.impl("pack_pairs", &pack_pairs);
   m.impl("linear_int8", &linear_int8);

@@ -19,7 +19,7 @@ Measured against the library's kernels: docs/benchmarks.md,
 The kernels are C++ with AVX2/FMA, AVX-512, and AVX512-VNNI / AVX512-BF16 intrinsics (`build()`: chosen by the
 CPU at build time), built by `torch.utils.cpp_extension` with the compiler that compiled steps already need, once per torch
 version and build (about 30 s; the build directory is the caller's). They register the operators
-`idlm_panel::pack`, `idlm_panel::pack_pairs`, `idlm_panel::linear`, `idlm_panel::linear_int8`,
+`idlm_panel::pack`, `idlm_panel::pack_codes`, `idlm_panel::pack_pairs`, `idlm_panel::linear`, `idlm_panel::linear_int8`,
 `idlm_panel::pack_w8a8`, `idlm_panel::linear_w8a8` (int8 weights against int8 activations: `W8A8Panels`; from 10
 rows on AMX's tiles where the CPU has AMX-INT8, the same integer sums) and
 `idlm_panel::add_lora` (a gated adapter's delta, in place), which compiled graphs call directly, and
@@ -36,13 +36,18 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from idlm.models.block_codes import codes
+
 
 log = logging.getLogger("idlm")
 SOURCES = (Path(__file__).with_name("panel.cpp"), Path(__file__).with_name("attention.cpp"))
 HEADERS = (Path(__file__).with_name("simd.h"),)
 # which kernels: part of every measurement's key
 SOURCE_ID = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES + HEADERS)).hexdigest()[:12]
-ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx2", "-mfma", "-mavx512f"]}  # by ATen's CPU capability
+ISA_FLAGS = {  # by ATen's CPU capability
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+    "AVX512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f"],
+}
 CAPABILITIES = tuple(ISA_FLAGS)
 FEATURE_FLAGS = {  # AVX-512 CPUs' extensions the kernels use where the CPU has them
     "VNNI": ["-mavx512bw", "-mavx512vnni"],  # VPDPBUSD: the w8a8 products' integer sums
@@ -149,7 +154,9 @@ NO_DELTA = (None, 0, [], [], None)  # the adapter operands of a product without 
 
 class PanelLinear:
     """x @ w.T (+ bias) in float32 by the panel kernel at every row count (`available()` must have returned None);
-    a weight whose every value is a bfloat16 one is kept in bfloat16 (the same sums from half the bytes).
+    a weight that is GGUF Q4_1 or Q8_0 blocks made float32 is kept as those blocks (models/block_codes.py; the
+    embedded model's every weight: 0.625 and 1.06 bytes a weight), one whose every value is a bfloat16 one in
+    bfloat16, both rebuilt in registers: the same sums as the float32 weight's from fewer bytes.
     Against oneDNN's packed product on a 2-core AVX2 EPYC (docs/benchmarks.md): 0.66-0.85x its time at 1 row, 0.75-0.86x
     at 7, still ahead at 32 rows, within 8% either way at 256 (prefill chunks), so no oneDNN copy of the weights is
     kept beside the panels. Plain tensors and one operator: compiled graphs trace it (models/compile.py)."""
@@ -159,8 +166,10 @@ class PanelLinear:
     def __init__(self, weight: Tensor, bias: Tensor | None = None):
         with torch.no_grad():
             w = weight.float()
+            found = codes(w)  # GGUF blocks made float32 (the embedded model's) are read as their codes
             bf16 = w.bfloat16()  # a weight bfloat16 holds exactly (a bf16 adapter's) is read at half the bytes
-            self.panels = torch.ops.idlm_panel.pack(bf16 if torch.equal(bf16.float(), w) else w)
+            self.panels = torch.ops.idlm_panel.pack_codes(*found) if found else \
+                torch.ops.idlm_panel.pack(bf16 if torch.equal(bf16.float(), w) else w)
         self.bias, self.out_features = bias, weight.shape[0]
 
     def __call__(self, x: Tensor) -> Tensor:
