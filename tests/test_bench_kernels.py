@@ -20,9 +20,9 @@ def test_kernels_bench_times_every_product_and_row_count(tmp_path, tiny_tokenize
         (p, m) for p in ("qkv", "o", "gate_up", "down", "lm_head") for m in (1, 7)}
     for r in result["rows"]:
         assert r["int8_us"] > 0 and r["fp32_us"] > 0 and r["fastest"] in ("int8", "int8_panel", "w8a8", "int4", "fp32",
-                                                                          "bf16", "panel")
+                                                                          "bf16", "panel", "gguf_panel")
         assert (r.get("panel_us", 0) > 0) == (r.get("int8_panel_us", 0) > 0) == (r.get("w8a8_us", 0) > 0) \
-            == (panel.available() is None)
+            == (r.get("gguf_panel_us", 0) > 0) == (panel.available() is None)
         assert r["int8_row_limit"] in (0, 1, 2, 4, 8, 16, 32, 64)
         # the tiny model's products all fit the int4 kernel but its LM head (500 outputs, not a multiple of 16)
         assert (r["int4_us"] > 0 and r["int4_row_limit"] in (0, 1, 2, 4, 8, 16, 32, 64)) if r["product"] != "lm_head" \

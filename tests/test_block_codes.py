@@ -6,7 +6,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
 
-from idlm.models.block_codes import BLOCK, codes
+from idlm.models.block_codes import BLOCK, codes, random_blocks
 
 
 def gguf_values(w: torch.Tensor, kind: GGMLQuantizationType) -> torch.Tensor:
@@ -44,3 +44,13 @@ def test_other_weights_have_no_codes():
     assert codes(torch.randn(16, 2 * BLOCK, generator=g)) is None  # plain float32
     assert codes(w[:, :BLOCK + 8]) is None  # inputs not whole blocks
     assert codes(w.double()) is None and codes(w[0]) is None
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+def test_random_blocks_have_their_codes(kind):
+    w = random_blocks(40, 3 * BLOCK, kind)
+    c = codes(w)
+    assert w.shape == (40, 3 * BLOCK) and c is not None and (c.m is not None) == (kind == "q4_1")
+    assert torch.equal(rebuilt(c), w)
+    with pytest.raises(ValueError, match="q4_1 or q8_0"):
+        random_blocks(4, BLOCK, "q5_0")

@@ -2,8 +2,9 @@
 
 Kernels: aten's int8 kernel (`aten._weight_int8pack_mm`) and int4 one (`aten._weight_int4pack_mm_for_cpu`, where the
 shape fits it), both with bf16 inputs (models/quantize.py), oneDNN with the weight packed in float32 and in bfloat16
-(where the CPU packs it), and our panel kernels for float32 and int8 weights and w8a8 (int8 weights and activations,
-models/panel.py, where they build). The
+(where the CPU packs it), and our panel kernels for float32 and int8 weights, w8a8 (int8 weights and activations,
+models/panel.py, where they build) and float32 weights that are GGUF blocks ("gguf_panel": Q4_1, the LM head Q8_0, as
+the embedded model's are; read as their codes, models/block_codes.py). The
 row counts are those of decode steps (AR: 1 per request; R-ISD stride N: 2N - 1). Interleaved, median of `repeats`;
 the table says which kernel is fastest at each row count, and the row limits quantize_model would measure (with
 aten's int8 kernel).
@@ -39,6 +40,7 @@ def shapes(model: str) -> dict[str, tuple[int, int]]:
 
 def run_kernels_bench(args: argparse.Namespace) -> dict[str, Any]:
     from idlm.models import panel
+    from idlm.models.block_codes import BLOCK, random_blocks
     from idlm.models.llama import PackedLinear
     from idlm.models.quantize import Int4Linear, Int8Linear, W8A8Linear, measure_row_limit
     from idlm.models.timing import copies_beyond_cache, interleaved_medians, on_copies
@@ -56,6 +58,12 @@ def run_kernels_bench(args: argparse.Namespace) -> dict[str, Any]:
             quantized["w8a8"] = [W8A8Linear(w, None) for _ in range(copies)]
         fp32 = [PackedLinear(w) for _ in range(copies)]
         panels = [panel.PanelLinear(w) for _ in range(copies)] if has_panel else None
+        coded = None
+        if has_panel and k % BLOCK == 0:
+            kind = "q8_0" if name == "lm_head" else "q4_1"
+            wg = random_blocks(n, k, kind)
+            coded_copies = 1 if args.hot else copies_beyond_cache(int(wg.numel() * 0.625))
+            coded = [panel.PanelLinear(wg) for _ in range(coded_copies)]
         try:
             bf16 = [PackedLinear(w.bfloat16()) for _ in range(copies)]
         except RuntimeError:
@@ -69,6 +77,8 @@ def run_kernels_bench(args: argparse.Namespace) -> dict[str, Any]:
                     inputs["bf16"] = (bf16, xb)
                 if panels is not None:
                     inputs["panel"] = (panels, x)
+                if coded is not None:
+                    inputs["gguf_panel"] = (coded, x)
                 kernels = {f: on_copies(itertools.cycle(ks), lambda k, a=a: k(a)) for f, (ks, a) in inputs.items()}
                 t = {n: round(v * 1e6, 1) for n, v in interleaved_medians(kernels, args.repeats, warmup=3).items()}
                 rows.append({"product": name, "out": n, "in": k, "rows": m, **{f"{k_}_us": v for k_, v in t.items()},
@@ -88,7 +98,8 @@ def markdown(result: dict[str, Any]) -> str:
     columns = [("int8_us", "int8 aten (us)"), ("int8_panel_us", "int8 panel (us)"), ("w8a8_us", "w8a8 panel (us)"),
                ("int4_us", "int4 aten (us)"),
                ("fp32_us", "fp32 oneDNN (us)"),
-               ("bf16_us", "bf16 oneDNN (us)"), ("panel_us", "fp32 panel (us)"), ("fastest", "fastest"),
+               ("bf16_us", "bf16 oneDNN (us)"), ("panel_us", "fp32 panel (us)"),
+               ("gguf_panel_us", "fp32 GGUF-coded panel (us)"), ("fastest", "fastest"),
                ("int8_row_limit", "int8 row limit"), ("int4_row_limit", "int4 row limit")]
     columns = [(k, h) for k, h in columns if any(k in r for r in result["rows"])]
     lines = ["| product (out x in) | rows | " + " | ".join(h for _, h in columns) + " |",

@@ -77,3 +77,20 @@ def _q8_0(blocks: Tensor) -> Codes | None:
         return None
     q, d = found
     return Codes(q.to(torch.int8).flatten(1), d.flatten(1), None)
+
+
+def random_blocks(out_features: int, in_features: int, kind: str = "q4_1") -> Tensor:
+    """A random float32 weight [out, in] of GGUF `kind` blocks ("q4_1" or "q8_0"), as a converted checkpoint holds
+    them (each block's least and largest codes present, as the quantizer makes them): what measurements of the
+    block-coded panels run on."""
+    blocks = (out_features, in_features // BLOCK, 1)
+    d = (torch.rand(blocks) / 100).half().float()
+    if kind == "q4_1":
+        q = torch.randint(0, 16, (*blocks[:2], BLOCK)).float()
+        q[..., 0], q[..., 1] = 0, 15
+        return (q * d - (torch.rand(blocks) / 10).half().float()).reshape(out_features, -1)
+    if kind == "q8_0":
+        q = torch.randint(-127, 128, (*blocks[:2], BLOCK)).float()
+        q[..., 0] = 127
+        return (q * d).reshape(out_features, -1)
+    raise ValueError(f"unknown GGUF block kind {kind!r}; choose q4_1 or q8_0")

@@ -2,9 +2,10 @@
 
 `panel_is_faster` times both on the model's own weight shapes at the row counts of decode steps (1: AR; 7: an
 R-ISD stride 4 verify step), each call on a weight copy out of cache, interleaved, medians: float32 weights against
-oneDNN's packed product (as float32 values, or, format "gguf", float32 values that are GGUF Q4_1 blocks, which the
-panel kernels read as their codes: models/block_codes.py), int8 ones against `aten._weight_int8pack_mm`. The panel kernels are chosen where they are
-faster at every row count (the caller keeps the answer per machine: engine/llm.py).
+oneDNN's packed product (as float32 values, or, format "gguf", float32 values that are GGUF Q4_1 blocks, which
+the panel kernels read as their codes: models/block_codes.py), int8 ones against `aten._weight_int8pack_mm`. The
+panel kernels are chosen where they are faster at every row count (the caller keeps the answer per machine:
+engine/llm.py).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from idlm.models.block_codes import random_blocks
 from idlm.models.llama import PackedLinear
 from idlm.models.panel import PanelLinear
 from idlm.models.quantize import Int8Linear
@@ -29,15 +31,6 @@ def _kernels(fmt: str, w: Tensor) -> dict[str, Callable[[], Callable[[Tensor], T
     return {"library": lambda: Int8Linear(w, None, 1 << 30), "panel": lambda: Int8Linear(w, None, 1 << 30, panel=True)}
 
 
-def _q4_1_values(out_features: int, in_features: int) -> Tensor:
-    """A float32 weight of GGUF Q4_1 blocks (d q + m, float16 d and m per 32 inputs, 4-bit q)."""
-    shape = (out_features, in_features // 32, 1)
-    d, m = (torch.rand(shape) / 100).half().float(), (-torch.rand(shape) / 10).half().float()
-    q = torch.randint(0, 16, (out_features, in_features // 32, 32)).float()
-    q[..., 0], q[..., 1] = 0, 15  # as the quantizer makes them: each block's least value m, its largest 15 d + m
-    return (q * d + m).reshape(out_features, -1)
-
-
 def panel_is_faster(shapes: list[tuple[int, int]], fmt: str, rows: tuple[int, ...] = (1, 7),
                     repeats: int = 15) -> dict:
     """{"panel": bool, "rows": {rows: [library seconds, panel seconds] summed over the [out, in] shapes}}."""
@@ -46,7 +39,7 @@ def panel_is_faster(shapes: list[tuple[int, int]], fmt: str, rows: tuple[int, ..
     sums = {m: [0.0, 0.0] for m in rows}
     with torch.inference_mode():
         for out_features, in_features in sorted(set(shapes)):
-            w = _q4_1_values(out_features, in_features) if fmt == "gguf" else torch.randn(out_features, in_features)
+            w = random_blocks(out_features, in_features) if fmt == "gguf" else torch.randn(out_features, in_features)
             copies = copies_beyond_cache(int(w.numel() * {"fp32": 4, "gguf": 0.625, "int8": 1}[fmt]))
             kernels = {name: [make() for _ in range(copies)] for name, make in _kernels(fmt, w).items()}
             for m in rows:

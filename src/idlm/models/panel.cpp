@@ -312,6 +312,9 @@ at::Tensor pack_codes(const at::Tensor& q, const at::Tensor& d, const c10::optio
   return out;
 }
 
+// Codes read ahead of their use (a cache line of them every 4 rows of 16 bytes)
+inline void ahead(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p) + kAhead, _MM_HINT_T0); }
+
 // `block` for block-coded panels: each block of 32 inputs rebuilds its 16 columns' weights in registers, then every
 // row's chain takes them in input order, as `block` does the float32 ones
 template <int R, int P, bool Q4>
@@ -337,7 +340,7 @@ inline void coded_block(const float* x, int64_t blocks, const uint8_t* panel, co
       for (int64_t j = 0; j < kCodeBlock / 2; ++j) {  // inputs 2j (the low 4 bits) and 2j + 1
         Vec lo[P][kVecs], hi[P][kVecs];
         for (int p = 0; p < P; ++p) {
-          if (j % 4 == 0) _mm_prefetch(reinterpret_cast<const char*>(blk[p] + kCodesAt + j * kCols) + kAhead, _MM_HINT_T0);
+          if (j % 4 == 0) ahead(blk[p] + kCodesAt + j * kCols);
           for (int v = 0; v < kVecs; ++v) {
             const auto [l, h] = load_nibbles(blk[p] + kCodesAt + j * kCols + v * kLanes);
             lo[p][v] = fmadd(l, d[p][v], m[p][v]);
@@ -354,7 +357,7 @@ inline void coded_block(const float* x, int64_t blocks, const uint8_t* panel, co
       for (int64_t j = 0; j < kCodeBlock; ++j) {
         Vec w[P][kVecs];
         for (int p = 0; p < P; ++p) {
-          if (j % 4 == 0) _mm_prefetch(reinterpret_cast<const char*>(blk[p] + kCodesAt + j * kCols) + kAhead, _MM_HINT_T0);
+          if (j % 4 == 0) ahead(blk[p] + kCodesAt + j * kCols);
           for (int v = 0; v < kVecs; ++v)
             w[p][v] = mul(load(reinterpret_cast<const int8_t*>(blk[p] + kCodesAt + j * kCols + v * kLanes)), d[p][v]);
         }
