@@ -72,6 +72,16 @@ def test_block_coded_weights_give_the_float32_panels_bits(kind, out_features, in
         assert torch.equal(lin.fused(x, delta, gated), fused)
 
 
+def test_an_adapter_whose_weights_look_like_gguf_blocks_stays_on_float_panels():
+    """A fresh adapter's B is zeros, which are GGUF blocks too (d = 0): the delta's products keep float panels."""
+    w = torch.randn(48, 64)
+    lin = PanelLinear(w)
+    delta = PanelLoRA(torch.ones(32, 64), torch.zeros(48, 32))
+    assert torch.uint8 not in (delta.a.panels.dtype, delta.b[0].panels.dtype) and lin.panels.dtype == torch.float32
+    x = torch.randn(3, 64)
+    assert torch.equal(lin.fused(x, delta, torch.tensor([1])), lin(x))
+
+
 def test_block_coded_panels_are_checked():
     q = torch.zeros(16, 64, dtype=torch.int8)
     d = torch.ones(16, 2, dtype=torch.float16)

@@ -163,10 +163,10 @@ class PanelLinear:
 
     traceable = True
 
-    def __init__(self, weight: Tensor, bias: Tensor | None = None):
+    def __init__(self, weight: Tensor, bias: Tensor | None = None, read_codes: bool = True):
         with torch.no_grad():
             w = weight.float()
-            found = codes(w)  # GGUF blocks made float32 (the embedded model's) are read as their codes
+            found = codes(w) if read_codes else None  # GGUF blocks made float32 are read as their codes
             bf16 = w.bfloat16()  # a weight bfloat16 holds exactly (a bf16 adapter's) is read at half the bytes
             self.panels = torch.ops.idlm_panel.pack_codes(*found) if found else \
                 torch.ops.idlm_panel.pack(bf16 if torch.equal(bf16.float(), w) else w)
@@ -190,9 +190,9 @@ class PanelLoRA:
     of a zero)."""
 
     def __init__(self, scaled_a: Tensor, b: Tensor, blocks: list[tuple[int, int, int, int]] | None = None):
-        self.a = PanelLinear(scaled_a)
+        self.a = PanelLinear(scaled_a, read_codes=False)  # the delta's products take float or bfloat16 panels
         blocks = blocks or [(0, b.shape[0], 0, b.shape[1])]
-        self.b = [PanelLinear(b[r0:r1, c0:c1]) for r0, r1, c0, c1 in blocks]
+        self.b = [PanelLinear(b[r0:r1, c0:c1], read_codes=False) for r0, r1, c0, c1 in blocks]
         self.blocks = [n for r0, r1, c0, _ in blocks for n in (r0, r1 - r0, c0)]
 
     def operands(self, rows: Tensor | None) -> tuple:
