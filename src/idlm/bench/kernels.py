@@ -62,8 +62,9 @@ def run_kernels_bench(args: argparse.Namespace) -> dict[str, Any]:
         if has_panel and k % BLOCK == 0:
             kind = "q8_0" if name == "lm_head" else "q4_1"
             wg = random_blocks(n, k, kind)
-            coded_copies = 1 if args.hot else copies_beyond_cache(int(wg.numel() * 0.625))
-            coded = [panel.PanelLinear(wg) for _ in range(coded_copies)]
+            coded = [panel.PanelLinear(wg)]
+            coded_copies = 1 if args.hot else copies_beyond_cache(coded[0].panels.nbytes)
+            coded += [panel.PanelLinear(wg) for _ in range(1, coded_copies)]
         try:
             bf16 = [PackedLinear(w.bfloat16()) for _ in range(copies)]
         except RuntimeError:

@@ -41,8 +41,8 @@ def _rebuilt(blocks: Tensor, d: Tensor, m: Tensor | None, lo: int, hi: int) -> t
     return q, (value == blocks).all(-1, keepdim=True)
 
 
-def _nearby_scales(blocks: Tensor, d: Tensor, m: Tensor | None, lo: int, hi: int) -> tuple[Tensor, Tensor] | None:
-    """Codes and scales for every block: the estimated float16 scale, else its float16 neighbours (the
+def _nearby_scales(blocks: Tensor, d: Tensor, m: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor] | None:
+    """Q4_1 codes and scales for every block: the estimated float16 scale, else its float16 neighbours (the
     quantizer's float32 scale was rounded to float16, so the estimate can miss by an ulp); None if a block fails."""
     q, ok = _rebuilt(blocks, d, m, lo, hi)
     for step in (1, -1, 2, -2):
@@ -50,7 +50,7 @@ def _nearby_scales(blocks: Tensor, d: Tensor, m: Tensor | None, lo: int, hi: int
             return q, d
         bad = ~ok.squeeze(-1)
         near = (d[bad].view(torch.int16) + step).clamp_(min=0).view(torch.float16)
-        q_near, ok_near = _rebuilt(blocks[bad], near, m[bad] if m is not None else None, lo, hi)
+        q_near, ok_near = _rebuilt(blocks[bad], near, m[bad], lo, hi)
         fixed = ok_near.squeeze(-1)
         idx = bad.nonzero(as_tuple=True)
         sel = tuple(i[fixed] for i in idx)
@@ -71,12 +71,14 @@ def _q4_1(blocks: Tensor) -> Codes | None:
 
 
 def _q8_0(blocks: Tensor) -> Codes | None:
-    d = (blocks.abs().amax(-1, keepdim=True) / 127).half()  # the largest magnitude has code +-127
-    found = _nearby_scales(blocks, d, None, -127, 127)
-    if found is None:
+    # the largest magnitude has code +-127 and 127 d is exact, so it is 127 d and the scale is found exactly (a
+    # weight that is not Q8_0 stops here, before any codes are tried)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    d = scale.half()
+    if not torch.equal(d.float(), scale):
         return None
-    q, d = found
-    return Codes(q.to(torch.int8).flatten(1), d.flatten(1), None)
+    q, ok = _rebuilt(blocks, d, None, -127, 127)
+    return Codes(q.to(torch.int8).flatten(1), d.flatten(1), None) if bool(ok.all()) else None
 
 
 def random_blocks(out_features: int, in_features: int, kind: str = "q4_1") -> Tensor:

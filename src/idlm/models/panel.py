@@ -167,9 +167,11 @@ class PanelLinear:
         with torch.no_grad():
             w = weight.float()
             found = codes(w) if read_codes else None  # GGUF blocks made float32 are read as their codes
-            bf16 = w.bfloat16()  # a weight bfloat16 holds exactly (a bf16 adapter's) is read at half the bytes
-            self.panels = torch.ops.idlm_panel.pack_codes(*found) if found else \
-                torch.ops.idlm_panel.pack(bf16 if torch.equal(bf16.float(), w) else w)
+            if found:
+                self.panels = torch.ops.idlm_panel.pack_codes(*found)
+            else:  # a weight bfloat16 holds exactly (a bf16 adapter's) is read at half the bytes
+                bf16 = w.bfloat16()
+                self.panels = torch.ops.idlm_panel.pack(bf16 if torch.equal(bf16.float(), w) else w)
         self.bias, self.out_features = bias, weight.shape[0]
 
     def __call__(self, x: Tensor) -> Tensor:
