@@ -18,6 +18,7 @@ from idlm.models.panel import NO_DELTA, Int8Panels, PanelLinear, PanelLoRA, W8A8
 from idlm.models.quantize import Int8Linear, W8A8Linear, quantize_int8, quantize_model
 
 from conftest import requires_embedded
+from test_loading import tiny_tokenizer  # noqa: F401 (fixture)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -381,6 +382,33 @@ def test_the_choice_times_both_kernels_at_each_row_count(fmt):
     assert set(record) == {"panel", "rows"} and set(record["rows"]) == {1, 3}
     assert all(lib > 0 and p > 0 for lib, p in record["rows"].values())
     assert record["panel"] == all(p < lib for lib, p in record["rows"].values())
+
+
+def test_a_checkpoint_of_gguf_blocks_is_measured_and_packed_as_codes(tmp_path, tiny_tokenizer, monkeypatch):  # noqa: F811
+    """A float32 checkpoint whose weights are GGUF blocks (as a converted GGUF file's are) gets its own kernel
+    measurement ("gguf") and block-coded panels, and the greedy tokens of the same model on float32 panels."""
+    from test_loading import save_tiny
+    from idlm.models.block_codes import random_blocks
+
+    model = save_tiny(tmp_path / "plain", tiny_tokenizer)
+    with torch.no_grad():
+        for name, w in model.named_parameters():
+            if w.dim() == 2 and "embed" not in name:
+                w.copy_(random_blocks(*w.shape))
+    model.save_pretrained(tmp_path / "gguf")
+    tiny_tokenizer.save_pretrained(tmp_path / "gguf")
+    monkeypatch.setenv("IDLM_CACHE", str(tmp_path / "cache"))
+    calls = []
+    monkeypatch.setattr(kernel_choice, "panel_is_faster",
+                        lambda shapes, fmt, **_: calls.append(fmt) or {"panel": True, "rows": {}})
+    coded = LLM(str(tmp_path / "gguf"), kv_cache_tokens=256)
+    assert calls == ["gguf"] and all(m.kernel.panels.dtype == torch.uint8 for m in _projs(coded))
+    plain = LLM(str(tmp_path / "gguf"), kv_cache_tokens=256, panel="on")
+    for m in _projs(plain):  # the same weights on float32 panels
+        m.kernel = PanelLinear(m.weight, m.bias, read_codes=False)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    assert [o.token_ids for o in coded.generate(["hello", "the cat"], params, decoding="ar")] == \
+        [o.token_ids for o in plain.generate(["hello", "the cat"], params, decoding="ar")]
 
 
 def test_an_llm_chooses_the_panel_kernels_once_per_machine_and_format(tmp_path, tokenizer, monkeypatch):  # noqa: F811
