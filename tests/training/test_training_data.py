@@ -5,6 +5,7 @@ import argparse
 import json
 
 import pytest
+import torch
 
 from idlm.training.commands import register
 from idlm.training.config import ConfigError, load_config
@@ -58,6 +59,33 @@ def test_sample_order_is_a_pure_function_of_the_index_and_ranks_partition_each_s
     assert sorted(step_indices(5, 0, 0, 1, 8, 1)) == got
 
 
+def test_sample_order_grouped_by_length_pads_less_and_stays_a_pure_permutation():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(10, 500, (103,), generator=g).tolist()
+    plain = SampleOrder(103, seed=5)
+    grouped, again = (SampleOrder(103, seed=5, sizes=lengths, group=24, chunk=4) for _ in range(2))
+    seq = [grouped[i] for i in range(206)]
+    assert [again[i] for i in reversed(range(206))] == list(reversed(seq))  # random access (resume), same answers
+    assert sorted(seq[:103]) == list(range(103)) and sorted(seq[103:]) == list(range(103))
+    assert seq[:103] != seq[103:]
+
+    def padded(order):  # tokens of micro-batches of 4, each padded to its longest
+        ids = [order[i] for i in range(100)]
+        return sum(4 * max(lengths[j] for j in ids[c:c + 4]) for c in range(0, 100, 4))
+
+    assert padded(grouped) < 0.8 * padded(plain)
+    ascending = []
+    for w in range(0, 96, 24):  # a window holds the plain order's samples, in runs sorted by length, shuffled
+        window = seq[w:w + 24]
+        assert sorted(window) == sorted(plain[i] for i in range(w, w + 24))
+        runs = [sorted(lengths[j] for j in window[c:c + 4]) for c in range(0, 24, 4)]
+        assert [x for run in sorted(runs) for x in run] == sorted(lengths[j] for j in window)
+        ascending.append(runs == sorted(runs))
+    assert not all(ascending)
+    with pytest.raises(ValueError, match="whole micro-batches"):
+        SampleOrder(103, seed=5, sizes=lengths, group=10, chunk=4)
+
+
 def test_config_rejects_unknown_keys_and_resolves_paths(tmp_path):
     (tmp_path / "d.jsonl").write_text("")
     cfgf = tmp_path / "c.yaml"
@@ -67,6 +95,10 @@ def test_config_rejects_unknown_keys_and_resolves_paths(tmp_path):
     cfgf.write_text("model: random\nmodel_config: {a: 1}\ndata: {train: d.jsonl}\nlearning_rate: 1\n")
     with pytest.raises(ConfigError, match="unknown key.*learning_rate"):
         load_config(cfgf)
+    cfgf.write_text("model: random\nmodel_config: {a: 1}\ndata: {train: d.jsonl}\nmax_steps: 3\nmicro_batch_size: 4\n")
+    assert load_config(cfgf, {"data.group_by_length": 64}).data.group_by_length == 64
+    with pytest.raises(ConfigError, match="group_by_length"):
+        load_config(cfgf, {"data.group_by_length": 6})
 
 
 def test_shipped_configs_parse():

@@ -31,6 +31,7 @@ class DataSection:
     max_len: int = 1024  # tokens per example (prompt + response), longer ones are cut
     min_response: int = 2
     shuffle: bool = True
+    group_by_length: int = 0  # samples a window sorted by length into micro-batches (less padding); 0 = off
 
 
 @dataclass
@@ -105,6 +106,8 @@ class TrainConfig:
             raise ConfigError("micro_batch_size and grad_accum must be >= 1")
         if not self.data.train:
             raise ConfigError("data.train lists no JSONL file")
+        if self.data.group_by_length < 0 or self.data.group_by_length % self.micro_batch_size:
+            raise ConfigError("data.group_by_length must be 0 (off) or a multiple of micro_batch_size")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ConfigError("set max_steps or epochs")
         if self.precision not in ("auto", "fp32", "bf16"):

@@ -136,10 +136,19 @@ class SampleOrder:
 
     Resuming only needs the number of samples already consumed; every rank of a DDP job sees the same order
     and takes its own slice of each step's global batch.
+
+    Grouped by length (shuffled orders; `sizes` a sortable size per sample, `group` samples a window, `chunk`
+    samples a micro-batch): each window of the permutation is sorted by size and cut into chunks of `chunk`, whose
+    order inside the window is shuffled again, so a micro-batch holds samples of about one size and pads little
+    (each epoch is still every sample once).
     """
 
-    def __init__(self, num_examples: int, seed: int, shuffle: bool = True):
+    def __init__(self, num_examples: int, seed: int, shuffle: bool = True,
+                 sizes: list[Any] | None = None, group: int = 0, chunk: int = 1):
+        if group and (sizes is None or len(sizes) != num_examples or chunk < 1 or group % chunk):
+            raise ValueError("grouping by length needs every sample's size and a window of whole micro-batches")
         self.n, self.seed, self.shuffle = num_examples, seed, shuffle
+        self.sizes, self.group, self.chunk = sizes, group, chunk
         self._epoch, self._perm = -1, None
 
     def __getitem__(self, index: int) -> int:
@@ -148,10 +157,21 @@ class SampleOrder:
             if self.shuffle:
                 g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
                 self._perm = torch.randperm(self.n, generator=g).tolist()
+                if self.group:
+                    self._perm = self._grouped(self._perm, g)
             else:
                 self._perm = list(range(self.n))
             self._epoch = epoch
         return self._perm[i]
+
+    def _grouped(self, perm: list[int], g: torch.Generator) -> list[int]:
+        out: list[int] = []
+        for w in range(0, len(perm), self.group):
+            window = sorted(perm[w:w + self.group], key=lambda j: self.sizes[j])
+            chunks = [window[c:c + self.chunk] for c in range(0, len(window), self.chunk)]
+            for c in torch.randperm(len(chunks), generator=g).tolist():
+                out += chunks[c]
+        return out
 
 
 def step_indices(step: int, micro: int, rank: int, world: int, micro_batch: int, accum: int) -> list[int]:

@@ -178,7 +178,10 @@ class Trainer:
         self.examples: list[TokenizedExample] = load_examples(
             cfg.data.train, self.tokenizer, self.eos_ids, cfg.data.max_len, cfg.data.min_response
         )
-        self.order = SampleOrder(len(self.examples), cfg.seed, cfg.data.shuffle)
+        # a sample's size: the gated two-pass objective's backward runs over the response rows alone
+        sizes = [(e.num_response, len(e.ids)) if cfg.mode == "gated_lora" else len(e.ids) for e in self.examples]
+        self.order = SampleOrder(len(self.examples), cfg.seed, cfg.data.shuffle, sizes, cfg.data.group_by_length,
+                                 cfg.micro_batch_size)
         self.global_batch = cfg.micro_batch_size * cfg.grad_accum * self.dist.world
         if cfg.max_steps > 0:
             self.total_steps = cfg.max_steps
