@@ -53,3 +53,28 @@ def test_follow_ups_go_to_the_given_share_of_single_turn_prompts_and_files_keep_
     f = tmp_path / "p.jsonl"
     f.write_text("".join(json.dumps(p) + "\n" for p in out))
     assert prompt_sources.read_prompt_file(f) == out
+
+
+def test_chat_prompts_cover_every_kind_in_turn_fully_formatted_and_seeded():
+    got = prompt_sources.chat_prompts(random.Random(3), 10_000)
+    kinds = len(prompt_sources.CHAT_PHRASINGS)
+    every = prompt_sources.CHAT_PHRASINGS
+    fills = {"code": prompt_sources.CODE_TASKS, "comparison": prompt_sources.PAIRS}
+    total = sum(len(fs) * len(fills.get(k, prompt_sources.TOPICS)) for k, fs in every.items())
+    texts = [p["prompt"] for p in got]
+    assert len(texts) == len(set(texts)) == total  # every phrasing x topic once
+    assert all(p["source"] == "chat" and "{" not in p["prompt"] and p["prompt"][0].isupper() for p in got)
+    # the first `kinds` prompts are one of each kind, so a short draw is still a mix
+
+    def kind(text: str) -> str:
+        for k, fs in every.items():
+            for f in fs:
+                head = f.split("{")[0]
+                if head and text.lower().startswith(head.lower()):
+                    return k
+        raise AssertionError(text)
+
+    assert {kind(t) for t in texts[:kinds]} == set(every)
+    assert prompt_sources.chat_prompts(random.Random(3), 50) == got[:50]
+    assert prompt_sources.chat_prompts(random.Random(4), 50) != got[:50]
+    assert not {t.lower() for t in texts} & prompt_sources.heldout_texts()

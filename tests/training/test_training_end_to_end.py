@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from idlm.eval.acceptance import evaluate_isd, load_eval_prompts
-from idlm.training.trainer import prepare_model, random_model, train  # noqa: E402
+from idlm.training.trainer import Trainer, prepare_model, random_model, train  # noqa: E402
 from training_helpers import TINY_MODEL, counting_records, one_thread, tiny_config, write_jsonl  # noqa: E402
 
 
@@ -38,3 +40,17 @@ def _run(tmp_path):
     assert after["tokens_per_forward"] >= 2.5, (before, after)
     assert min(after["acceptance_by_position"]) > 0.5, after
     assert time.perf_counter() - t0 < 120
+
+
+def test_bf16_on_a_cpu_without_native_bf16_products_warns(tmp_path, monkeypatch, caplog):
+    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: False, raising=False)
+    with caplog.at_level("WARNING", logger="idlm.train"):
+        Trainer(tiny_config(tmp_path, precision="bf16"))._setup()
+    assert "without native bf16 products" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    with caplog.at_level("WARNING", logger="idlm.train"):
+        Trainer(tiny_config(tmp_path, precision="bf16"))._setup()
+        Trainer(tiny_config(tmp_path, precision="fp32"))._setup()
+    assert "bf16" not in caplog.text

