@@ -28,3 +28,19 @@ def test_points_follow_cumulative_tokens_across_stages(tmp_path):
     assert [p["stage"] for p in pts] == ["1: a.jsonl", "2: b", "2: b"]  # a run dir is named by its folder
     assert out.with_suffix(".png").stat().st_size > 1000
     assert main(["bench", "training-curve", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_heldout_results_sit_at_their_stage_ends(tmp_path):
+    a = _metrics(tmp_path / "a.jsonl", [(1, 100, 1.1)])
+    b = _metrics(tmp_path / "b.jsonl", [(1, 60, 1.2), (2, 80, 1.3)])
+    held = tmp_path / "held.json"
+    held.write_text(json.dumps([{"temperature": 0.7, "tokens_per_forward": 9.0, "acceptance_by_position": [0.9, 0.9]},
+                                {"temperature": 0.0, "tokens_per_forward": 1.25, "acceptance_by_position": [0.4, 0.3],
+                                 "prompts": 40}]))
+    out = tmp_path / "curve"
+    assert main(["bench", "training-curve", str(a), str(b), "--heldout", f"2={held}", "--heldout", f"1={held}",
+                 "--out", str(out)]) == 0
+    got = json.loads(out.with_suffix(".json").read_text())["heldout"]
+    assert [(h["stage"], h["tokens"], h["tokens_per_forward"]) for h in got] == [(1, 100, 1.25), (2, 180, 1.25)]
+    for bad in ("3=" + str(held), str(held), "x=" + str(held)):
+        assert main(["bench", "training-curve", str(a), str(b), "--heldout", bad, "--out", str(out)]) == 2

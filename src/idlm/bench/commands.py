@@ -43,6 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=_lazy("idlm.bench.decode", "run_decode_bench"))
     c = bsub.add_parser("training-curve", help="held-out TPF and acceptance against training tokens over stages")
     c.add_argument("stages", nargs="+", help="run dirs or metrics.jsonl files, in stage order")
+    c.add_argument("--heldout", action="append", metavar="N=FILE",
+                   help="an `idlm acceptance --out` JSON measured at the end of stage N (repeatable)")
     c.add_argument("--out", default="benchmarks/results/training-curve", help="output path (.png and .json)")
     c.set_defaults(func=_lazy("idlm.bench.training_curve", "run"))
     f = bsub.add_parser("forward", help="cost of one forward by query rows per sequence and batch size")
