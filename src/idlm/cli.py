@@ -176,13 +176,15 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_acceptance(args: argparse.Namespace) -> int:
-    from idlm.eval.acceptance import evaluate_isd, load_eval_prompts
+    from idlm.eval.acceptance import by_kind, eval_prompt_records, evaluate_isd
     from idlm.eval.paired import paired_bootstrap
 
     llm = load_llm(args)
     baseline = load_llm(argparse.Namespace(**{**vars(args), "adapter": args.baseline_adapter})) \
         if args.baseline_adapter else None
-    prompts = load_eval_prompts(args.prompts, llm.tokenizer, args.num_prompts)
+    records = eval_prompt_records(args.prompts, llm.tokenizer, args.num_prompts)
+    prompts = [ids for _, ids in records]
+    kinds = [rec.get("kind") for rec, _ in records]
     strides = [int(x) for x in args.stride.split(",")] if args.stride else [llm.default_stride]
 
     def evaluate(engine, n: int, t: float) -> dict:
@@ -191,11 +193,17 @@ def cmd_acceptance(args: argparse.Namespace) -> int:
                            args.max_tokens, engine.make_decoding(decoding, n).lora, temperature=t, seed=args.seed)
         res.update(model=args.model, adapter=str(engine.adapter_path) if engine.adapter_path else None,
                    decoding=decoding)
+        if any(k is not None for k in kinds):  # the prompt file labels its prompts (the held-out file does)
+            res["by_kind"] = by_kind(res["per_prompt"], kinds)
         print(json.dumps(res) if args.json else
               f"{res['adapter'] or 'no adapter'}: stride {n}, temperature {t:g}: TPF {res['tokens_per_forward']:.3f}, "
               f"acceptance by position {res['acceptance_by_position']}, introspective acceptance "
               f"{res['introspective_acceptance']:.3f}, rounds {res['rounds']} ({res['prompts']} prompts, "
               f"{res['generated_tokens']} tokens)")
+        if "by_kind" in res and not args.json:
+            print("  by kind, TPF / first-draft acceptance: " + ", ".join(
+                f"{k} {v['tokens_per_forward']:.2f} / {(v['acceptance_by_position'] or [0.0])[0]:.2f}"
+                for k, v in sorted(res["by_kind"].items(), key=lambda kv: kv[1]["tokens_per_forward"])))
         return res
 
     rows = []

@@ -23,9 +23,9 @@ class IdTokenizer:
         return " ".join(str(int(i)) for i in ids)
 
 
-def load_eval_prompts(path: str | None, tokenizer: Any, limit: int) -> list[list[int]]:
-    """Prompt ids from a JSONL of `{"messages": [...]}` (chat template applied) or `{"prompt_ids": [...]}`;
-    `limit` records spread evenly over the file."""
+def eval_prompt_records(path: str | None, tokenizer: Any, limit: int) -> list[tuple[dict, list[int]]]:
+    """(record, prompt ids) from a JSONL of `{"messages": [...]}` (chat template applied), `{"prompt": text}` or
+    `{"prompt_ids": [...]}`; `limit` records spread evenly over the file; records giving no ids are skipped."""
     from idlm.training.data import _ids, read_jsonl
 
     if path is None:
@@ -36,12 +36,35 @@ def load_eval_prompts(path: str | None, tokenizer: Any, limit: int) -> list[list
     out = []
     for rec in recs:
         if "prompt_ids" in rec:
-            out.append([int(t) for t in rec["prompt_ids"]])
-        elif tokenizer is not None and "messages" in rec:
-            out.append(_ids(tokenizer.apply_chat_template(rec["messages"], add_generation_prompt=True, tokenize=True)))
-        elif tokenizer is not None and "prompt" in rec:
-            msgs = [{"role": "user", "content": rec["prompt"]}]
-            out.append(_ids(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)))
+            out.append((rec, [int(t) for t in rec["prompt_ids"]]))
+        elif tokenizer is not None and ("messages" in rec or "prompt" in rec):
+            msgs = rec["messages"] if "messages" in rec else [{"role": "user", "content": rec["prompt"]}]
+            out.append((rec, _ids(tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True))))
+    return out
+
+
+def load_eval_prompts(path: str | None, tokenizer: Any, limit: int) -> list[list[int]]:
+    """Prompt ids of `eval_prompt_records`."""
+    return [ids for _, ids in eval_prompt_records(path, tokenizer, limit)]
+
+
+def by_kind(per_prompt: list[dict[str, Any]], kinds: list[str | None]) -> dict[str, dict[str, Any]]:
+    """TPF and acceptance by draft position over the prompts of each kind (ratios of sums, as the totals)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for rec, kind in zip(per_prompt, kinds, strict=True):
+        if kind is not None:
+            groups.setdefault(str(kind), []).append(rec)
+    out = {}
+    for kind, recs in groups.items():
+        positions = max(len(r["proposed_by_position"]) for r in recs)
+        tested = [sum(r["proposed_by_position"][j] for r in recs if j < len(r["proposed_by_position"]))
+                  for j in range(positions)]
+        accepted = [sum(r["accepted_by_position"][j] for r in recs if j < len(r["accepted_by_position"]))
+                    for j in range(positions)]
+        out[kind] = {"prompts": len(recs),
+                     "tokens_per_forward": round(sum(r["generated_tokens"] for r in recs)
+                                                 / max(1, sum(r["forwards"] for r in recs)), 4),
+                     "acceptance_by_position": [round(a / t, 4) if t else 0.0 for a, t in zip(accepted, tested)]}
     return out
 
 
