@@ -21,11 +21,13 @@ def test_points_follow_cumulative_tokens_across_stages(tmp_path):
     run_b = tmp_path / "b"
     run_b.mkdir()
     _metrics(run_b / "metrics.jsonl", [(1, 50, 1.2), (2, 150, 1.3)])
+    with (run_b / "metrics.jsonl").open("a") as f:  # eval.at_start: a record at step 0, the stage's start
+        f.write(json.dumps({"step": 0, "eval": {"tokens_per_forward": 1.05, "acceptance_by_position": [0.3]}}) + "\n")
     out = tmp_path / "curve"
     assert main(["bench", "training-curve", str(a), str(run_b), "--out", str(out)]) == 0
     pts = json.loads(out.with_suffix(".json").read_text())["points"]
-    assert [(p["tokens"], p["tokens_per_forward"]) for p in pts] == [(200, 1.1), (250, 1.2), (350, 1.3)]
-    assert [p["stage"] for p in pts] == ["1: a.jsonl", "2: b", "2: b"]  # a run dir is named by its folder
+    assert [(p["tokens"], p["tokens_per_forward"]) for p in pts] == [(200, 1.1), (200, 1.05), (250, 1.2), (350, 1.3)]
+    assert [p["stage"] for p in pts] == ["1: a.jsonl", "2: b", "2: b", "2: b"]  # a run dir is named by its folder
     assert out.with_suffix(".png").stat().st_size > 1000
     assert main(["bench", "training-curve", str(tmp_path / "missing.jsonl")]) == 2
 

@@ -23,7 +23,7 @@ def _run(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", counting_records(1000, seed=0, resp_len=(12, 28)))
     cfg = tiny_config(
         tmp_path, mode="full", micro_batch_size=16, max_steps=80, lr=3e-3, warmup_steps=10, alpha=1.0,
-        eval={"at_end": True, "prompts": str(prompts), "num_prompts": 8, "max_tokens": 32},
+        eval={"at_start": True, "at_end": True, "prompts": str(prompts), "num_prompts": 8, "max_tokens": 32},
     )
     cfg.data.train = [str(tmp_path / "train.jsonl")]
 
@@ -35,6 +35,9 @@ def _run(tmp_path):
     assert before["tokens_per_forward"] < 1.6, before
 
     summary = train(cfg)
+    start = summary["evals"][0]  # eval.at_start: the trainer's own figures before its first update
+    assert start["step"] == 0 and {k: start[k] for k in ("tokens_per_forward", "acceptance_by_position")} == \
+        {k: before[k] for k in ("tokens_per_forward", "acceptance_by_position")}
     after = summary["final_eval"]
     assert after["stride"] == 4
     assert after["tokens_per_forward"] >= 2.5, (before, after)

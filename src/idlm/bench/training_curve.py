@@ -28,9 +28,10 @@ def stage_points(metrics: Path, offset: int, label: str) -> tuple[list[dict[str,
             tokens_at[int(rec["step"])] = int(rec["tokens"])
     last = max(tokens_at.values(), default=0)
     points = []
-    for rec in evals:
+    for rec in sorted(evals, key=lambda r: r["step"]):
         ev = rec["eval"]
-        points.append({"stage": label, "step": rec["step"], "tokens": offset + tokens_at.get(rec["step"], last),
+        at = 0 if rec["step"] == 0 else tokens_at.get(rec["step"], last)  # step 0: the stage's starting point
+        points.append({"stage": label, "step": rec["step"], "tokens": offset + at,
                        "tokens_per_forward": ev["tokens_per_forward"],
                        "acceptance_by_position": ev["acceptance_by_position"], "prompts": ev.get("prompts")})
     return points, offset + last

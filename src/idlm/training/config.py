@@ -41,6 +41,7 @@ class EvalSection:
     num_prompts: int = 8
     max_tokens: int = 64
     stride: int | None = None  # default draft_len + 1
+    at_start: bool = False  # also before the first step of a fresh run: the stage's starting point, same prompts
     at_end: bool = True
 
 

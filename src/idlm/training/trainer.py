@@ -322,6 +322,20 @@ class Trainer:
             self.model, self.tokenizer, self.eos_ids, prompts, e.stride or self.cfg.stride, e.max_tokens, self.lora_mode
         )
 
+    def _logged_evaluation(self) -> list[dict[str, Any]]:
+        """Evaluate (every rank that must), then on rank 0 write the record at this step: [record] or []."""
+        ev = self.evaluate()
+        self.dist.barrier()
+        if ev is None or not self.dist.main:
+            return []
+        ev["step"] = self.step
+        self._write_metrics({"step": self.step, "eval": ev})
+        from tqdm import tqdm  # written above a running progress bar, not through it
+
+        tqdm.write(f"step {self.step}: ISD TPF {ev['tokens_per_forward']:.3f}, acceptance by position "
+                   f"{ev['acceptance_by_position']}", file=sys.stderr)
+        return [ev]
+
     # -- the loop
     def _micro_batch(self, micro: int):
         cfg = self.cfg
@@ -365,6 +379,8 @@ class Trainer:
         tokens_at_start = self.tokens_seen
         interrupted = False
         last: dict[str, Any] = {}
+        if cfg.eval.at_start and self.step == 0:
+            evals += self._logged_evaluation()
         while self.step < self.total_steps:
             sums = {"loss": 0.0, "task": 0.0, "clean": 0.0, "soft": 0.0}
             ntok = 0
@@ -408,14 +424,7 @@ class Trainer:
                 self.on_step(self.step, last)
             stop = self.dist.any(self._stop)
             if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < self.total_steps and not stop:
-                ev = self.evaluate()
-                self.dist.barrier()
-                if ev is not None and self.dist.main:
-                    ev["step"] = self.step
-                    evals.append(ev)
-                    self._write_metrics({"step": self.step, "eval": ev})
-                    bar.write(f"step {self.step}: held-out ISD TPF {ev['tokens_per_forward']:.3f}, "
-                              f"acceptance by position {ev['acceptance_by_position']}", file=sys.stderr)
+                evals += self._logged_evaluation()
             if stop:
                 self.save_checkpoint()
                 interrupted = True
@@ -436,12 +445,8 @@ class Trainer:
             return summary
         self.save_checkpoint()
         if cfg.eval.at_end:
-            ev = self.evaluate()
-            if ev is not None and self.dist.main:
-                ev["step"] = self.step
+            for ev in self._logged_evaluation():
                 summary["final_eval"] = ev
-                self._write_metrics({"step": self.step, "eval": ev})
-        self.dist.barrier()
         output = self.export()  # every rank gathers, rank 0 writes
         if self.dist.main:
             summary["output"] = str(output)
