@@ -50,21 +50,19 @@ def load_eval_prompts(path: str | None, tokenizer: Any, limit: int) -> list[list
 
 def by_kind(per_prompt: list[dict[str, Any]], kinds: list[str | None]) -> dict[str, dict[str, Any]]:
     """TPF and acceptance by draft position over the prompts of each kind (ratios of sums, as the totals)."""
+    from idlm.eval.paired import per_prompt_columns, ratio
+
     groups: dict[str, list[dict[str, Any]]] = {}
     for rec, kind in zip(per_prompt, kinds, strict=True):
         if kind is not None:
             groups.setdefault(str(kind), []).append(rec)
     out = {}
     for kind, recs in groups.items():
-        positions = max(len(r["proposed_by_position"]) for r in recs)
-        tested = [sum(r["proposed_by_position"][j] for r in recs if j < len(r["proposed_by_position"]))
-                  for j in range(positions)]
-        accepted = [sum(r["accepted_by_position"][j] for r in recs if j < len(r["accepted_by_position"]))
-                    for j in range(positions)]
+        c = per_prompt_columns(recs, max(len(r["proposed_by_position"]) for r in recs))
         out[kind] = {"prompts": len(recs),
-                     "tokens_per_forward": round(sum(r["generated_tokens"] for r in recs)
-                                                 / max(1, sum(r["forwards"] for r in recs)), 4),
-                     "acceptance_by_position": [round(a / t, 4) if t else 0.0 for a, t in zip(accepted, tested)]}
+                     "tokens_per_forward": round(float(ratio(c["generated"].sum(), c["forwards"].sum())), 4),
+                     "acceptance_by_position": [round(float(a), 4)
+                                                for a in ratio(c["accepted"].sum(0), c["tested"].sum(0))]}
     return out
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 
-def _columns(records: list[dict[str, Any]], positions: int) -> dict[str, np.ndarray]:
+def per_prompt_columns(records: list[dict[str, Any]], positions: int) -> dict[str, np.ndarray]:
     def padded(name: str) -> np.ndarray:  # [prompts, positions]: positions a prompt never reached count 0
         return np.array([list(r[name]) + [0] * (positions - len(r[name])) for r in records], dtype=np.float64)
 
@@ -25,7 +25,7 @@ def _columns(records: list[dict[str, Any]], positions: int) -> dict[str, np.ndar
     }
 
 
-def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
 
 
@@ -42,14 +42,14 @@ def paired_bootstrap(baseline: list[dict[str, Any]], candidate: list[dict[str, A
     if len(baseline) != len(candidate) or not baseline:
         raise ValueError(f"paired bootstrap needs the same prompts in both runs ({len(baseline)} vs {len(candidate)})")
     positions = max(len(r["proposed_by_position"]) for r in baseline + candidate)
-    a, b = _columns(baseline, positions), _columns(candidate, positions)
+    a, b = per_prompt_columns(baseline, positions), per_prompt_columns(candidate, positions)
     idx = np.random.default_rng(seed).integers(0, len(baseline), size=(resamples, len(baseline)))
 
     def tpf(c: dict[str, np.ndarray], rows: Any) -> np.ndarray:
-        return _ratio(c["generated"][rows].sum(-1), c["forwards"][rows].sum(-1))
+        return ratio(c["generated"][rows].sum(-1), c["forwards"][rows].sum(-1))
 
     def acceptance(c: dict[str, np.ndarray], rows: Any) -> np.ndarray:
-        return _ratio(c["accepted"][rows].sum(-2), c["tested"][rows].sum(-2))
+        return ratio(c["accepted"][rows].sum(-2), c["tested"][rows].sum(-2))
 
     every = np.arange(len(baseline))
     tpf_diffs = tpf(b, idx) - tpf(a, idx)

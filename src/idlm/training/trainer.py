@@ -322,19 +322,19 @@ class Trainer:
             self.model, self.tokenizer, self.eos_ids, prompts, e.stride or self.cfg.stride, e.max_tokens, self.lora_mode
         )
 
-    def _logged_evaluation(self) -> list[dict[str, Any]]:
-        """Evaluate (every rank that must), then on rank 0 write the record at this step: [record] or []."""
+    def _logged_evaluation(self) -> dict[str, Any] | None:
+        """Evaluate (every rank that must), then on rank 0 write the record at this step and return it."""
         ev = self.evaluate()
         self.dist.barrier()
         if ev is None or not self.dist.main:
-            return []
+            return None
         ev["step"] = self.step
         self._write_metrics({"step": self.step, "eval": ev})
         from tqdm import tqdm  # written above a running progress bar, not through it
 
         tqdm.write(f"step {self.step}: ISD TPF {ev['tokens_per_forward']:.3f}, acceptance by position "
                    f"{ev['acceptance_by_position']}", file=sys.stderr)
-        return [ev]
+        return ev
 
     # -- the loop
     def _micro_batch(self, micro: int):
@@ -379,8 +379,8 @@ class Trainer:
         tokens_at_start = self.tokens_seen
         interrupted = False
         last: dict[str, Any] = {}
-        if cfg.eval.at_start and self.step == 0:
-            evals += self._logged_evaluation()
+        if cfg.eval.at_start and self.step == 0 and (ev := self._logged_evaluation()):
+            evals.append(ev)
         while self.step < self.total_steps:
             sums = {"loss": 0.0, "task": 0.0, "clean": 0.0, "soft": 0.0}
             ntok = 0
@@ -423,8 +423,9 @@ class Trainer:
             if self.on_step is not None:
                 self.on_step(self.step, last)
             stop = self.dist.any(self._stop)
-            if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < self.total_steps and not stop:
-                evals += self._logged_evaluation()
+            if (cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < self.total_steps and not stop
+                    and (ev := self._logged_evaluation())):
+                evals.append(ev)
             if stop:
                 self.save_checkpoint()
                 interrupted = True
@@ -444,9 +445,9 @@ class Trainer:
         if interrupted:
             return summary
         self.save_checkpoint()
-        if cfg.eval.at_end:
-            for ev in self._logged_evaluation():
-                summary["final_eval"] = ev
+        if cfg.eval.at_end and (ev := self._logged_evaluation()):
+            summary["final_eval"] = ev
+        self.dist.barrier()
         output = self.export()  # every rank gathers, rank 0 writes
         if self.dist.main:
             summary["output"] = str(output)
