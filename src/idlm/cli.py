@@ -1,4 +1,4 @@
-"""Command line: `idlm generate | chat | serve | models | bench | explore | acceptance | eval | train | distill`."""
+"""Command line: `idlm generate | chat | serve | models | bench | explore | acceptance | eval | train | distill | first-draft`."""
 from __future__ import annotations
 
 import argparse

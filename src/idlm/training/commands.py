@@ -80,6 +80,41 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_first_draft(args: argparse.Namespace) -> int:
+    import torch
+
+    from idlm.jsonl import read_jsonl
+    from idlm.loading import load_checkpoint
+    from idlm.models.lora import load_adapter
+    from idlm.training.first_draft import first_draft_rows, summarize
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    examples = []
+    for n, rec in read_jsonl(args.responses):
+        if "prompt_ids" not in rec or "response_ids" not in rec:
+            print(f"idlm: error: {args.responses}:{n}: needs prompt_ids and response_ids (as `idlm distill` writes)",
+                  file=sys.stderr)
+            return 2
+        examples.append((rec["prompt_ids"] + rec["response_ids"], len(rec["prompt_ids"])))
+    examples = examples[: args.limit]
+    adapters, draft_len = {}, None
+    for path in args.adapter:
+        model = load_checkpoint(args.model, torch.float32, args.device).model.requires_grad_(False)
+        cfg = load_adapter(model, path)
+        if draft_len not in (None, cfg.draft_len):
+            print(f"idlm: error: adapters of different draft_len ({draft_len}, {cfg.draft_len})", file=sys.stderr)
+            return 2
+        adapters[path], draft_len = model, cfg.draft_len
+    rows = first_draft_rows(next(iter(adapters.values())), adapters, examples, draft_len or 3, args.top_k)
+    summary = {"responses": args.responses, "examples": len(examples), "draft_len": draft_len, "top_k": args.top_k,
+               "model": args.model, "cpu_capability": torch.backends.cpu.get_cpu_capability(), **summarize(rows)}
+    print(json.dumps(summary, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
+    return 0
+
+
 def register(subparsers) -> None:
     t = subparsers.add_parser("train", help="convert an AR model into an I-DLM (full / LoRA / gated LoRA)")
     t.add_argument("--config", required=True, help="training YAML (see configs/)")
@@ -110,3 +145,15 @@ def register(subparsers) -> None:
     d.add_argument("--threads", type=int, default=0,
                    help="CPU threads (0 = torch default; 1 is often faster on a shared, busy CPU)")
     d.set_defaults(func=cmd_distill)
+
+    f = subparsers.add_parser("first-draft", help="teacher-forced first-draft agreement of adapters on the base "
+                                                  "model's greedy answers, beside a marginal oracle")
+    f.add_argument("responses", help="JSONL with prompt_ids and response_ids (`idlm distill --out`)")
+    f.add_argument("--adapter", action="append", required=True, help="adapter dir (repeatable)")
+    f.add_argument("--model", default="smollm2-135m")
+    f.add_argument("--device", default="cpu")
+    f.add_argument("--top-k", type=int, default=8, help="next tokens the marginal oracle hedges over")
+    f.add_argument("--limit", type=int, default=None, help="the first N records")
+    f.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    f.add_argument("--out", default=None, help="write the summary as JSON")
+    f.set_defaults(func=cmd_first_draft)
