@@ -60,6 +60,8 @@ class TrainConfig:
     position_decay: float = 1.0  # task CE at draft index d weighted by position_decay ** d (objective.py)
     soft_weight: float = 0.0  # soft targets: share of KL/TV to the base model's distribution (gated_lora only)
     soft_kind: str = "kl"  # kl | tv
+    soft_teacher: str = "clean"  # clean: the base row at the same position | marginal: x0[i] unknown (objective.py)
+    soft_top_k: int = 4  # branches of the marginal teacher
     data: DataSection = field(default_factory=DataSection)
     # optimisation
     micro_batch_size: int = 1  # examples per forward per process
@@ -130,6 +132,8 @@ class TrainConfig:
                 raise ConfigError(f"draft_len_schedule ends at {sched[-1][1]}, draft_len is {self.draft_len}")
         if not 0.0 <= self.soft_weight <= 1.0 or self.soft_kind not in ("kl", "tv"):
             raise ConfigError("soft_weight must be in [0, 1] and soft_kind kl or tv")
+        if self.soft_teacher not in ("clean", "marginal") or self.soft_top_k < 1:
+            raise ConfigError("soft_teacher must be clean or marginal and soft_top_k >= 1")
         if self.soft_weight > 0 and self.mode != "gated_lora":
             raise ConfigError("soft targets (soft_weight > 0) need mode gated_lora (the two-pass objective)")
         if self.position_decay <= 0:

@@ -4,8 +4,9 @@ On the base model's own greedy answers (`idlm distill` records), cut into the tr
 `draft_len`, response tokens MASKed; objective.build_gated_example), every row of draft index 0 (x0[i] the first
 MASK of its block, target x0[i + 1]: the token after next) is predicted three ways:
 - each adapter's MASK row (argmax), as in training and in ISD's first draft;
-- a marginal oracle: argmax_y sum_k p(k | x0[<i]) p(y | x0[<i], k), k over the base model's top `top_k` at row
-  i - 1 (renormalised): hedging over the next token with the base model's own probabilities;
+- a marginal oracle: argmax_y sum_k p(k | x0[<i]) p(y | x0[<i], k), k over x0[i] and the base model's `top_k - 1`
+  likeliest others at row i - 1 (renormalised; objective.marginal_teacher, the soft target `soft_teacher:
+  marginal` trains towards): hedging over the next token with the base model's own probabilities;
 - the base model's clean row i, which knows x0[i]: on greedy answers it agrees on every row (an alignment check).
 Rows are grouped by the base model's confidence in the skipped token x0[i] (its top probability at row i - 1).
 """
@@ -18,7 +19,7 @@ import torch
 
 from idlm.models.attention import KVRecorder, PrefixAttention
 from idlm.models.llama import LORA_OFF, CausalLM
-from idlm.training.objective import build_gated_example
+from idlm.training.objective import build_gated_example, marginal_teacher
 
 CONFIDENCE_EDGES = (0.5, 0.8, 0.95)
 
@@ -42,7 +43,8 @@ def first_draft_rows(base: CausalLM, adapters: dict[str, CausalLM], examples: It
         probs = torch.softmax(base.logits(base(ids[None], torch.arange(len(ids), device=ids.device)[None], clean,
                                                 LORA_OFF)[0]).float(), -1)
         confidence = probs[pos - 1].max(-1).values
-        marginal = _marginal_argmax(base, clean, probs, pos, top_k)
+        marginal = marginal_teacher(base, clean, probs[pos - 1], probs[pos], ids[pos], torch.zeros_like(pos), pos,
+                                    top_k).argmax(-1)
         drafts = {}
         for name, model in adapters.items():
             gate = (noisy_ids == model.mask_token_id).float()
@@ -55,20 +57,6 @@ def first_draft_rows(base: CausalLM, adapters: dict[str, CausalLM], examples: It
                          "confidence": float(confidence[j]), "clean": clean_pred[j], "marginal": int(marginal[j]),
                          "drafts": {name: d[j] for name, d in drafts.items()}})
     return rows
-
-
-def _marginal_argmax(base: CausalLM, clean: KVRecorder, probs: torch.Tensor, pos: torch.Tensor, top_k: int):
-    """argmax_y sum_k p(k | <i) p(y | <i, k) for each i in `pos`: one row per (i, k) at position i, attending to
-    the clean keys before i and to itself."""
-    top_p, top_ids = probs[pos - 1].topk(top_k, -1)
-    branch_pos = pos.repeat_interleave(top_k)
-    r, length = len(branch_pos), probs.shape[0]
-    mask = torch.cat([torch.arange(length, device=pos.device)[None, :] < branch_pos[:, None],
-                      torch.eye(r, dtype=torch.bool, device=pos.device)], dim=1)
-    hidden = base(top_ids.reshape(1, -1), branch_pos[None], PrefixAttention(clean.kv, mask[None, None]), LORA_OFF)
-    nxt = torch.softmax(base.logits(hidden[0]).float(), -1).view(len(pos), top_k, -1)
-    weights = top_p / top_p.sum(-1, keepdim=True)
-    return (weights[:, :, None] * nxt).sum(1).argmax(-1)
 
 
 def summarize(rows: list[dict]) -> dict:

@@ -30,7 +30,11 @@ Options (LossConfig), each measured in docs/training.md:
   position i also learns the base model's next-token distribution at the clean row i (adapter off,
   detached, temperature 1; the row whose hard target is the same x_0[i + 1]), by forward KL or by total
   variation (1 - the expected acceptance of a draft sampled from the adapter and verified against the
-  base); task = (1 - soft_weight) * CE + soft_weight * soft.
+  base); task = (1 - soft_weight) * CE + soft_weight * soft. With `soft_teacher: marginal` the teacher is
+  instead what the row can know: the rows of draft index 0 (x_0[i] the first MASK of its block) learn the
+  base model's distribution of x_0[i + 1] with x_0[i] unknown, sum_k p(k | x_0[<i]) p(. | x_0[<i], k) over
+  k = x_0[i] and the `soft_top_k - 1` likeliest other tokens (renormalised; `marginal_teacher`); the other
+  rows keep the hard CE alone.
 """
 from __future__ import annotations
 
@@ -287,6 +291,8 @@ class LossConfig:
     position_decay: float = 1.0  # task CE of draft index d weighted by position_decay ** d (1: uniform)
     soft_weight: float = 0.0  # share of the soft-target term in the task loss (gated two-pass only)
     soft_kind: str = "kl"  # kl: forward KL(base || adapter); tv: total variation = 1 - expected acceptance
+    soft_teacher: str = "clean"  # clean: the base row at the same position; marginal: `marginal_teacher`
+    soft_top_k: int = 4  # branches of the marginal teacher (x_0[i] and the likeliest others)
     # (ranges are checked once, by TrainConfig.validate)
 
 
@@ -337,25 +343,41 @@ class AllMaskedLoss(nn.Module):
             raise ValueError("the two-pass objective is exact for gated adapters only")
         clean = KVRecorder()
         rows = batch.task_mask
+        sample = torch.arange(rows.shape[0], device=rows.device)[:, None].expand_as(rows)[rows]
+        pos = batch.noisy_positions[rows]
         with torch.no_grad():
-            pos = torch.arange(batch.clean_ids.shape[1], device=batch.clean_ids.device).expand_as(batch.clean_ids)
-            clean_hidden = self.model(batch.clean_ids, pos, clean, LORA_OFF)
-            teacher = None
-            if self.cfg.soft_weight > 0:  # the clean row at the noisy row's own position
-                sample = torch.arange(rows.shape[0], device=rows.device)[:, None].expand_as(rows)
-                teacher = self.model.logits(clean_hidden[sample[rows], batch.noisy_positions[rows]]).float()
+            clean_pos = torch.arange(batch.clean_ids.shape[1], device=pos.device).expand_as(batch.clean_ids)
+            clean_hidden = self.model(batch.clean_ids, clean_pos, clean, LORA_OFF)
+            taught, teacher = self._teacher(batch, clean, clean_hidden, sample, pos)
         hidden = self.model(batch.noisy_ids, batch.noisy_positions, PrefixAttention(clean.kv, batch.noisy_mask),
                             self.gate(batch.noisy_ids))
         logits = self.model.logits(hidden[rows]).float()
-        ce = self._weighted(F.cross_entropy(logits, batch.targets[rows], reduction="none"), batch.draft_index[rows])
-        out = {"hard": self._per_sample(ce, rows, batch.num_response)}
+        index = batch.draft_index[rows]
+        ce = F.cross_entropy(logits, batch.targets[rows], reduction="none")
+        out = {"hard": self._per_sample(self._weighted(ce, index), rows, batch.num_response)}
         if teacher is None:
             out["task"] = out["loss"] = out["hard"]
             return out
-        soft = self._weighted(soft_target_loss(teacher, logits, self.cfg.soft_kind), batch.draft_index[rows])
-        out["soft"] = self._per_sample(soft, rows, batch.num_response)
-        out["task"] = out["loss"] = (1 - self.cfg.soft_weight) * out["hard"] + self.cfg.soft_weight * out["soft"]
+        soft = torch.zeros_like(ce).masked_scatter(taught, soft_target_loss(teacher, logits[taught],
+                                                                            self.cfg.soft_kind))
+        task = ce + self.cfg.soft_weight * taught * (soft - ce)  # (1 - w) * CE + w * soft where taught
+        out["soft"] = self._per_sample(self._weighted(soft, index), rows, batch.num_response)
+        out["task"] = out["loss"] = self._per_sample(self._weighted(task, index), rows, batch.num_response)
         return out
+
+    def _teacher(self, batch: GatedBatch, clean: KVRecorder, clean_hidden: torch.Tensor, sample: torch.Tensor,
+                 pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(which task rows have a soft target, the teacher's logits (log-probabilities up to a constant) at
+        those rows) from the clean pass."""
+        if self.cfg.soft_weight == 0:
+            return torch.zeros_like(pos, dtype=torch.bool), None
+        if self.cfg.soft_teacher == "clean":  # the clean row at the noisy row's own position
+            return torch.ones_like(pos, dtype=torch.bool), self.model.logits(clean_hidden[sample, pos]).float()
+        taught = (batch.draft_index[batch.task_mask] == 0) & (pos >= 1)
+        s, p = sample[taught], pos[taught]
+        prev, here = (torch.softmax(self.model.logits(clean_hidden[s, q]).float(), -1) for q in (p - 1, p))
+        mix = marginal_teacher(self.model, clean, prev, here, batch.clean_ids[s, p], s, p, self.cfg.soft_top_k)
+        return taught, mix.clamp(min=1e-30).log()
 
     def _weighted(self, per_row: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         if self.cfg.position_decay == 1.0:
@@ -378,6 +400,41 @@ class AllMaskedLoss(nn.Module):
             denom = torch.zeros(b, device=per_row.device, dtype=torch.float32).index_add(
                 0, owner, torch.ones_like(per_row)).clamp(min=1)
         return (total / denom.to(total.device)).mean()
+
+
+@torch.no_grad()
+def marginal_teacher(model: CausalLM, clean: KVRecorder, prev: torch.Tensor, here: torch.Tensor,
+                     skipped: torch.Tensor, sample: torch.Tensor, pos: torch.Tensor, top_k: int) -> torch.Tensor:
+    """[N, V]: the base model's distribution of x_0[i + 1] with x_0[i] unknown, for N rows (sample, position i).
+
+    sum_k p(k | x_0[<i]) p(. | x_0[<i], k) / sum_k p(k | x_0[<i]) over k = x_0[i] (`skipped`) and the `top_k - 1`
+    likeliest other tokens. `prev` and `here` are the clean pass's next-token probabilities at rows i - 1 and i
+    (`here` is the branch k = x_0[i]); every other branch is one row at position i holding k, attending to the clean
+    keys before i (`clean`, a KVRecorder of the clean pass) and to itself. Rows are grouped by sample, in order.
+    """
+    weight = prev.gather(1, skipped[:, None])
+    mix = weight * here
+    total = weight.clone()
+    k = top_k - 1
+    if k > 0 and len(pos):
+        top_p, top_ids = prev.scatter(1, skipped[:, None], 0.0).topk(k, -1)
+        total += top_p.sum(-1, keepdim=True)
+        b, length = clean.kv[0][0].shape[:2]
+        counts = torch.bincount(sample, minlength=b)
+        rank = torch.arange(len(pos), device=pos.device) - (counts.cumsum(0) - counts)[sample]
+        slot = rank[:, None] * k + torch.arange(k, device=pos.device)  # [N, k]: each branch's row in its sample
+        m = int(counts.max()) * k
+        ids = torch.zeros(b, m, dtype=torch.long, device=pos.device)
+        ids[sample[:, None], slot] = top_ids
+        branch_pos = torch.zeros(b, m, dtype=torch.long, device=pos.device)
+        branch_pos[sample[:, None], slot] = pos[:, None]
+        to_clean = torch.zeros(b, m, length, dtype=torch.bool, device=pos.device)
+        to_clean[sample[:, None], slot] = torch.arange(length, device=pos.device) < pos[:, None, None]
+        mask = torch.cat([to_clean, torch.eye(m, dtype=torch.bool, device=pos.device).expand(b, m, m)], dim=-1)
+        hidden = model(ids, branch_pos, PrefixAttention(clean.kv, mask[:, None]), LORA_OFF)
+        for j in range(k):
+            mix += top_p[:, j, None] * torch.softmax(model.logits(hidden[sample, slot[:, j]]).float(), -1)
+    return mix / total
 
 
 def soft_target_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, kind: str) -> torch.Tensor:

@@ -173,7 +173,8 @@ class Trainer:
         gated = cfg.mode == "gated_lora"
         self.loss_mod = AllMaskedLoss(
             self.model, LossConfig(cfg.alpha, cfg.loss_auto_balance, gated=gated, position_decay=cfg.position_decay,
-                                   soft_weight=cfg.soft_weight, soft_kind=cfg.soft_kind), lora_mode=lora_mode
+                                   soft_weight=cfg.soft_weight, soft_kind=cfg.soft_kind,
+                                   soft_teacher=cfg.soft_teacher, soft_top_k=cfg.soft_top_k), lora_mode=lora_mode
         )
         self.lora_mode = lora_mode
         self.parallel = DataParallel(cfg.parallel, self.dist, self.model, self.loss_mod)
