@@ -167,10 +167,10 @@ def test_marginal_teacher_is_the_base_distribution_with_the_skipped_token_unknow
         if r[1] + 2 < len(ids):
             assert (g - hand_marginal(model, ids, r[1], top_k, skipped_at=r[1] + 1)).abs().max() > 1e-4
     if top_k == 1:  # the branch x0[i] alone: the clean row at the same position, but at draft index 0 only
-        clean = {k: v.detach() for k, v in gated_loss(model, specs, soft_weight=1.0).items()}
+        every_row = {k: v.detach() for k, v in gated_loss(model, specs, soft_weight=1.0).items()}
         d0 = per_sample(rows, lambda r: kl(F.softmax(r[3], -1), r[2]) if r[5] == 0 else 0.0, specs)
         assert float(out["soft"]) == pytest.approx(d0, rel=1e-4)
-        assert float(clean["soft"]) > float(out["soft"]) * 1.1
+        assert float(every_row["soft"]) > float(out["soft"]) * 1.1
 
 
 @pytest.mark.parametrize("teacher", ["clean", "marginal"])

@@ -344,15 +344,14 @@ class AllMaskedLoss(nn.Module):
         clean = KVRecorder()
         rows = batch.task_mask
         sample = torch.arange(rows.shape[0], device=rows.device)[:, None].expand_as(rows)[rows]
-        pos = batch.noisy_positions[rows]
+        pos, index = batch.noisy_positions[rows], batch.draft_index[rows]
         with torch.no_grad():
             clean_pos = torch.arange(batch.clean_ids.shape[1], device=pos.device).expand_as(batch.clean_ids)
             clean_hidden = self.model(batch.clean_ids, clean_pos, clean, LORA_OFF)
-            taught, teacher = self._teacher(batch, clean, clean_hidden, sample, pos)
+            taught, teacher = self._teacher(batch.clean_ids, clean, clean_hidden, sample, pos, index)
         hidden = self.model(batch.noisy_ids, batch.noisy_positions, PrefixAttention(clean.kv, batch.noisy_mask),
                             self.gate(batch.noisy_ids))
         logits = self.model.logits(hidden[rows]).float()
-        index = batch.draft_index[rows]
         ce = F.cross_entropy(logits, batch.targets[rows], reduction="none")
         out = {"hard": self._per_sample(self._weighted(ce, index), rows, batch.num_response)}
         if teacher is None:
@@ -365,18 +364,18 @@ class AllMaskedLoss(nn.Module):
         out["task"] = out["loss"] = self._per_sample(self._weighted(task, index), rows, batch.num_response)
         return out
 
-    def _teacher(self, batch: GatedBatch, clean: KVRecorder, clean_hidden: torch.Tensor, sample: torch.Tensor,
-                 pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _teacher(self, clean_ids: torch.Tensor, clean: KVRecorder, clean_hidden: torch.Tensor, sample: torch.Tensor,
+                 pos: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(which task rows have a soft target, the teacher's logits (log-probabilities up to a constant) at
         those rows) from the clean pass."""
         if self.cfg.soft_weight == 0:
             return torch.zeros_like(pos, dtype=torch.bool), None
         if self.cfg.soft_teacher == "clean":  # the clean row at the noisy row's own position
             return torch.ones_like(pos, dtype=torch.bool), self.model.logits(clean_hidden[sample, pos]).float()
-        taught = (batch.draft_index[batch.task_mask] == 0) & (pos >= 1)
+        taught = (index == 0) & (pos >= 1)
         s, p = sample[taught], pos[taught]
         prev, here = (torch.softmax(self.model.logits(clean_hidden[s, q]).float(), -1) for q in (p - 1, p))
-        mix = marginal_teacher(self.model, clean, prev, here, batch.clean_ids[s, p], s, p, self.cfg.soft_top_k)
+        mix = marginal_teacher(self.model, clean, prev, here, clean_ids[s, p], s, p, self.cfg.soft_top_k)
         return taught, mix.clamp(min=1e-30).log()
 
     def _weighted(self, per_row: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
