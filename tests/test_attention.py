@@ -110,5 +110,30 @@ def test_a_model_attending_by_the_kernel_gives_the_library_kernels_logits(monkey
             with torch.no_grad():
                 logits.append(model.logits(model(ids, pos, meta)))
         outs[limit] = torch.cat(logits)
-        assert methods == ({"sdpa"} if limit == 0 else {"sdpa", "kernel"})  # the 1-row step: SUMS_QUERY
+        assert methods == ({"sdpa"} if limit == 0 else {"kernel"})  # the 1-row step too
     assert (outs[0] - outs[attention.SHORT_QUERY]).abs().max() < 1e-4 * outs[0].abs().max()
+
+
+def test_a_rows_logits_are_the_same_bits_whether_its_step_feeds_it_alone_or_with_others():
+    """Every short step attends by the kernel, 1-row AR steps too, and the panel products are row-independent: a
+    position's logits are the same bits fed alone (AR) or among the rows of a wider step (an R-ISD verify step), so
+    a verify row is exactly the AR row, even where a format rounds its products' inputs."""
+    from idlm.models.panel import PanelLinear
+
+    model = tiny_model(vocab_size=500)
+    model.pack_for_cpu_inference(PanelLinear)
+    seq = torch.randint(0, 500, (24,), generator=torch.Generator().manual_seed(5)).tolist()
+
+    def logits(chunks: list[int]) -> torch.Tensor:
+        kv = KVCache(model.config, num_blocks=16, block_size=4, dtype=torch.float32, device="cpu")
+        blocks, table, out, start = BlockManager(16, 4), [], [], 0
+        for n in chunks:
+            assert blocks.grow(table, start + n)
+            meta = PagedAttention.build(kv.k, kv.v, 4, [table], [start], [n], "cpu")
+            assert {g.method for g in meta.groups} == {"kernel"}
+            with torch.no_grad():
+                out.append(model.logits(model(torch.tensor(seq[start:start + n]), torch.arange(start, start + n), meta)))
+            start += n
+        return torch.cat(out)
+
+    assert torch.equal(logits([8] + [1] * 16), logits([8, 7, 7, 2]))

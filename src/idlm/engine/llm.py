@@ -24,7 +24,7 @@ from idlm.engine.sequence import Sequence
 from idlm.loading import load_checkpoint
 from idlm.loading.cache import cache_dir
 from idlm.models.fuse import fuse_projections
-from idlm.models import block_codes, kernel_choice, panel
+from idlm.models import attention, block_codes, kernel_choice, panel
 from idlm.models.llama import CausalLM, Proj
 from idlm.models.lora import AdapterConfig, load_adapter, pack_adapter
 from idlm.models.panel import PanelLinear, PanelLoRA
@@ -263,7 +263,7 @@ class LLM:
         batches = tuple(b for b in batches if b <= min(fit, self.engine.config.max_num_seqs)) or (1,)
         key = {**machine_key(), "model": self.name, "dtype": str(self.dtype), "device": str(self.device),
                "adapter": str(self.adapter_path), "fused": self.fused, "quantize": self.quantize,
-               "panel": self._panel_id, "compile": self.engine.config.compile,
+               "panel": self._panel_id, "attention": attention.METHODS, "compile": self.engine.config.compile,
                "batches": list(batches),
                "layouts": sorted({repr(d) for d in decodings}), "measures": "forward + greedy decode, interleaved"}
         if self.checkpoint is None:

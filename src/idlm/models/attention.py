@@ -109,14 +109,21 @@ class PrefixAttention:
 # Sequences whose step feeds at most this many rows (AR, ISD blocks) attend together, padded to the longest of
 # them; each longer one (a prefill chunk) attends alone, so a prefill never pads every decode row to its length.
 SHORT_QUERY = 32
-# Compiled graphs of steps whose sequences feed at most this many rows each attend by multiply-and-sum (AR decode
-# steps); longer ones by the library's kernel. Measured in one process, steps alternating (embedded model,
-# AVX-512 EPYC): AR 0.86-0.92x the time with the library's kernel (int8), 0.92-0.99x (fp32); an fp32 R-ISD step of
-# 4-7 rows 1.08x, so not them.
-SUMS_QUERY = 1
-# Groups whose sequences feed more than SUMS_QUERY and at most this many rows each attend by our kernel
-# (`idlm_panel::attention`, models/attention.cpp) where it is loaded: the keys and values read in place from the pool.
+# Groups whose sequences feed at most this many rows each (AR and ISD decode steps) attend by our kernel
+# (`idlm_panel::attention`, models/attention.cpp) where it is loaded: the keys and values read in place from the pool,
+# and a row's bits independent of the rows beside it, so an AR step's row and a verify step's row at one position
+# attend alike (with the panel products, greedy R-ISD int8 / w8a8 gave their AR's tokens on 8 / 7 of 8 held-out
+# prompts, 2 / 1 of 8 while 1-row steps took the library's kernel; eager AR steps 1.1-1.4x faster; docs/benchmarks.md,
+# 2026-12-07). Longer chunks (prefill) keep the library's kernel: ours, one row at a time, took 1.05x and 1.17x the
+# time of a 400- and a 1,500-token prefill.
 KERNEL_QUERY = SHORT_QUERY
+# Where our kernel is not loaded (other devices, no compiler), compiled graphs of steps whose sequences feed at most
+# this many rows each attend by multiply-and-sum; longer ones by the library's kernel. Measured in one process, steps
+# alternating (embedded model, AVX-512 EPYC, before our kernel): AR 0.86-0.92x the time with the library's kernel
+# (int8), 0.92-0.99x (fp32); an fp32 R-ISD step of 4-7 rows 1.08x, so not them.
+SUMS_QUERY = 1
+# The rule above, named for what measures step costs (engine/llm.py's cost key): a new rule is new costs.
+METHODS = f"kernel <= {KERNEL_QUERY} rows, else sdpa; sums <= {SUMS_QUERY} rows in graphs without the kernel"
 
 
 def kernel_fits(pool: torch.Tensor) -> bool:
@@ -144,8 +151,8 @@ class _Group:
         keys are then a view of the pool, not a gathered copy.
     folded: the mask folded for grouped-query heads, made by the first layer and reused by the others.
     method: "sdpa" (the library's kernel), "sums" (`_attention_by_sums`: compiled graphs of steps of at most
-        SUMS_QUERY rows per sequence) or "kernel" (our kernel over the pool: `kernel_fits`, and at most KERNEL_QUERY
-        rows per sequence).
+        SUMS_QUERY rows per sequence, where our kernel is not loaded) or "kernel" (our kernel over the pool:
+        `kernel_fits`, and at most KERNEL_QUERY rows per sequence).
     """
 
     rows: torch.Tensor | None
@@ -218,15 +225,15 @@ class PagedAttention:
         otherwise. The keys are gathered by whole blocks, a span's too (its bounds are plain ints, which a graph
         would take as constants), with the mask widened to them; a table of one block gets a second, masked out:
         graphs specialize sizes of 1, and short sequences would otherwise have graphs of their own. The last
-        input, a plain bool (a constant of the graph), says whether the step's sequences feed at most SUMS_QUERY
-        rows each (decode steps), which the graph attends by multiply-and-sum."""
+        input, a string (a constant of the graph), is the group's method, or "sums" where the library's kernel
+        would serve a step whose sequences feed at most SUMS_QUERY rows each."""
         if len(self.groups) != 1:
             return None
         g = self.groups[0]
         tables = g.block_tables if g.block_tables.shape[1] > 1 else g.block_tables.repeat(1, 2)
         keys = tables.shape[1] * self.k_pool[0].shape[1]
         mask = g.mask if g.mask.shape[-1] == keys else F.pad(g.mask, (0, keys - g.mask.shape[-1]))
-        method = "sums" if mask.shape[2] <= SUMS_QUERY else g.method
+        method = "sums" if mask.shape[2] <= SUMS_QUERY and g.method == "sdpa" else g.method
         return self.k_pool, self.v_pool, self.slot_mapping, tables, g.q_index, g.out_index, mask, method
 
     @classmethod
@@ -306,7 +313,7 @@ class PagedAttention:
                 mask=mask.unsqueeze(1).to(device),
                 length=length,
                 span=span,
-                method="kernel" if kernel and SUMS_QUERY < qmax <= KERNEL_QUERY else "sdpa",
+                method="kernel" if kernel and qmax <= KERNEL_QUERY else "sdpa",
             )
 
         return cls(k_pool=k_pool, v_pool=v_pool, slot_mapping=torch.cat(slots).to(device),
