@@ -131,8 +131,8 @@ def test_a_lone_sequence_attends_alike_wherever_its_blocks_lie():
 def test_graph_inputs_give_the_steps_own_attention(lens):
     """What a compiled graph traces (`graph_inputs` -> `from_graph_inputs`: keys gathered by whole blocks, a span's
     too, with the mask widened to them; a one-block table padded with a second) attends as the step does, by the
-    library's kernel or by multiply-and-sum (the graphs of AR steps); a step with a prefill chunk beside another
-    sequence (several groups) stays out of graphs."""
+    library's kernel, ours, or multiply-and-sum (the graphs of AR steps where ours is not loaded); a step with a
+    prefill chunk beside another sequence (several groups) stays out of graphs."""
     model = tiny_model(vocab_size=500)
     kv = KVCache(model.config, num_blocks=16, block_size=4, dtype=torch.float32, device="cpu")
     blocks = BlockManager(16, 4)
@@ -148,8 +148,8 @@ def test_graph_inputs_give_the_steps_own_attention(lens):
         assert inputs is None
         return
     assert (meta.groups[0].span is not None) == (len(lens) == 1)
-    method = meta.groups[0].method
-    assert inputs[-1] == ("sums" if max(lens) <= SUMS_QUERY and method == "sdpa" else method)
+    chosen = meta.groups[0].method
+    assert inputs[-1] == ("sums" if max(lens) <= SUMS_QUERY and chosen == "sdpa" else chosen)
     with torch.no_grad():
         want = model(ids, pos, meta)
         for method in ("sdpa", "sums") + (("kernel",) if kernel_fits(kv.k[0]) else ()):
