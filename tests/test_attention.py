@@ -87,16 +87,17 @@ def test_a_row_that_sees_no_key_gets_zeros_and_bad_tables_are_refused(pools):
 
 
 def test_a_model_attending_by_the_kernel_gives_the_library_kernels_logits(monkeypatch):
-    """Steps of 1-7 rows of one sequence over scattered blocks, and of three sequences at once: the same logits within
-    float32 rounding whichever kernel the groups of short rows take."""
+    """Steps of 1-7 rows and prefill chunks of 9 and 40 rows, three sequences at once over scattered blocks: the same
+    logits within float32 rounding whichever kernel the groups take."""
     model = tiny_model(vocab_size=500)
     torch.manual_seed(4)
-    lens = [(0, 9), (9, 1), (10, 7), (17, 3)]
+    lens = [(0, 9), (9, 1), (10, 7), (17, 3), (20, 40)]
+    ours = attention.kernel_fits
     outs = {}
-    for limit in (0, attention.SHORT_QUERY):  # no group by the kernel, then every short one
-        monkeypatch.setattr(attention, "KERNEL_QUERY", limit)
-        kv = KVCache(model.config, num_blocks=24, block_size=4, dtype=torch.float32, device="cpu")
-        blocks = BlockManager(24, 4)
+    for kernel in (False, True):
+        monkeypatch.setattr(attention, "kernel_fits", ours if kernel else lambda pool: False)
+        kv = KVCache(model.config, num_blocks=64, block_size=4, dtype=torch.float32, device="cpu")
+        blocks = BlockManager(64, 4)
         blocks.free_ids.rotate(7)
         tables: list[list[int]] = [[], [], []]
         logits, methods = [], set()
@@ -109,20 +110,21 @@ def test_a_model_attending_by_the_kernel_gives_the_library_kernels_logits(monkey
             pos = torch.arange(start, start + n).repeat(3)
             with torch.no_grad():
                 logits.append(model.logits(model(ids, pos, meta)))
-        outs[limit] = torch.cat(logits)
-        assert methods == ({"sdpa"} if limit == 0 else {"kernel"})  # the 1-row step too
-    assert (outs[0] - outs[attention.SHORT_QUERY]).abs().max() < 1e-4 * outs[0].abs().max()
+        outs[kernel] = torch.cat(logits)
+        assert methods == ({"kernel"} if kernel else {"sdpa"})  # 1-row steps and long chunks too
+    assert (outs[False] - outs[True]).abs().max() < 1e-4 * outs[False].abs().max()
 
 
 def test_a_rows_logits_are_the_same_bits_whether_its_step_feeds_it_alone_or_with_others():
-    """Every short step attends by the kernel, 1-row AR steps too, and the panel products are row-independent: a
-    position's logits are the same bits fed alone (AR) or among the rows of a wider step (an R-ISD verify step), so
-    a verify row is exactly the AR row, even where a format rounds its products' inputs."""
+    """Every step attends by the kernel (1-row AR steps, verify steps, prefill chunks of any length) and the panel
+    products are row-independent: a position's logits are the same bits fed alone (AR), among the rows of a wider
+    step (an R-ISD verify step) or in one long chunk (a prefill, whatever the prefix cache held), so a verify row is
+    exactly the AR row, even where a format rounds its products' inputs."""
     from idlm.models.panel import PanelLinear
 
     model = tiny_model(vocab_size=500)
     model.pack_for_cpu_inference(PanelLinear)
-    seq = torch.randint(0, 500, (24,), generator=torch.Generator().manual_seed(5)).tolist()
+    seq = torch.randint(0, 500, (48,), generator=torch.Generator().manual_seed(5)).tolist()
 
     def logits(chunks: list[int]) -> torch.Tensor:
         kv = KVCache(model.config, num_blocks=16, block_size=4, dtype=torch.float32, device="cpu")
@@ -136,4 +138,6 @@ def test_a_rows_logits_are_the_same_bits_whether_its_step_feeds_it_alone_or_with
             start += n
         return torch.cat(out)
 
-    assert torch.equal(logits([8] + [1] * 16), logits([8, 7, 7, 2]))
+    alone = logits([8] + [1] * 40)
+    assert torch.equal(alone, logits([8, 7, 7, 2, 24]))
+    assert torch.equal(alone, logits([48]))

@@ -1,5 +1,6 @@
-// Attention of a decode step's few query rows over the paged KV pool (models/attention.py PagedAttention), read in
-// place: the keys and values of each sequence are found through its block table, never gathered into a copy.
+// Attention of a step's query rows (decode rows and prefill chunks) over the paged KV pool (models/attention.py
+// PagedAttention), read in place: the keys and values of each sequence are found through its block table, never
+// gathered into a copy.
 // Each (sequence, query head, row) is one work item, computed alone, in the same order whatever rows
 // share the call: scores of kLanes keys at a time (one vector of partial products per key, then the vectors summed
 // lane-wise into one of kLanes scores), the masked keys at -inf, the largest score taken off, exp, their sum, then
@@ -74,9 +75,13 @@ constexpr int kMaxVecs = 16;  // head dims up to kMaxVecs x kLanes floats
 
 // One row of one query head: q (times `scale`) against the keys and values at `slot` (S of them), `m` its mask.
 // V: the head dim in vectors, a constant so that the row's vectors and sums stay in registers.
+// Keys after the row's last visible one are not read: each would add an exact zero (a weight of e^-inf), so a row
+// of a prefill chunk, whose later keys are masked, computes what the same row of a one-row step computes, bit for
+// bit, at half a causal chunk's work.
 template <int V>
 void attend_row(const float* q, float scale, const float* kp, const float* vp, const int64_t* slot, const bool* m,
                 int64_t S, float* scores, float* o) {
+  while (S > 0 && !m[S - 1]) --S;
   Vec qv[V];
   for (int c = 0; c < V; ++c) qv[c] = mul(load(q + c * kLanes), set1(scale));
   Vec best = set1(-std::numeric_limits<float>::infinity());

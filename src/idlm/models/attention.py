@@ -5,8 +5,8 @@
   that fixed prefix (explicit mask) and to each other. Training of gated adapters (two-pass objective).
 - `PagedAttention`: rows of several sequences flattened to [T]; k/v are written into the paged pool at
   their slots, then each sequence's queries attend to its cached prefix and to the earlier new rows of
-  the same step (key position <= query position). Serving (AR and ISD blocks alike). Steps of a few rows per
-  sequence attend by our kernel (models/attention.cpp, `idlm_panel::attention`, loaded with the panel kernels), which
+  the same step (key position <= query position). Serving (AR and ISD blocks alike). Every step attends by our
+  kernel where it is loaded (models/attention.cpp, `idlm_panel::attention`, loaded with the panel kernels), which
   reads each sequence's keys and values in place through its block table: no gathered copy, no folded mask, and a
   row's bits independent of the rows beside it.
 """
@@ -109,26 +109,23 @@ class PrefixAttention:
 # Sequences whose step feeds at most this many rows (AR, ISD blocks) attend together, padded to the longest of
 # them; each longer one (a prefill chunk) attends alone, so a prefill never pads every decode row to its length.
 SHORT_QUERY = 32
-# Groups whose sequences feed at most this many rows each (AR and ISD decode steps) attend by our kernel
-# (`idlm_panel::attention`, models/attention.cpp) where it is loaded: the keys and values read in place from the pool,
-# and a row's bits independent of the rows beside it, so an AR step's row and a verify step's row at one position
-# attend alike (with the panel products, greedy R-ISD int8 / w8a8 gave their AR's tokens on 8 / 7 of 8 held-out
-# prompts, 2 / 1 of 8 while 1-row steps took the library's kernel; eager AR steps 1.1-1.4x faster; docs/benchmarks.md,
-# 2026-12-07). Longer chunks (prefill) keep the library's kernel: ours, one row at a time, took 1.05x and 1.17x the
-# time of a 400- and a 1,500-token prefill.
-KERNEL_QUERY = SHORT_QUERY
 # Where our kernel is not loaded (other devices, no compiler), compiled graphs of steps whose sequences feed at most
 # this many rows each attend by multiply-and-sum; longer ones by the library's kernel. Measured in one process, steps
 # alternating (embedded model, AVX-512 EPYC, before our kernel): AR 0.86-0.92x the time with the library's kernel
 # (int8), 0.92-0.99x (fp32); an fp32 R-ISD step of 4-7 rows 1.08x, so not them.
 SUMS_QUERY = 1
-# The rule above, named for what measures step costs (engine/llm.py's cost key): a new rule is new costs.
-METHODS = f"kernel <= {KERNEL_QUERY} rows, else sdpa; sums <= {SUMS_QUERY} rows in graphs without the kernel"
+# How steps attend, named for what measures step costs (engine/llm.py's cost key): a new rule is new costs.
+METHODS = f"our kernel where it fits, else sdpa (sums <= {SUMS_QUERY} rows in graphs)"
 
 
 def kernel_fits(pool: torch.Tensor) -> bool:
     """Our attention kernel is loaded (with the panel kernels) and takes this pool: float32 on the CPU, head dims of
-    whole 16-float vectors."""
+    whole 16-float vectors. Then every step attends by it, decode rows and prefill chunks alike: a row's bits do not
+    depend on the rows beside it, so a position attends alike whether its step feeds it alone (AR), among a verify
+    step's rows or in a prefill chunk of any length, whatever the prefix cache held (with the panel products, greedy
+    R-ISD int8 / w8a8 gave their AR's tokens on 8 / 8 held-out prompts, one request at a time: 2 / 1 of 8 while
+    1-row steps and prefill took the library's kernel). Eager AR steps ran 1.1-1.4x faster than by the library's kernel, prefill chunks of
+    100-1,500 tokens 0.97-0.99x the time (docs/benchmarks.md, 2026-12-07)."""
     return (pool.device.type == "cpu" and pool.dtype == torch.float32 and pool.shape[-1] % 16 == 0
             and hasattr(torch.ops.idlm_panel, "attention"))
 
@@ -151,8 +148,8 @@ class _Group:
         keys are then a view of the pool, not a gathered copy.
     folded: the mask folded for grouped-query heads, made by the first layer and reused by the others.
     method: "sdpa" (the library's kernel), "sums" (`_attention_by_sums`: compiled graphs of steps of at most
-        SUMS_QUERY rows per sequence, where our kernel is not loaded) or "kernel" (our kernel over the pool:
-        `kernel_fits`, and at most KERNEL_QUERY rows per sequence).
+        SUMS_QUERY rows per sequence, where our kernel is not loaded) or "kernel" (our kernel over the pool, wherever
+        `kernel_fits`).
     """
 
     rows: torch.Tensor | None
@@ -313,7 +310,7 @@ class PagedAttention:
                 mask=mask.unsqueeze(1).to(device),
                 length=length,
                 span=span,
-                method="kernel" if kernel and qmax <= KERNEL_QUERY else "sdpa",
+                method="kernel" if kernel else "sdpa",
             )
 
         return cls(k_pool=k_pool, v_pool=v_pool, slot_mapping=torch.cat(slots).to(device),

@@ -12,8 +12,8 @@ not take: oneDNN-packed weights (opaque tensors, models/llama.py PackedLinear), 
 The paged attention: a step whose sequences attend as one group (every decode step, batched or not, and a
 prefill alone) is traced too: its metadata tensors are graph inputs (`PagedAttention.graph_inputs`), so the KV
 write, the block gather and the masking around the SDPA kernel are fused into the graph's own loops (the pool is
-written in place). Decode steps call our attention kernel inside the graph where it is loaded (models/attention.py,
-`KERNEL_QUERY`); without it, the graphs of AR steps (one row per sequence) attend by multiply-and-sum instead of the
+written in place). Steps call our attention kernel inside the graph where it is loaded (models/attention.py,
+`kernel_fits`); without it, the graphs of AR steps (one row per sequence) attend by multiply-and-sum instead of the
 SDPA kernel (`attention.SUMS_QUERY`): the compiler then reads the keys and values from the pool inside its own loops,
 and the steps took 0.86-0.92x the time in int8 and 0.92-0.99x in fp32 (in one process, alternating; at 4-7 rows
 1.08x, so those keep the kernel). Measured in an interleaved A/B on the embedded model (batch 1, 5 prompts x 128
