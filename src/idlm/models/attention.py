@@ -124,8 +124,8 @@ def kernel_fits(pool: torch.Tensor) -> bool:
     depend on the rows beside it, so a position attends alike whether its step feeds it alone (AR), among a verify
     step's rows or in a prefill chunk of any length, whatever the prefix cache held (with the panel products, greedy
     R-ISD int8 / w8a8 gave their AR's tokens on 8 / 8 held-out prompts, one request at a time: 2 / 1 of 8 while
-    1-row steps and prefill took the library's kernel). Eager AR steps ran 1.1-1.4x faster than by the library's kernel, prefill chunks of
-    100-1,500 tokens 0.97-0.99x the time (docs/benchmarks.md, 2026-12-07)."""
+    1-row steps and prefill took the library's kernel). Eager AR steps ran 1.1-1.4x faster than by the library's
+    kernel, prefill chunks of 100-1,500 tokens 0.97-0.99x the time (docs/benchmarks.md, 2026-12-07)."""
     return (pool.device.type == "cpu" and pool.dtype == torch.float32 and pool.shape[-1] % 16 == 0
             and hasattr(torch.ops.idlm_panel, "attention"))
 
