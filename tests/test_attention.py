@@ -133,8 +133,9 @@ def test_a_rows_logits_are_the_same_bits_whether_its_step_feeds_it_alone_or_with
             assert blocks.grow(table, start + n)
             meta = PagedAttention.build(kv.k, kv.v, 4, [table], [start], [n], "cpu")
             assert {g.method for g in meta.groups} == {"kernel"}
+            ids, pos = torch.tensor(seq[start:start + n]), torch.arange(start, start + n)
             with torch.no_grad():
-                out.append(model.logits(model(torch.tensor(seq[start:start + n]), torch.arange(start, start + n), meta)))
+                out.append(model.logits(model(ids, pos, meta)))
             start += n
         return torch.cat(out)
 
