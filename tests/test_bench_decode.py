@@ -67,7 +67,7 @@ def test_decode_bench_int8_and_stationary_variants_on_a_tiny_model(tmp_path, tin
     rows = {r["engine"]: r for r in result["rows"]}
     assert set(rows) == {"idlm ar", "idlm isd N=3", "idlm isd N=3 stationary", "idlm ar int8", "idlm isd N=3 int8",
                          "idlm isd N=3 int8 stationary"}
-    assert rows["idlm ar int8"]["row_limits"] and rows["idlm ar"]["row_limits"] is None
+    assert rows["idlm ar int8"]["row_limits"] is not None and rows["idlm ar"]["row_limits"] is None  # {}: panel
     assert rows["idlm isd N=3 int8 stationary"]["stationary"] is True
     for name in ("idlm isd N=3 int8", "idlm isd N=3 int8 stationary"):
         assert rows[name]["speedup_vs_idlm_ar"] > 0 and "tokens_to_divergence_vs_float32" in rows[name]

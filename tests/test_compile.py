@@ -26,8 +26,8 @@ def gated_tiny(kernels: str):
             pytest.skip(panel.available())
     if kernels == "int4":  # int4 projections, the int8 LM head: both quantized kernels
         quantize_model(model, "int4", row_limit=4)
-    if kernels == "int8 panel":
-        quantize_model(model, "int8", row_limit=4, panel=True)
+    if kernels == "int8 panel":  # at every row count: no row limit
+        quantize_model(model, "int8", panel=True)
     if kernels == "w8a8":
         quantize_model(model, "w8a8", panel=True)
     if kernels == "panel":
@@ -64,14 +64,11 @@ def test_steps_do_not_recompile_once_their_shape_class_is_seen(tokenizer, kernel
     if kernels == "int4":  # row limits differ by weight shape, as measured ones do: each limit is a row-count branch
         for i, m in enumerate(projs):
             m.kernel.row_limit = (2, 4, 8, 48)[i % 4]
-    if kernels == "int8 panel":  # a limit above the warm-up's short prompt (11 rows): a lone prefill past it
-        for m in projs:
-            m.kernel.row_limit = 24
     llm = LLM.from_model(model, tokenizer, [tokenizer.eos_token_id], adapter=cfg, compile=True)
     if kernels == "int4":  # the graph takes the largest limit; eager calls keep each kernel's own
         assert [m.kernel.inner.row_limit for m in projs] == [(2, 4, 8, 48)[i % 4] for i in range(len(projs))]
         assert {m.kernel.row_limit for m in projs} == {48}
-    assert llm.engine.runner.forward.row_limit == {"int4": 48, "int8 panel": 24}.get(kernels)
+    assert llm.engine.runner.forward.row_limit == {"int4": 48}.get(kernels)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     llm.warm_up("risd", 4)  # what `idlm serve` runs before its first request
     seen = counters["stats"]["unique_graphs"]

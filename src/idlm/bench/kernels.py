@@ -42,7 +42,7 @@ def run_kernels_bench(args: argparse.Namespace) -> dict[str, Any]:
     from idlm.models import panel
     from idlm.models.block_codes import BLOCK, random_blocks
     from idlm.models.llama import PackedLinear
-    from idlm.models.quantize import Int4Linear, Int8Linear, W8A8Linear, measure_row_limit
+    from idlm.models.quantize import Int4Linear, Int8Linear, Int8PanelLinear, W8A8Linear, measure_row_limit
     from idlm.models.timing import copies_beyond_cache, interleaved_medians, on_copies
 
     rows_list = [int(r) for r in args.rows.split(",")]
@@ -54,7 +54,7 @@ def run_kernels_bench(args: argparse.Namespace) -> dict[str, Any]:
         kinds = [Int8Linear] + ([Int4Linear] if Int4Linear.fits(w) else [])
         quantized = {kind.format: [kind(w, None, 1 << 30) for _ in range(copies)] for kind in kinds}
         if has_panel:
-            quantized["int8_panel"] = [Int8Linear(w, None, 1 << 30, panel=True) for _ in range(copies)]
+            quantized["int8_panel"] = [Int8PanelLinear(w, None) for _ in range(copies)]
             quantized["w8a8"] = [W8A8Linear(w, None) for _ in range(copies)]
         fp32 = [PackedLinear(w) for _ in range(copies)]
         panels = [panel.PanelLinear(w) for _ in range(copies)] if has_panel else None

@@ -18,7 +18,7 @@ from torch import Tensor
 from idlm.models.block_codes import random_blocks
 from idlm.models.llama import PackedLinear
 from idlm.models.panel import PanelLinear
-from idlm.models.quantize import Int8Linear
+from idlm.models.quantize import Int8Linear, Int8PanelLinear
 from idlm.models.timing import copies_beyond_cache, interleaved_medians, on_copies
 
 FORMATS = ("fp32", "gguf", "int8")  # what a model's panel-eligible products hold
@@ -28,7 +28,7 @@ def _kernels(fmt: str, w: Tensor) -> dict[str, Callable[[], Callable[[Tensor], T
     """Constructors of the library's kernel and ours for a weight in `fmt`."""
     if fmt in ("fp32", "gguf"):
         return {"library": lambda: PackedLinear(w), "panel": lambda: PanelLinear(w)}
-    return {"library": lambda: Int8Linear(w, None, 1 << 30), "panel": lambda: Int8Linear(w, None, 1 << 30, panel=True)}
+    return {"library": lambda: Int8Linear(w, None, 1 << 30), "panel": lambda: Int8PanelLinear(w, None)}
 
 
 def panel_is_faster(shapes: list[tuple[int, int]], fmt: str, rows: tuple[int, ...] = (1, 7),

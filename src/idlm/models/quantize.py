@@ -16,14 +16,17 @@ model), as do projections the int4 kernel cannot take (out features not a multip
 Only the products run in bfloat16: the residual stream, attention, norms, the KV cache and the gated LoRA keep the model's dtype
 (float32 on CPU). A model kept in bfloat16 end to end drifted from itself between an AR step and a verify step
 (rounding of the residual stream compounds over layers and tokens). Even so, rounding the products' inputs
-to bf16 turns the 1e-7 differences between a 1-row AR step and a many-row verify step into bf16 steps, so
-greedy R-ISD int8 equals greedy AR int8 up to near-ties at bf16 precision, not bitwise (docs/architecture.md).
+to bf16 turns any difference between a 1-row AR step and a many-row verify step into bf16 steps, so with aten's
+kernels greedy R-ISD int8 equals greedy AR int8 up to near-ties at bf16 precision, not bitwise
+(docs/architecture.md); with our panel kernel (`Int8PanelLinear`) a row's bits do not depend on the step, and
+the two are equal token for token.
 
-Both kernels are fastest for few-row products and slower than oneDNN's packed float32 product once a step has
+aten's kernels are fastest for few-row products and slower than oneDNN's packed float32 product once a step has
 many rows, so a start-up microbenchmark (`measure_row_limit`, per machine: AVX2 and AVX-512-BF16 CPUs differ)
 picks the row count up to which each is used; above it, the dequantized weight in float32, with the inputs and
 outputs rounded to bfloat16 as the kernels round them (the same quantized model; the two differ only in the
-order of float32 accumulation). A limit of 0 means the plain float32 path everywhere.
+order of float32 accumulation). A limit of 0 means the plain float32 path everywhere. Our int8 panel kernel runs
+at every row count: no limit.
 
 w8a8 (`W8A8Linear`): int8 weights as int8's, against activations quantized to int8 as each product starts, per row
 and block of 32 inputs (llama.cpp's Q8 activations, which its Q4_1 products use too), by our panel kernel: each
@@ -159,44 +162,55 @@ class QuantizedLinear(Products):
 
 
 class Int8Linear(QuantizedLinear):
-    """int8 weight per output channel (`quantize_int8`), by `aten._weight_int8pack_mm` or, with `panel`, our panel
-    kernel (models/panel.py, which must be loaded): the same products summed in float32, rounded to bf16 alike."""
+    """int8 weight per output channel (`quantize_int8`) by `aten._weight_int8pack_mm` up to the row limit."""
 
     format = "int8"
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, row_limit: int, exact_top: int = 0, panel: bool = False):
+    def __init__(self, weight: Tensor, bias: Tensor | None, row_limit: int, exact_top: int = 0):
         self.q, scales = quantize_int8(weight)
         self.scales = scales.to(KERNEL_DTYPE)  # exact: quantize_int8 picks bf16 values
-        self.panels = Int8Panels(self.q, scales) if panel else None
         super().__init__((self.q.float() * scales[:, None]).to(weight.dtype), bias, row_limit, exact_top)
 
     def kernel(self, xb: Tensor) -> Tensor:
-        if self.panels is not None:
-            return self.panels.product(xb)  # bfloat16 values in float32
         return torch.ops.aten._weight_int8pack_mm(xb, self.q, self.scales)
 
 
-class W8A8Linear(Products):
+class Int8PanelLinear(Products):
+    """int8 weight per output channel (`quantize_int8`): the same quantized model as `Int8Linear`, bf16 inputs and
+    bf16-rounded outputs alike, by our panel kernel (models/panel.py `Int8Panels`, which must be loaded) at every
+    row count, with no dense path above a row limit: a row's output is the same bit for bit whatever rows share
+    the step (a 7-row verify step and a 1-row AR step, a batch and a lone request, a prefill chunk of any length),
+    so greedy R-ISD gives AR's tokens exactly. On this project's AVX-512 EPYC the kernel took 0.31-0.34x the dense
+    float32 product's time at 7 rows and 0.55-0.65x from 64 to 512 rows (docs/benchmarks.md)."""
+
+    traceable = True  # compiled graphs trace it (models/compile.py): one operator on plain tensors
+    panels_kind: type = Int8Panels
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, exact_top: int = 0):
+        q, scales = quantize_int8(weight)
+        self.panels = self.panels_kind(q, scales)
+        self.weight = (q.float() * scales[:, None]).to(weight.dtype)
+        self.bias = bias
+        self.exact_top = exact_top
+
+    def product(self, xb: Tensor, row_limit: int | None = None) -> Tensor:  # noqa: ARG002 (one path)
+        return self.panels.product(xb)  # bfloat16 values in float32
+
+
+class W8A8Linear(Int8PanelLinear):
     """int8 weight per output channel (`quantize_int8`) against int8 activations, quantized per row and block of 32
     inputs as each product starts (llama.cpp's Q8 activations), by our panel kernel (models/panel.py `W8A8Panels`,
     which must be loaded) at every row count: each block's sum is exact in int32, so a row's output does not depend
     on the rows beside it, nor on the instructions (AVX512-VNNI or AVX2); the blocks add up in float32, nothing is
-    rounded to bfloat16. No dense path for long prefill chunks: on this project's AVX-512 VNNI CPU the kernel beats
-    oneDNN's float32 product 1.8-2.9x from 32 to 512 rows (docs/benchmarks.md), and a dense path would make a row's
-    output depend on the chunk it is in."""
+    rounded to bfloat16 (so no exact top logits either). No dense path for long prefill chunks: on this project's
+    AVX-512 VNNI CPU the kernel beats oneDNN's float32 product 1.8-2.9x from 32 to 512 rows (docs/benchmarks.md),
+    and a dense path would make a row's output depend on the chunk it is in."""
 
     input_dtype = torch.float32
-    traceable = True  # compiled graphs trace it (models/compile.py): one operator on plain tensors
+    panels_kind = W8A8Panels
 
     def __init__(self, weight: Tensor, bias: Tensor | None):
-        q, scales = quantize_int8(weight)
-        self.panels = W8A8Panels(q, scales)
-        self.weight = (q.float() * scales[:, None]).to(weight.dtype)
-        self.bias = bias
-        self.exact_top = 0
-
-    def product(self, xb: Tensor, row_limit: int | None = None) -> Tensor:  # noqa: ARG002 (one path)
-        return self.panels.product(xb)
+        super().__init__(weight, bias)
 
     def fused(self, x: Tensor, delta: PanelLoRA, rows: Tensor | None) -> Tensor:
         """x @ w.T (+ bias) + a float32 adapter's delta on `rows` in one call (models/panel.py `PanelLinear.fused`):
@@ -243,12 +257,12 @@ class Bf16Linear(Products):
 
 
 def measure_row_limit(kind: type[QuantizedLinear], in_features: int, out_features: int,
-                      dtype: torch.dtype = torch.float32, repeats: int = 20, **options) -> int:
-    """The largest row count (of ROW_CANDIDATES) up to which `kind`'s kernel (built with `options`) beats the dense
+                      dtype: torch.dtype = torch.float32, repeats: int = 20) -> int:
+    """The largest row count (of ROW_CANDIDATES) up to which `kind`'s kernel beats the dense
     path on this machine for a [rows, in] x [in, out] projection with `dtype` activations (0: never). Interleaved,
     median of `repeats`, casts included, each call on a weight copy out of cache."""
     w = torch.randn(out_features, in_features).to(dtype)
-    lins = [kind(w, None, 0, **options) for _ in range(copies_beyond_cache(w.numel() * w.element_size()))]
+    lins = [kind(w, None, 0) for _ in range(copies_beyond_cache(w.numel() * w.element_size()))]
     limit, shared = 0, itertools.cycle(lins)  # both paths on the same copies, never one the call before read
     with torch.inference_mode():
         for m in ROW_CANDIDATES:
@@ -271,13 +285,14 @@ def _require_frozen_cpu(model: CausalLM, fmt: str) -> None:
 def quantize_model(model: CausalLM, fmt: str = "int8", row_limit: int | None = None,
                    known: dict[str, int] | None = None, panel: bool = False) -> dict[str, int]:
     """Give every projection and the LM head of a frozen CPU model a quantized kernel (the embedding lookup keeps
-    the exact weight): `fmt` "int8" gives every one an `Int8Linear`; "int4" gives the projections the int4 kernel
-    can take an `Int4Linear` and the rest and the LM head an `Int8Linear`; "w8a8" gives every one a `W8A8Linear`
-    (which runs on the panel kernels: `panel` must be True). The row limit of each kernel and weight
-    shape is measured on this machine (the crossover differs by shape: measured here 4 rows for int8 gate/up,
-    7 for down, 4 for the LM head) unless `row_limit` fixes one for all or `known` has it from an earlier
-    measurement. `panel`: the int8 products by our panel kernel (models/panel.py, loaded). Returns {"format out x
-    in": limit}. Call after fusing and before `pack_for_cpu_inference`, which leaves kernels in place."""
+    the exact weight): `fmt` "int8" gives every one an `Int8Linear` (with `panel`: an `Int8PanelLinear`, our
+    panel kernel, models/panel.py, loaded); "int4" gives the projections the int4 kernel can take an `Int4Linear`
+    and the rest and the LM head int8's; "w8a8" gives every one a `W8A8Linear` (which runs on the panel kernels:
+    `panel` must be True). The row limit of each aten kernel and weight shape is measured on this machine (the
+    crossover differs by shape: measured here 4 rows for int8 gate/up, 7 for down, 4 for the LM head) unless
+    `row_limit` fixes one for all or `known` has it from an earlier measurement; the panel kernels run at every
+    row count and have none. Returns {"format out x in": limit}. Call after fusing and before
+    `pack_for_cpu_inference`, which leaves kernels in place."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown weight format {fmt!r}; choose one of {', '.join(FORMATS)}")
     _require_frozen_cpu(model, fmt)
@@ -290,12 +305,13 @@ def quantize_model(model: CausalLM, fmt: str = "int8", row_limit: int | None = N
         if fmt == "w8a8":  # one kernel at every row count: no limit to measure
             return W8A8Linear(weight, bias)
         kind = Int4Linear if fmt == "int4" and not exact_top and Int4Linear.fits(weight) else Int8Linear
-        options = {"panel": panel} if kind is Int8Linear else {}
+        if kind is Int8Linear and panel:  # likewise
+            return Int8PanelLinear(weight, bias, exact_top)
         key = f"{kind.format} {weight.shape[0]}x{weight.shape[1]}"
         if key not in limits:
             limits[key] = row_limit if row_limit is not None else known[key] if key in known else \
-                measure_row_limit(kind, weight.shape[1], weight.shape[0], weight.dtype, **options)
-        return kind(weight, bias, limits[key], exact_top, **options)
+                measure_row_limit(kind, weight.shape[1], weight.shape[0], weight.dtype)
+        return kind(weight, bias, limits[key], exact_top)
 
     with torch.no_grad():
         for m in model.modules():
