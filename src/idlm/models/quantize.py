@@ -209,9 +209,6 @@ class W8A8Linear(Int8PanelLinear):
     input_dtype = torch.float32
     panels_kind = W8A8Panels
 
-    def __init__(self, weight: Tensor, bias: Tensor | None):
-        super().__init__(weight, bias)
-
     def fused(self, x: Tensor, delta: PanelLoRA, rows: Tensor | None) -> Tensor:
         """x @ w.T (+ bias) + a float32 adapter's delta on `rows` in one call (models/panel.py `PanelLinear.fused`):
         the same bits as the call followed by `delta(y, x, rows)`."""
