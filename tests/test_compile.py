@@ -10,6 +10,7 @@ from torch._dynamo.utils import counters
 from torch._inductor import compile_fx
 
 from idlm import LLM, SamplingParams
+from idlm.decoding.adaptive import Adaptive
 from idlm.models.attention import SHORT_QUERY, PagedAttention
 from idlm.models import panel
 from idlm.models.compile import OpaqueKernel
@@ -57,8 +58,11 @@ def test_compiled_greedy_equals_eager_and_risd_equals_ar(tokenizer, kernels):
         assert alone.token_ids == risd[0].token_ids  # batched == one at a time
 
 
-@pytest.mark.parametrize("kernels", ["packed", "panel", "int4", "int8 panel"])
-def test_steps_do_not_recompile_once_their_shape_class_is_seen(tokenizer, kernels):
+@pytest.mark.parametrize("kernels,warm", [("packed", "risd"), ("panel", "risd"), ("int4", "risd"),
+                                          ("int8 panel", "risd"), ("packed", "auto")])
+def test_steps_do_not_recompile_once_their_shape_class_is_seen(tokenizer, kernels, warm, monkeypatch):
+    if warm == "auto":  # whatever auto takes in its short warm-up requests (here AR alone), R-ISD's classes compile
+        monkeypatch.setattr(Adaptive, "choose", lambda self, state, stats, batch: self.candidates[0])
     model, cfg = gated_tiny(kernels)
     projs = [m for m in model.modules() if getattr(m, "kernel", None) is not None]
     if kernels == "int4":  # row limits differ by weight shape, as measured ones do: each limit is a row-count branch
@@ -70,7 +74,7 @@ def test_steps_do_not_recompile_once_their_shape_class_is_seen(tokenizer, kernel
         assert {m.kernel.row_limit for m in projs} == {48}
     assert llm.engine.runner.forward.row_limit == {"int4": 48}.get(kernels)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    llm.warm_up("risd", 4)  # what `idlm serve` runs before its first request
+    llm.warm_up(warm, 4)  # what `idlm serve` runs before its first request (auto: the default decoding)
     seen = counters["stats"]["unique_graphs"]
     other = [list(range(1000 + n, 1000 + 2 * n)) for n in (7, 20, 52, 90)]  # new lengths, batch compositions, positions
     for stride in (2, 3, 4):
