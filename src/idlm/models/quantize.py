@@ -180,8 +180,8 @@ class Int8PanelLinear(Products):
     bf16-rounded outputs alike, by our panel kernel (models/panel.py `Int8Panels`, which must be loaded) at every
     row count, with no dense path above a row limit: a row's output is the same bit for bit whatever rows share
     the step (a 7-row verify step and a 1-row AR step, a batch and a lone request, a prefill chunk of any length),
-    so greedy R-ISD gives AR's tokens exactly. On this project's AVX-512 EPYC the kernel took 0.31-0.34x the dense
-    float32 product's time at 7 rows and 0.55-0.65x from 64 to 512 rows (docs/benchmarks.md)."""
+    so greedy R-ISD gives AR's tokens exactly. On this project's AVX-512 EPYC the kernel took 0.33-0.38x the dense
+    float32 product's time at 7 rows and 0.49-0.67x from 64 to 512 rows (docs/benchmarks.md)."""
 
     traceable = True  # compiled graphs trace it (models/compile.py): one operator on plain tensors
     panels_kind: type = Int8Panels
